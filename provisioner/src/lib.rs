@@ -1,0 +1,24 @@
+//! The storage subsystem behind loopvol: a *pool* is a directory of backing files (one sparse or
+//! fully allocated image per volume) plus one small JSON record per volume. Everything here is
+//! plain blocking Rust with no gRPC types, so the CLI, the driver and tests share one
+//! implementation of the on-disk format and its crash-safety rules.
+
+pub mod atomic;
+pub mod backing;
+pub mod capacity;
+pub mod copy;
+pub mod error;
+pub mod ids;
+pub mod keyed_lock;
+pub mod listing;
+pub mod params;
+pub mod pool;
+pub mod record;
+pub mod size;
+pub mod snapshot;
+
+pub use error::PoolError;
+pub use ids::{validate_name, VolumeId};
+pub use params::{Allocation, FsType, VolumeParams};
+pub use pool::{CreateRequest, Pool, PoolOptions};
+pub use record::{SnapshotRecord, VolumeRecord};

@@ -1,0 +1,47 @@
+//! The per-volume record: one small JSON file per volume, written atomically. One file per volume
+//! (instead of one index) keeps create/delete O(1) and bounds what a crash can damage to the one
+//! volume being changed.
+
+use serde::{Deserialize, Serialize};
+
+use crate::copy::CopyMethod;
+use crate::params::{Allocation, FsType};
+
+pub const RECORD_FORMAT: u32 = 1;
+
+/// Where a volume's initial content came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", tag = "kind", content = "id")]
+pub enum ContentSource {
+    Snapshot(String),
+    Volume(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeRecord {
+    pub format: u32,
+    pub id: String,
+    pub name: String,
+    pub size_bytes: u64,
+    pub fs_type: FsType,
+    pub allocation: Allocation,
+    pub created_unix: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<ContentSource>,
+}
+
+/// A snapshot: an immutable copy of a volume's image at one instant, independent of the volume
+/// afterwards (deleting the volume leaves it usable).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotRecord {
+    pub format: u32,
+    pub id: String,
+    pub name: String,
+    pub source_volume_id: String,
+    /// Size of the source volume: the smallest volume it can be restored into.
+    pub size_bytes: u64,
+    pub fs_type: FsType,
+    pub created_unix_nanos: u128,
+    /// How the image was copied (reflink shares extents; sparse-copy copies data extents).
+    pub method: CopyMethod,
+}
