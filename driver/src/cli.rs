@@ -1,0 +1,274 @@
+//! Command-line interface. Flag names are part of loopvol's contract with its manifests.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "loopvol",
+    version,
+    about = "CSI driver for node-local persistent volumes backed by loop devices",
+    long_about = "loopvol serves the CSI Identity, Controller and Node services for a pool of \
+                  backing files on this machine. `loopvol serve` with no flags runs the embedded \
+                  default: all services on one unix socket over /var/lib/loopvol."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the CSI gRPC services on a unix socket.
+    Serve(ServeArgs),
+    /// Work on the volumes of a local pool directly (create and delete need the driver
+    /// stopped; list and inspect work while it serves the pool).
+    #[command(subcommand)]
+    Volume(VolumeCommand),
+    /// Report on a pool: capacity, volumes, what this node staged and attached. Read-only.
+    Status(crate::admin::status::StatusArgs),
+    /// Check that this node can run loopvol and that its pool is sound; exit 1 on a failure.
+    Doctor(crate::admin::doctor::DoctorArgs),
+    /// A CSI client, to drive a running driver by hand (create, stage, publish...).
+    Csi(crate::admin::csi::CsiArgs),
+    /// Generate the CA, node and router certificates for the pool API's mTLS, plus a
+    /// Kubernetes Secret (secret.yaml) holding them.
+    Certs {
+        /// Directory to write ca.crt, server.crt/key, client.crt/key and secret.yaml into.
+        #[arg(long)]
+        out: PathBuf,
+        /// Namespace of the Secret.
+        #[arg(long, default_value = "loopvol-system")]
+        namespace: String,
+    },
+}
+
+/// Where a router finds the node plugins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum NodesFrom {
+    /// Watch the node plugin pods through the Kubernetes API.
+    Kubernetes,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct MultiNodeArgs {
+    /// Node mode: also serve this pool's Controller API on ADDR:PORT for the router (mTLS only).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub pool_listen: Option<std::net::SocketAddr>,
+    /// PEM certificate: the node's server certificate, or the router's client certificate.
+    #[arg(long, requires_all = ["tls_key", "tls_ca"])]
+    pub tls_cert: Option<PathBuf>,
+    #[arg(long, requires_all = ["tls_cert", "tls_ca"])]
+    pub tls_key: Option<PathBuf>,
+    /// The CA that signs every peer's certificate; peers without one are refused.
+    #[arg(long, requires_all = ["tls_cert", "tls_key"])]
+    pub tls_ca: Option<PathBuf>,
+    /// Controller mode: route to node plugins found this way (router mode).
+    #[arg(long, value_enum, conflicts_with = "node_endpoints")]
+    pub nodes_from: Option<NodesFrom>,
+    /// Controller mode: route to these node plugins: `name=https://host:port,...`.
+    #[arg(long, value_name = "LIST")]
+    pub node_endpoints: Option<String>,
+    /// With --nodes-from kubernetes: namespace of the node plugin pods.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "loopvol-system")]
+    pub node_pod_namespace: String,
+    /// With --nodes-from kubernetes: label selector of the node plugin pods.
+    #[arg(
+        long,
+        default_value = "app.kubernetes.io/name=loopvol,app.kubernetes.io/component=node"
+    )]
+    pub node_pod_selector: String,
+    /// With --nodes-from kubernetes: the port the node plugins' --pool-listen uses.
+    #[arg(long, default_value_t = 9820)]
+    pub node_pool_port: u16,
+}
+
+impl MultiNodeArgs {
+    pub fn tls(&self) -> Option<crate::tls::TlsFiles> {
+        Some(crate::tls::TlsFiles {
+            cert: self.tls_cert.clone()?,
+            key: self.tls_key.clone()?,
+            ca: self.tls_ca.clone()?,
+        })
+    }
+
+    /// Router mode: a controller that forwards to node plugins instead of owning a pool.
+    pub fn is_router(&self) -> bool {
+        self.nodes_from.is_some() || self.node_endpoints.is_some()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    /// Identity + Controller (CreateVolume, DeleteVolume, capacity...).
+    Controller,
+    /// Identity + Node (stage, publish, stats, expand).
+    Node,
+    /// Identity + Controller + Node on one socket: the single-machine embedded default.
+    All,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct PoolArgs {
+    /// Directory holding the pool's backing files and records.
+    #[arg(long, default_value = "/var/lib/loopvol", env = "LOOPVOL_POOL_DIR")]
+    pub pool_dir: PathBuf,
+    /// This node's ID (also the topology value). Defaults to the hostname.
+    #[arg(long, env = "LOOPVOL_NODE_ID")]
+    pub node_id: Option<String>,
+    /// How far thin volumes may overcommit the pool's free space (1.0 = never).
+    #[arg(long, default_value_t = 1.0)]
+    pub overcommit_ratio: f64,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    #[arg(long, value_enum, default_value_t = Mode::All)]
+    pub mode: Mode,
+    /// Where to listen: unix:///path/to.sock (a plain absolute path works too).
+    #[arg(
+        long,
+        default_value = "unix:///run/loopvol/csi.sock",
+        env = "CSI_ENDPOINT"
+    )]
+    pub endpoint: String,
+    #[command(flatten)]
+    pub pool: PoolArgs,
+    /// The CSI driver name reported by GetPluginInfo; must match the CSIDriver object.
+    #[arg(long, default_value = "loopvol.csi.dev")]
+    pub driver_name: String,
+    /// Largest number of loopvol volumes the CO may place on this node (NodeGetInfo).
+    #[arg(long, default_value_t = 1024)]
+    pub max_volumes_per_node: i64,
+    /// Kernel work (mkfs, mounts, allocation) running at once; further requests queue, so a
+    /// burst of 100 provisioner workers cannot overload the node.
+    #[arg(long, default_value_t = 16)]
+    pub max_concurrent_ops: usize,
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// tracing filter, e.g. `info` or `loopvol=debug`.
+    #[arg(long, default_value = "info", env = "LOOPVOL_LOG")]
+    pub log_level: String,
+    /// Serve /metrics (Prometheus), /healthz and /readyz over HTTP here; off when not given.
+    #[arg(long, value_name = "ADDR:PORT", env = "LOOPVOL_METRICS_ADDRESS")]
+    pub metrics_address: Option<std::net::SocketAddr>,
+    #[command(flatten)]
+    pub multi: MultiNodeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VolumeCommand {
+    /// Create a volume in the pool and print a PersistentVolume + PersistentVolumeClaim that
+    /// bind to it 1:1 (a static PV).
+    Create(VolumeCreateArgs),
+    /// List the pool's volumes.
+    List {
+        #[command(flatten)]
+        pool: PoolArgs,
+    },
+    /// Delete a volume by ID.
+    Delete {
+        #[command(flatten)]
+        pool: PoolArgs,
+        id: String,
+    },
+    /// Show one volume: record, image, staging, loop device. Works while the driver serves.
+    Inspect {
+        #[command(flatten)]
+        pool: PoolArgs,
+        id: String,
+        #[arg(long, value_enum, default_value_t)]
+        output: crate::admin::Output,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct VolumeCreateArgs {
+    #[command(flatten)]
+    pub pool: PoolArgs,
+    /// Name of the volume (and of the printed PV; the PVC gets `<name>-claim`).
+    #[arg(long)]
+    pub name: String,
+    /// Size, e.g. 10Gi, 512Mi or a number of bytes.
+    #[arg(long, value_parser = parse_size)]
+    pub size: u64,
+    #[arg(long, default_value = "ext4")]
+    pub fs_type: String,
+    #[arg(long, default_value = "thin")]
+    pub allocation: String,
+    #[arg(long, default_value = "loopvol.csi.dev")]
+    pub driver_name: String,
+    /// Namespace of the printed PVC.
+    #[arg(long, default_value = "default")]
+    pub namespace: String,
+}
+
+/// Parse `10Gi`, `512Mi`, `1G`, `4096`. Binary (Ki/Mi/Gi/Ti) and decimal (K/M/G/T) suffixes,
+/// as Kubernetes quantities write them.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like 10Gi"))?;
+    let mult: u64 = match unit {
+        "" => 1,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "Ti" => 1 << 40,
+        "K" | "k" => 1_000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        "T" => 1_000_000_000_000,
+        _ => return Err(format!("unknown size unit {unit:?} in {s:?}")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+impl PoolArgs {
+    pub fn node_id(&self) -> String {
+        self.node_id.clone().unwrap_or_else(|| {
+            nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .unwrap_or_else(|| "localhost".into())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("10Gi").unwrap(), 10 << 30);
+        assert_eq!(parse_size("512Mi").unwrap(), 512 << 20);
+        assert_eq!(parse_size("1G").unwrap(), 1_000_000_000);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert!(parse_size("1Qi").is_err());
+        assert!(parse_size("abc").is_err());
+        assert!(parse_size("99999999999999Ti").is_err());
+    }
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let cli = Cli::parse_from(["loopvol", "serve"]);
+        let Command::Serve(a) = cli.command else {
+            panic!()
+        };
+        assert_eq!(a.mode, Mode::All);
+        assert_eq!(a.endpoint, "unix:///run/loopvol/csi.sock");
+        assert_eq!(a.pool.pool_dir, PathBuf::from("/var/lib/loopvol"));
+        assert_eq!(a.driver_name, "loopvol.csi.dev");
+    }
+}

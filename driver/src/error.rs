@@ -1,0 +1,114 @@
+//! The driver's error type and the one place where errors become gRPC status codes. Every RPC
+//! returns `Result<_, Error>` internally; choosing the code here keeps the mapping consistent and
+//! reviewable against the spec's error tables.
+
+use provisioner::PoolError;
+use std::io;
+use tonic::{Code, Status};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    Aborted(String),
+    #[error("{0}")]
+    ResourceExhausted(String),
+    #[error("{0}")]
+    Unimplemented(String),
+    /// A kernel call failed; `context` says which and on what.
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+    /// An external tool (mkfs, fsck, resize2fs...) failed.
+    #[error("{program} failed ({status}): {stderr}")]
+    Command {
+        program: String,
+        status: String,
+        stderr: String,
+    },
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl Error {
+    pub fn io(context: impl Into<String>, source: impl Into<io::Error>) -> Self {
+        Error::Io {
+            context: context.into(),
+            source: source.into(),
+        }
+    }
+
+    pub fn code(&self) -> Code {
+        match self {
+            Error::Pool(p) => match p {
+                PoolError::InvalidArgument(_) => Code::InvalidArgument,
+                PoolError::NotFound(_) => Code::NotFound,
+                PoolError::AlreadyExists(_) => Code::AlreadyExists,
+                PoolError::OutOfRange(_) => Code::OutOfRange,
+                PoolError::ResourceExhausted(_) => Code::ResourceExhausted,
+                PoolError::FailedPrecondition(_) => Code::FailedPrecondition,
+                PoolError::Aborted(_) => Code::Aborted,
+                PoolError::PoolLocked(_) => Code::Unavailable,
+                PoolError::Io { .. } => Code::Internal,
+            },
+            Error::InvalidArgument(_) => Code::InvalidArgument,
+            Error::NotFound(_) => Code::NotFound,
+            Error::AlreadyExists(_) => Code::AlreadyExists,
+            Error::FailedPrecondition(_) => Code::FailedPrecondition,
+            Error::Aborted(_) => Code::Aborted,
+            Error::ResourceExhausted(_) => Code::ResourceExhausted,
+            Error::Unimplemented(_) => Code::Unimplemented,
+            Error::Io { .. } | Error::Command { .. } | Error::Internal(_) => Code::Internal,
+        }
+    }
+}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Status {
+        let code = e.code();
+        crate::metrics::count_error(code);
+        if code == Code::Internal {
+            tracing::error!(error = %e, "internal error");
+        } else {
+            tracing::info!(code = ?code, error = %e, "request refused");
+        }
+        Status::new(code, e.to_string())
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Reject empty required string fields with the field's name in the message.
+pub fn required<'a>(field: &str, value: &'a str) -> Result<&'a str> {
+    if value.is_empty() {
+        return Err(Error::InvalidArgument(format!("{field} is required")));
+    }
+    Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pool_errors_keep_their_meaning() {
+        let s: Status = Error::from(PoolError::OutOfRange("big".into())).into();
+        assert_eq!(s.code(), Code::OutOfRange);
+        assert_eq!(s.message(), "big");
+        let s: Status = Error::from(PoolError::io("x", io::Error::other("y"))).into();
+        assert_eq!(s.code(), Code::Internal);
+        assert!(required("volume_id", "").is_err());
+    }
+}

@@ -1,0 +1,35 @@
+//! loopvol's CSI driver: gRPC services over the `provisioner` pool, plus the node-side kernel work
+//! (loop devices, mkfs, mounts). The binary in `main.rs` is a thin CLI over this library so tests
+//! and tools can reuse the generated CSI types and client.
+
+pub mod admin;
+pub mod capability;
+pub mod certs;
+pub mod cli;
+pub mod controller_service;
+pub mod discovery;
+pub mod error;
+pub mod format;
+pub mod freeze;
+pub mod health;
+pub mod identity_service;
+pub mod kernel;
+pub mod loop_device;
+pub mod metrics;
+pub mod mount;
+pub mod node_ops;
+pub mod node_service;
+pub mod node_state;
+pub mod router;
+pub mod server;
+pub mod static_volume;
+pub mod tls;
+
+/// The CSI v1 API generated from `proto/csi.proto`.
+pub mod csi {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("csi.v1");
+}
+
+/// The topology key every loopvol volume and node is labelled with.
+pub const TOPOLOGY_KEY: &str = "topology.loopvol.csi.dev/node";

@@ -1,0 +1,60 @@
+use clap::Parser;
+use loopvol::cli::{Cli, Command, LogFormat, VolumeCommand};
+use loopvol::{server, static_volume};
+use tracing_subscriber::EnvFilter;
+
+fn init_logging(format: LogFormat, level: &str) {
+    let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => {
+            init_logging(args.log_format, &args.log_level);
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(server::serve(args, server::shutdown_signal()))
+        }
+        Command::Certs { out, namespace } => {
+            loopvol::certs::write(&out, &namespace)?;
+            println!(
+                "wrote ca.crt, server.crt, server.key, client.crt, client.key and secret.yaml to {}",
+                out.display()
+            );
+            Ok(())
+        }
+        Command::Volume(cmd) => {
+            init_logging(LogFormat::Text, "warn");
+            match cmd {
+                VolumeCommand::Create(a) => static_volume::create(&a),
+                VolumeCommand::List { pool } => static_volume::list(&pool),
+                VolumeCommand::Delete { pool, id } => static_volume::delete(&pool, &id),
+                VolumeCommand::Inspect { pool, id, output } => {
+                    loopvol::admin::volume::inspect(&pool.pool_dir, &id, output)
+                }
+            }
+        }
+        Command::Status(a) => {
+            init_logging(LogFormat::Text, "warn");
+            loopvol::admin::status::run(&a)
+        }
+        Command::Doctor(a) => {
+            init_logging(LogFormat::Text, "warn");
+            std::process::exit(loopvol::admin::doctor::main(&a))
+        }
+        Command::Csi(a) => {
+            init_logging(LogFormat::Text, "warn");
+            std::process::exit(loopvol::admin::csi::main(a))
+        }
+    }
+}

@@ -1,0 +1,55 @@
+//! The pool's state at scrape time. A process that manages the pool's records (controller or
+//! all) reads its own in-memory view; a node-only process reads the records from disk, because
+//! the controller process owns them and the node's in-memory view of them is empty.
+
+use std::path::Path;
+
+use provisioner::capacity::Capacity;
+use provisioner::{backing, listing, Pool};
+
+use crate::node_state;
+
+/// What `/metrics` reports about the pool.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolSample {
+    pub capacity_bytes: u64,
+    pub available_bytes: u64,
+    pub reserved_bytes: u64,
+    pub volumes: u64,
+    pub snapshots: u64,
+    /// Staging records in `<pool>/node/`; `None` when this process does not serve Node.
+    pub staged_volumes: Option<u64>,
+    /// Loop devices backed by files under the pool.
+    pub loop_devices: u64,
+}
+
+impl PoolSample {
+    /// Measure `pool` (blocking: statvfs, a sysfs walk, and in node-only mode a read of the
+    /// record files). `serves_node` is true in the node and all modes.
+    pub fn measure(pool: &Pool, serves_node: bool) -> Result<Self, provisioner::PoolError> {
+        let (capacity, volumes, snapshots) = if pool.is_writer() {
+            (
+                pool.capacity()?,
+                pool.len() as u64,
+                pool.snapshot_count() as u64,
+            )
+        } else {
+            let l = listing::read_records(pool.dir())?;
+            let cap = Capacity::measure(pool.dir(), l.reserved_bytes(), pool.overcommit_ratio())?;
+            (cap, l.volumes.len() as u64, l.snapshots.len() as u64)
+        };
+        Ok(PoolSample {
+            capacity_bytes: capacity.total_bytes,
+            available_bytes: capacity.available_bytes,
+            reserved_bytes: capacity.reserved_bytes,
+            volumes,
+            snapshots,
+            staged_volumes: serves_node.then(|| staged_count(&pool.node_state_dir())),
+            loop_devices: backing::loops_under(pool.dir()).len() as u64,
+        })
+    }
+}
+
+fn staged_count(state_dir: &Path) -> u64 {
+    node_state::all(state_dir).len() as u64
+}

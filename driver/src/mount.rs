@@ -1,0 +1,228 @@
+//! Mount state and mount operations.
+//!
+//! Mount state is read from `/proc/self/mountinfo`, the kernel's exact and escaped view (never
+//! from `mount` output, whose format is for humans). Parsing it is a ten-field line format, so
+//! it is done here rather than pulling in a crate that models all of /proc.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountEntry {
+    pub id: u32,
+    pub major: u32,
+    pub minor: u32,
+    /// The directory of the source filesystem that is mounted (`/` unless a bind of a subtree).
+    pub root: PathBuf,
+    pub mount_point: PathBuf,
+    /// Per-mount options (ro/rw, nosuid...).
+    pub options: String,
+    pub fs_type: String,
+    pub source: String,
+    /// Superblock options: `ro` here means the filesystem itself is read-only (e.g. errors).
+    pub super_options: String,
+}
+
+impl MountEntry {
+    pub fn read_only(&self) -> bool {
+        self.options.split(',').any(|o| o == "ro")
+    }
+
+    pub fn fs_read_only(&self) -> bool {
+        self.super_options.split(',').any(|o| o == "ro")
+    }
+}
+
+/// Undo mountinfo's octal escapes (`\040` for space and friends).
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
+    text.lines().filter_map(parse_line).collect()
+}
+
+fn parse_line(line: &str) -> Option<MountEntry> {
+    let mut fields = line.split(' ');
+    let id = fields.next()?.parse().ok()?;
+    let _parent = fields.next()?;
+    let (major, minor) = fields.next()?.split_once(':')?;
+    let root = unescape(fields.next()?);
+    let mount_point = unescape(fields.next()?);
+    let options = fields.next()?.to_string();
+    // Optional fields run until the lone "-" separator.
+    for f in fields.by_ref() {
+        if f == "-" {
+            break;
+        }
+    }
+    let fs_type = fields.next()?.to_string();
+    let source = unescape(fields.next()?);
+    let super_options = fields.next().unwrap_or("").to_string();
+    Some(MountEntry {
+        id,
+        major: major.parse().ok()?,
+        minor: minor.parse().ok()?,
+        root: PathBuf::from(root),
+        mount_point: PathBuf::from(mount_point),
+        options,
+        fs_type,
+        source,
+        super_options,
+    })
+}
+
+/// Every mount in our mount namespace, in mount order.
+pub fn mounts() -> Result<Vec<MountEntry>> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| Error::io("read /proc/self/mountinfo", e))?;
+    Ok(parse_mountinfo(&text))
+}
+
+/// Canonical form of a path for comparing with mountinfo (which shows resolved paths).
+pub fn canonical(path: &Path) -> PathBuf {
+    std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
+/// The topmost mount at exactly `path`, if any.
+pub fn mount_at(path: &Path) -> Result<Option<MountEntry>> {
+    let want = canonical(path);
+    Ok(mounts()?.into_iter().rev().find(|m| m.mount_point == want))
+}
+
+/// Mount a filesystem from `device` on `target`.
+pub fn mount_fs(
+    device: &Path,
+    target: &Path,
+    fs_type: &str,
+    flags: MsFlags,
+    data: &str,
+) -> Result<()> {
+    let data = (!data.is_empty()).then_some(data);
+    mount(Some(device), target, Some(fs_type), flags, data).map_err(|e| match (e, data) {
+        // The options passed every check we know of, but the kernel still refused them.
+        (nix::errno::Errno::EINVAL, Some(opts)) => Error::InvalidArgument(format!(
+            "{fs_type} refused to mount {} with options {opts:?} (EINVAL)",
+            device.display()
+        )),
+        (e, _) => Error::io(
+            format!(
+                "mount {} ({fs_type}) on {}",
+                device.display(),
+                target.display()
+            ),
+            e,
+        ),
+    })
+}
+
+/// Bind `source` onto `target`; a read-only bind takes a second remount call, because the
+/// kernel ignores MS_RDONLY on the initial MS_BIND.
+pub fn bind(source: &Path, target: &Path, read_only: bool, extra: MsFlags) -> Result<()> {
+    mount(
+        Some(source),
+        target,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(|e| {
+        Error::io(
+            format!("bind {} on {}", source.display(), target.display()),
+            e,
+        )
+    })?;
+    let per_mount = extra
+        & (MsFlags::MS_NOSUID
+            | MsFlags::MS_NODEV
+            | MsFlags::MS_NOEXEC
+            | MsFlags::MS_NOATIME
+            | MsFlags::MS_NODIRATIME
+            | MsFlags::MS_RELATIME);
+    if read_only || !per_mount.is_empty() {
+        let mut flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | per_mount;
+        if read_only {
+            flags |= MsFlags::MS_RDONLY;
+        }
+        if let Err(e) = mount(None::<&str>, target, None::<&str>, flags, None::<&str>) {
+            // Never leave a writable bind behind a failed read-only request.
+            let _ = umount2(target, MntFlags::empty());
+            return Err(Error::io(
+                format!("remount {} read-only", target.display()),
+                e,
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Unmount `target`; a busy mount is reported, never lazily detached (a lazy unmount would let
+/// the loop device be detached under a filesystem that is still in use).
+pub fn unmount(target: &Path) -> Result<()> {
+    match umount2(target, MntFlags::empty()) {
+        Ok(()) => Ok(()),
+        Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => Ok(()),
+        Err(nix::errno::Errno::EBUSY) => Err(Error::FailedPrecondition(format!(
+            "{} is busy (a process still uses it); retry when it is released",
+            target.display()
+        ))),
+        Err(e) => Err(Error::io(format!("unmount {}", target.display()), e)),
+    }
+}
+
+/// Remove a publish target (directory or file) after unmounting; already gone is fine.
+pub fn remove_target(path: &Path) -> Result<()> {
+    let r = match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => std::fs::remove_dir(path),
+        Ok(_) => std::fs::remove_file(path),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => Err(e),
+    };
+    r.map_err(|e| Error::io(format!("remove {}", path.display()), e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_unescapes() {
+        let text = "36 35 98:0 /mnt1 /mnt/with\\040space rw,noatime master:1 - ext3 /dev/root rw,errors=continue\n\
+                    40 36 7:3 / /stage ro,relatime - xfs /dev/loop3 ro,attr2\n";
+        let m = parse_mountinfo(text);
+        assert_eq!(m.len(), 2);
+        assert_eq!(m[0].mount_point, PathBuf::from("/mnt/with space"));
+        assert_eq!((m[0].major, m[0].minor), (98, 0));
+        assert_eq!(m[0].root, PathBuf::from("/mnt1"));
+        assert_eq!(m[0].fs_type, "ext3");
+        assert!(!m[0].read_only());
+        assert_eq!(m[1].source, "/dev/loop3");
+        assert!(m[1].read_only() && m[1].fs_read_only());
+    }
+
+    #[test]
+    fn reads_the_real_table() {
+        let all = mounts().unwrap();
+        assert!(all.iter().any(|m| m.mount_point == Path::new("/")));
+    }
+}

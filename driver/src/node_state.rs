@@ -1,0 +1,74 @@
+//! What this node staged, one small record per volume inside the pool's `node/` directory.
+//! The kernel (sysfs, mountinfo) remains the truth about what is attached and mounted; the
+//! record adds what the kernel cannot tell us: which capability the volume was staged with,
+//! so repeated or conflicting NodeStage calls can be answered exactly, also after a restart.
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+use provisioner::{atomic, FsType};
+
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", tag = "type")]
+pub enum StagedAccess {
+    Mount { fs_type: FsType, flags: Vec<String> },
+    Block,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Staged {
+    pub volume_id: String,
+    pub staging_path: PathBuf,
+    pub access: StagedAccess,
+    pub read_only: bool,
+    /// The loop device at staging time (informational: devices are found again via sysfs).
+    pub device: PathBuf,
+}
+
+fn path(dir: &Path, hex: &str) -> PathBuf {
+    dir.join(format!("{hex}.json"))
+}
+
+pub fn load(dir: &Path, hex: &str) -> Result<Option<Staged>> {
+    match std::fs::read(path(dir, hex)) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| Error::Internal(format!("staging record of {hex} is unreadable: {e}"))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::io(format!("read staging record of {hex}"), e)),
+    }
+}
+
+pub fn save(dir: &Path, hex: &str, s: &Staged) -> Result<()> {
+    let bytes = serde_json::to_vec_pretty(s).expect("staging records serialise");
+    atomic::write_file(&path(dir, hex), &bytes)
+        .map_err(|e| Error::io(format!("write staging record of {hex}"), e))
+}
+
+pub fn remove(dir: &Path, hex: &str) -> Result<()> {
+    atomic::remove_file(&path(dir, hex))
+        .map_err(|e| Error::io(format!("remove staging record of {hex}"), e))
+}
+
+/// All staging records, for start-up recovery and status.
+pub fn all(dir: &Path) -> Vec<(String, Staged)> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut out: Vec<_> = entries
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let hex = name.strip_suffix(".json")?.to_string();
+            if atomic::is_temp_name(&name) {
+                return None;
+            }
+            let s = serde_json::from_slice(&std::fs::read(e.path()).ok()?).ok()?;
+            Some((hex, s))
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
