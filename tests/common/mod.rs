@@ -1,0 +1,365 @@
+//! Shared harness for the end-to-end tests: start the real `loopvol` binary on a private socket
+//! and pool in a temp dir, talk CSI to it over the unix socket, and clean up every mount and
+//! loop device under that dir afterwards, even when the test panics.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use loopvol::csi::controller_client::ControllerClient;
+use loopvol::csi::identity_client::IdentityClient;
+use loopvol::csi::node_client::NodeClient;
+use loopvol::csi::volume_capability::{
+    access_mode::Mode, AccessMode, AccessType, BlockVolume, MountVolume,
+};
+use loopvol::csi::*;
+use tonic::transport::Channel;
+
+pub const NODE: &str = "test-node";
+
+/// Tests that need root skip when not root, unless the environment demands them (CI).
+pub fn root_or_skip(test: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    let required = std::env::var("LOOPVOL_REQUIRE_ROOT").is_ok_and(|v| v == "1")
+        || std::env::var("CI").is_ok_and(|v| v == "true");
+    if required {
+        panic!("{test} needs root, and LOOPVOL_REQUIRE_ROOT/CI forbids skipping it");
+    }
+    eprintln!("SKIP {test}: needs root (loop devices, mounts)");
+    false
+}
+
+pub struct Driver {
+    pub dir: tempfile::TempDir,
+    pub pool: PathBuf,
+    pub socket: PathBuf,
+    child: Option<Child>,
+    extra_args: Vec<String>,
+    /// The filesystem the pool lives on, when the test made one; dropped (unmounted, detached)
+    /// only after `Drop for Driver` has cleaned up every volume inside it.
+    pool_fs: Option<SmallFs>,
+}
+
+impl Driver {
+    /// Start `loopvol serve --mode all` on a fresh temp dir.
+    pub async fn start() -> Driver {
+        Self::start_with(&[]).await
+    }
+
+    pub async fn start_with(extra: &[&str]) -> Driver {
+        Self::start_in(None, extra).await
+    }
+
+    /// Start with the pool at `pool` (socket and log stay in the test's temp dir).
+    pub async fn start_with_pool(pool: PathBuf, extra: &[&str]) -> Driver {
+        Self::start_in(Some(pool), extra).await
+    }
+
+    /// Start with the pool on a fresh ext4 filesystem of `bytes` (a sparse file on its own loop
+    /// device), so the pool can really run out of space.
+    pub async fn start_on_small_fs(bytes: u64, extra: &[&str]) -> Driver {
+        let fs = SmallFs::new(bytes);
+        let mut d = Self::start_in(Some(fs.mount_point.join("pool")), extra).await;
+        d.pool_fs = Some(fs);
+        d
+    }
+
+    async fn start_in(pool: Option<PathBuf>, extra: &[&str]) -> Driver {
+        let dir = tempfile::Builder::new()
+            .prefix("loopvol-test-")
+            .tempdir()
+            .unwrap();
+        let pool = pool.unwrap_or_else(|| dir.path().join("pool"));
+        let socket = dir.path().join("csi.sock");
+        let mut d = Driver {
+            pool,
+            socket,
+            dir,
+            child: None,
+            extra_args: extra.iter().map(|s| s.to_string()).collect(),
+            pool_fs: None,
+        };
+        d.spawn().await;
+        d
+    }
+
+    /// Start (again) on the same pool and socket.
+    pub async fn spawn(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("driver.log"))
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_loopvol"))
+            .arg("serve")
+            .args(["--mode", "all", "--node-id", NODE, "--log-level", "info"])
+            .arg("--endpoint")
+            .arg(format!("unix://{}", self.socket.display()))
+            .arg("--pool-dir")
+            .arg(&self.pool)
+            .args(&self.extra_args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start loopvol");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("loopvol exited early ({status}); log:\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "loopvol did not come up; log:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("driver.log")).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// Is the driver process still running (it has not crashed or exited)?
+    pub fn alive(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().unwrap().is_none())
+    }
+
+    /// SIGTERM and wait; returns the exit status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        child.wait().unwrap()
+    }
+
+    /// kill -9, as a crash would.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().expect("running");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    async fn channel(&self) -> Channel {
+        tonic::transport::Endpoint::from_shared(format!("unix://{}", self.socket.display()))
+            .unwrap()
+            .connect()
+            .await
+            .expect("connect to loopvol")
+    }
+
+    pub async fn identity(&self) -> IdentityClient<Channel> {
+        IdentityClient::new(self.channel().await)
+    }
+
+    pub async fn controller(&self) -> ControllerClient<Channel> {
+        ControllerClient::new(self.channel().await)
+    }
+
+    pub async fn node(&self) -> NodeClient<Channel> {
+        NodeClient::new(self.channel().await)
+    }
+
+    /// A path inside this test's temp dir.
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    pub fn image_of(&self, volume_id: &str) -> PathBuf {
+        let hex = volume_id
+            .strip_prefix("vol-")
+            .and_then(|s| s.split_once('@'))
+            .map(|(h, _)| h)
+            .expect("a loopvol volume id");
+        self.pool.join("volumes").join(format!("{hex}.img"))
+    }
+
+    /// Mounts under the temp dir and loop devices over the pool, left right now.
+    pub fn leftovers(&self) -> (Vec<PathBuf>, Vec<PathBuf>) {
+        let root = std::fs::canonicalize(self.dir.path()).unwrap();
+        let mounts = loopvol::mount::mounts()
+            .unwrap()
+            .into_iter()
+            .filter(|m| m.mount_point.starts_with(&root))
+            .map(|m| m.mount_point)
+            .collect();
+        let loops = provisioner::backing::loops_under(&self.pool)
+            .into_iter()
+            .map(|l| l.device)
+            .collect();
+        (mounts, loops)
+    }
+
+    /// Assert that nothing of this test is mounted or attached.
+    pub fn assert_clean(&self) {
+        let (mounts, loops) = self.leftovers();
+        assert!(mounts.is_empty(), "mounts left behind: {mounts:?}");
+        assert!(loops.is_empty(), "loop devices left behind: {loops:?}");
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // Cleanup even after a failed assertion: deepest mounts first, then loop devices.
+        let (mut mounts, _) = self.leftovers();
+        mounts.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+        for m in mounts {
+            let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
+        }
+        for l in provisioner::backing::loops_under(&self.pool) {
+            let _ = loopvol::loop_device::detach(&l.device);
+        }
+    }
+}
+
+/// A small ext4 filesystem (no root-reserved blocks) in a sparse file of its own temp dir,
+/// attached to a loop device and mounted; unmounted and detached on drop.
+pub struct SmallFs {
+    pub mount_point: PathBuf,
+    pub device: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl SmallFs {
+    pub fn new(bytes: u64) -> SmallFs {
+        let dir = tempfile::Builder::new()
+            .prefix("loopvol-smallfs-")
+            .tempdir()
+            .unwrap();
+        let image = dir.path().join("fs.img");
+        std::fs::File::create(&image)
+            .unwrap()
+            .set_len(bytes)
+            .unwrap();
+        let out = Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-m", "0"])
+            .arg(&image)
+            .output()
+            .expect("run mkfs.ext4");
+        assert!(
+            out.status.success(),
+            "mkfs.ext4: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let device = loopvol::loop_device::attach(&image, false, false)
+            .expect("attach the small filesystem")
+            .device;
+        let mount_point = dir.path().join("mnt");
+        std::fs::create_dir(&mount_point).unwrap();
+        let fs = SmallFs {
+            mount_point,
+            device,
+            _dir: dir,
+        };
+        loopvol::mount::mount_fs(
+            &fs.device,
+            &fs.mount_point,
+            "ext4",
+            nix::mount::MsFlags::empty(),
+            "",
+        )
+        .expect("mount the small filesystem");
+        fs
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        // Loop devices over images inside (left when a test failed with the filesystem full:
+        // their flush-and-detach fails with EIO) would keep it busy: detach them without a
+        // flush first, then unmount, then detach the filesystem's own device.
+        for l in provisioner::backing::loops_under(&self.mount_point) {
+            let _ = Command::new("losetup").arg("-d").arg(&l.device).status();
+        }
+        let _ = nix::mount::umount2(&self.mount_point, nix::mount::MntFlags::MNT_DETACH);
+        let _ = loopvol::loop_device::detach(&self.device);
+    }
+}
+
+pub fn mount_cap(fs: &str, mode: Mode) -> VolumeCapability {
+    VolumeCapability {
+        access_mode: Some(AccessMode { mode: mode as i32 }),
+        access_type: Some(AccessType::Mount(MountVolume {
+            fs_type: fs.to_string(),
+            mount_flags: vec![],
+            volume_mount_group: String::new(),
+        })),
+    }
+}
+
+pub fn block_cap(mode: Mode) -> VolumeCapability {
+    VolumeCapability {
+        access_mode: Some(AccessMode { mode: mode as i32 }),
+        access_type: Some(AccessType::Block(BlockVolume {})),
+    }
+}
+
+pub fn rw_mount(fs: &str) -> VolumeCapability {
+    mount_cap(fs, Mode::SingleNodeWriter)
+}
+
+pub fn create_req(name: &str, bytes: i64, cap: VolumeCapability) -> CreateVolumeRequest {
+    CreateVolumeRequest {
+        name: name.to_string(),
+        capacity_range: Some(CapacityRange {
+            required_bytes: bytes,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: vec![cap],
+        ..Default::default()
+    }
+}
+
+pub const MIB: i64 = 1 << 20;
+
+/// sha256 of a file's content, hex.
+pub fn sha256_file(path: &Path) -> String {
+    use sha2::{Digest, Sha256};
+    let data = std::fs::read(path).unwrap();
+    Sha256::digest(&data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+pub fn code_of<T: std::fmt::Debug>(r: Result<T, tonic::Status>) -> tonic::Code {
+    match r {
+        Ok(v) => panic!("expected an error, got {v:?}"),
+        Err(s) => s.code(),
+    }
+}

@@ -1,0 +1,117 @@
+//! Only the node plugin's loopvol container is privileged, and it has what it needs; everything
+//! else that loopvol installs runs with a minimal security context.
+
+use super::workload::{is_driver, pods, PodRef};
+use crate::finding::Finding;
+use crate::inventory::{Inventory, Origin};
+use k8s_openapi::api::core::v1::{Container, SecurityContext};
+
+const KUBELET_DIR: &str = "/var/lib/kubelet";
+
+pub fn check(inv: &Inventory) -> Vec<Finding> {
+    let mut out = Vec::new();
+    for pod in pods(inv) {
+        for c in pod.containers() {
+            out.extend(bidirectional_needs_privilege(c).map(|m| pod.finding(c, m)));
+            if pod.doc.origin == Origin::Install {
+                out.extend(privilege(&pod, c).into_iter().map(|m| pod.finding(c, m)));
+            }
+        }
+        if pod.doc.origin == Origin::Install && pod.per_node {
+            out.extend(node_plugin_mounts(&pod));
+        }
+    }
+    out
+}
+
+fn is_privileged(c: &Container) -> bool {
+    c.security_context.as_ref().and_then(|s| s.privileged) == Some(true)
+}
+
+fn bidirectional_needs_privilege(c: &Container) -> Option<String> {
+    let bidirectional = c
+        .volume_mounts
+        .iter()
+        .flatten()
+        .any(|m| m.mount_propagation.as_deref() == Some("Bidirectional"));
+    (bidirectional && !is_privileged(c)).then(|| {
+        "mountPropagation Bidirectional is only allowed in a privileged container".to_string()
+    })
+}
+
+fn privilege(pod: &PodRef, c: &Container) -> Vec<String> {
+    let node_plugin = pod.per_node && is_driver(c);
+    match (node_plugin, is_privileged(c)) {
+        (true, true) => Vec::new(),
+        (true, false) => vec![
+            "the node plugin must run privileged: it creates loop devices, runs mkfs and mounts \
+             into the kubelet's directories"
+                .to_string(),
+        ],
+        (false, true) => {
+            vec!["runs privileged; only the node plugin's loopvol container needs that".to_string()]
+        }
+        (false, false) => minimal(c.security_context.as_ref()),
+    }
+}
+
+/// Non-privileged containers: no privilege escalation, read-only root, no capabilities.
+fn minimal(sc: Option<&SecurityContext>) -> Vec<String> {
+    let default = SecurityContext::default();
+    let sc = sc.unwrap_or(&default);
+    let drops_all = sc
+        .capabilities
+        .as_ref()
+        .and_then(|c| c.drop.as_ref())
+        .is_some_and(|d| d.iter().any(|cap| cap == "ALL"));
+    let checks = [
+        (
+            sc.allow_privilege_escalation == Some(false),
+            "allowPrivilegeEscalation: false",
+        ),
+        (
+            sc.read_only_root_filesystem == Some(true),
+            "readOnlyRootFilesystem: true",
+        ),
+        (drops_all, "capabilities.drop: [ALL]"),
+    ];
+    checks
+        .iter()
+        .filter(|(ok, _)| !ok)
+        .map(|(_, what)| format!("securityContext should set {what}"))
+        .collect()
+}
+
+/// The node plugin needs the host's /dev and the kubelet directory with Bidirectional
+/// propagation, or its mounts never reach the pods.
+fn node_plugin_mounts(pod: &PodRef) -> Vec<Finding> {
+    let Some(driver) = pod.driver() else {
+        return Vec::new();
+    };
+    let mounts: Vec<_> = driver
+        .volume_mounts
+        .iter()
+        .flatten()
+        .map(|m| (m, pod.host_path(&m.name).map(|p| p.trim_end_matches('/'))))
+        .collect();
+    let kubelet = mounts.iter().find(|(m, host)| {
+        *host == Some(KUBELET_DIR) && m.mount_path.trim_end_matches('/') == KUBELET_DIR
+    });
+    let mut out = Vec::new();
+    match kubelet {
+        None => out.push(format!(
+            "must mount hostPath {KUBELET_DIR} at {KUBELET_DIR}: the kubelet's staging and publish paths are under it"
+        )),
+        Some((m, _)) if m.mount_propagation.as_deref() != Some("Bidirectional") => out.push(format!(
+            "{KUBELET_DIR} needs mountPropagation: Bidirectional, or mounts made by the plugin stay invisible to the kubelet"
+        )),
+        Some(_) => {}
+    }
+    if !mounts
+        .iter()
+        .any(|(m, host)| *host == Some("/dev") && m.mount_path == "/dev")
+    {
+        out.push("must mount hostPath /dev at /dev: loop devices appear there after the container starts".to_string());
+    }
+    out.into_iter().map(|m| pod.finding(driver, m)).collect()
+}

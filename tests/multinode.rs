@@ -1,0 +1,514 @@
+//! Router mode end to end: three node plugins on 127.0.0.2/3/4, each serving its own pool over
+//! mTLS, and one router on a unix socket that the sidecars would talk to.
+
+mod common;
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use loopvol::csi::controller_client::ControllerClient;
+use loopvol::csi::*;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::Code;
+
+/// A loopvol process killed (and waited for) on drop.
+struct Proc {
+    child: Option<Child>,
+    args: Vec<String>,
+    socket: PathBuf,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn start(args: Vec<String>, socket: PathBuf, log: PathBuf) -> Proc {
+        let mut p = Proc {
+            child: None,
+            args,
+            socket,
+            log,
+        };
+        p.spawn();
+        p
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        self.child = Some(
+            Command::new(env!("CARGO_BIN_EXE_loopvol"))
+                .args(&self.args)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
+            if let Some(s) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!(
+                    "loopvol exited ({s}): {}",
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                );
+            }
+            assert!(Instant::now() < deadline, "loopvol did not come up");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn s(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+struct Cluster {
+    dir: tempfile::TempDir,
+    nodes: Vec<Proc>,
+    ports: Vec<u16>,
+    _router: Proc,
+    router_socket: PathBuf,
+}
+
+impl Cluster {
+    fn start() -> Cluster {
+        let dir = tempfile::Builder::new()
+            .prefix("loopvol-multi-")
+            .tempdir()
+            .unwrap();
+        for (name, out) in [
+            ("certs", dir.path().join("certs")),
+            ("rogue", dir.path().join("rogue")),
+        ] {
+            let st = Command::new(env!("CARGO_BIN_EXE_loopvol"))
+                .args(["certs", "--out"])
+                .arg(&out)
+                .status()
+                .unwrap();
+            assert!(st.success(), "certs {name}");
+        }
+        let certs = dir.path().join("certs");
+        let mut nodes = Vec::new();
+        let mut ports = Vec::new();
+        let mut endpoints = Vec::new();
+        for i in 1..=3u8 {
+            let ip = format!("127.0.0.{}", i + 1);
+            let port = std::net::TcpListener::bind((ip.as_str(), 0))
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let sock = dir.path().join(format!("n{i}.sock"));
+            let args = vec![
+                "serve".into(),
+                "--mode".into(),
+                "node".into(),
+                "--node-id".into(),
+                format!("n{i}"),
+                "--endpoint".into(),
+                format!("unix://{}", s(&sock)),
+                "--pool-dir".into(),
+                s(&dir.path().join(format!("n{i}/pool"))),
+                "--pool-listen".into(),
+                format!("{ip}:{port}"),
+                "--tls-cert".into(),
+                s(&certs.join("server.crt")),
+                "--tls-key".into(),
+                s(&certs.join("server.key")),
+                "--tls-ca".into(),
+                s(&certs.join("ca.crt")),
+            ];
+            nodes.push(Proc::start(
+                args,
+                sock,
+                dir.path().join(format!("n{i}.log")),
+            ));
+            ports.push(port);
+            endpoints.push(format!("n{i}=https://{ip}:{port}"));
+        }
+        let router_socket = dir.path().join("router.sock");
+        let args = vec![
+            "serve".into(),
+            "--mode".into(),
+            "controller".into(),
+            "--node-id".into(),
+            "router".into(),
+            "--endpoint".into(),
+            format!("unix://{}", s(&router_socket)),
+            "--node-endpoints".into(),
+            endpoints.join(","),
+            "--tls-cert".into(),
+            s(&certs.join("client.crt")),
+            "--tls-key".into(),
+            s(&certs.join("client.key")),
+            "--tls-ca".into(),
+            s(&certs.join("ca.crt")),
+        ];
+        let router = Proc::start(args, router_socket.clone(), dir.path().join("router.log"));
+        Cluster {
+            dir,
+            nodes,
+            ports,
+            _router: router,
+            router_socket,
+        }
+    }
+
+    async fn router(&self) -> ControllerClient<Channel> {
+        let ch = Endpoint::from_shared(format!("unix://{}", s(&self.router_socket)))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        ControllerClient::new(ch)
+    }
+
+    fn pool(&self, node: u8) -> PathBuf {
+        self.dir.path().join(format!("n{node}/pool"))
+    }
+
+    fn image(&self, node: u8, id: &str) -> PathBuf {
+        let hex = id.split_once('-').unwrap().1.split_once('@').unwrap().0;
+        self.pool(node).join("volumes").join(format!("{hex}.img"))
+    }
+}
+
+fn on_node(name: &str, node: u8) -> CreateVolumeRequest {
+    let mut r = create_req(name, 16 * MIB, rw_mount("ext4"));
+    let t = loopvol::controller_service::topology(&format!("n{node}"));
+    r.accessibility_requirements = Some(TopologyRequirement {
+        requisite: vec![t.clone()],
+        preferred: vec![t],
+    });
+    r
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn router_places_routes_paginates_and_survives_a_node_outage() {
+    if !root_or_skip("multinode") {
+        return;
+    }
+    let mut cl = Cluster::start();
+    let mut r = cl.router().await;
+
+    // Placement follows the topology; each backing file lands in its node's pool.
+    let mut ids = Vec::new();
+    for node in 1..=3u8 {
+        let v = r
+            .create_volume(on_node(&format!("pvc-n{node}"), node))
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
+        assert!(
+            v.volume_id.ends_with(&format!("@n{node}")),
+            "{}",
+            v.volume_id
+        );
+        assert!(cl.image(node, &v.volume_id).exists());
+        ids.push(v.volume_id);
+    }
+    // Unconstrained: the node with the most room (any of them here) — and the file is there.
+    let free = r
+        .create_volume(create_req("pvc-free", 16 * MIB, rw_mount("")))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let node: u8 = free.volume_id.rsplit_once("@n").unwrap().1.parse().unwrap();
+    assert!(cl.image(node, &free.volume_id).exists());
+
+    // ID-routed calls.
+    let grown = r
+        .controller_expand_volume(ControllerExpandVolumeRequest {
+            volume_id: ids[1].clone(),
+            capacity_range: Some(CapacityRange {
+                required_bytes: 32 * MIB,
+                limit_bytes: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(grown.capacity_bytes, 32 * MIB);
+    assert_eq!(
+        std::fs::metadata(cl.image(2, &ids[1])).unwrap().len(),
+        32 * MIB as u64
+    );
+    let snap = r
+        .create_snapshot(CreateSnapshotRequest {
+            source_volume_id: ids[2].clone(),
+            name: "snap-n3".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    assert!(snap.snapshot_id.ends_with("@n3"));
+    assert_eq!(
+        std::fs::read_dir(cl.pool(3).join("snapshots"))
+            .unwrap()
+            .count(),
+        2
+    );
+    // A restore goes to the snapshot's node; a requisite excluding it is refused.
+    let mut restore = on_node("restore", 1);
+    restore.volume_content_source = Some(VolumeContentSource {
+        r#type: Some(volume_content_source::Type::Snapshot(
+            volume_content_source::SnapshotSource {
+                snapshot_id: snap.snapshot_id.clone(),
+            },
+        )),
+    });
+    assert_eq!(
+        code_of(r.create_volume(restore.clone()).await),
+        Code::ResourceExhausted
+    );
+    restore.accessibility_requirements = None;
+    let restored = r
+        .create_volume(restore)
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert!(restored.volume_id.ends_with("@n3"));
+    r.delete_snapshot(DeleteSnapshotRequest {
+        snapshot_id: snap.snapshot_id.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    r.delete_volume(DeleteVolumeRequest {
+        volume_id: ids[0].clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert!(!cl.image(1, &ids[0]).exists());
+    r.delete_volume(DeleteVolumeRequest {
+        volume_id: "fake-vol-id".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+
+    // Capacity per node, by topology segment.
+    let cap = |node: &str| GetCapacityRequest {
+        volume_capabilities: vec![rw_mount("")],
+        accessible_topology: Some(loopvol::controller_service::topology(node)),
+        ..Default::default()
+    };
+    assert!(
+        r.get_capacity(cap("n2"))
+            .await
+            .unwrap()
+            .into_inner()
+            .available_capacity
+            > 0
+    );
+    assert_eq!(
+        r.get_capacity(cap("n9"))
+            .await
+            .unwrap()
+            .into_inner()
+            .available_capacity,
+        0
+    );
+
+    // Pagination across nodes, with volumes added between pages: nothing lost, nothing twice.
+    for i in 0..7u8 {
+        r.create_volume(on_node(&format!("page-{i}"), i % 3 + 1))
+            .await
+            .unwrap();
+    }
+    let before: HashSet<String> = r
+        .list_volumes(ListVolumesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .entries
+        .into_iter()
+        .map(|e| e.volume.unwrap().volume_id)
+        .collect();
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    let mut added = 0;
+    loop {
+        let page = r
+            .list_volumes(ListVolumesRequest {
+                max_entries: 2,
+                starting_token: token,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page.entries.len() <= 2);
+        seen.extend(
+            page.entries
+                .into_iter()
+                .map(|e| e.volume.unwrap().volume_id),
+        );
+        if page.next_token.is_empty() {
+            break;
+        }
+        token = page.next_token;
+        r.create_volume(on_node(&format!("late-{added}"), added % 3 + 1))
+            .await
+            .unwrap();
+        added += 1;
+    }
+    let unique: HashSet<String> = seen.iter().cloned().collect();
+    assert_eq!(
+        unique.len(),
+        seen.len(),
+        "duplicates across pages: {seen:?}"
+    );
+    assert!(
+        before.is_subset(&unique),
+        "lost: {:?}",
+        before.difference(&unique).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        code_of(
+            r.list_volumes(ListVolumesRequest {
+                max_entries: 1,
+                starting_token: "junk".into()
+            })
+            .await
+        ),
+        Code::Aborted
+    );
+
+    // A node goes down: its volumes are UNAVAILABLE (never NOT_FOUND), the others keep working.
+    cl.nodes[1].stop();
+    let down = r
+        .controller_get_volume(ControllerGetVolumeRequest {
+            volume_id: ids[1].clone(),
+        })
+        .await;
+    assert_eq!(code_of(down), Code::Unavailable);
+    let del = r
+        .delete_volume(DeleteVolumeRequest {
+            volume_id: ids[1].clone(),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(code_of(del), Code::Unavailable);
+    assert_eq!(
+        code_of(r.create_volume(on_node("while-down", 2)).await),
+        Code::Unavailable
+    );
+    r.controller_get_volume(ControllerGetVolumeRequest {
+        volume_id: ids[2].clone(),
+    })
+    .await
+    .unwrap();
+    r.create_volume(on_node("still-fine", 1)).await.unwrap();
+    assert_eq!(
+        code_of(r.list_volumes(ListVolumesRequest::default()).await),
+        Code::Unavailable,
+        "a partial list would lose volumes"
+    );
+    cl.nodes[1].spawn();
+    let mut back = None;
+    for _ in 0..50 {
+        match r
+            .controller_get_volume(ControllerGetVolumeRequest {
+                volume_id: ids[1].clone(),
+            })
+            .await
+        {
+            Ok(v) => {
+                back = Some(v.into_inner());
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    assert_eq!(
+        back.expect("node came back").volume.unwrap().capacity_bytes,
+        32 * MIB
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_pool_port_refuses_clients_without_a_valid_certificate() {
+    if !root_or_skip("mtls") {
+        return;
+    }
+    let cl = Cluster::start();
+    let url = format!("https://127.0.0.2:{}", cl.ports[0]);
+    let ca = Certificate::from_pem(std::fs::read(cl.dir.path().join("certs/ca.crt")).unwrap());
+    let try_with = |identity: Option<Identity>| {
+        let url = url.clone();
+        let mut tls = ClientTlsConfig::new()
+            .ca_certificate(ca.clone())
+            .domain_name("loopvol-node");
+        if let Some(id) = identity {
+            tls = tls.identity(id);
+        }
+        async move {
+            let ch = Endpoint::from_shared(url)
+                .unwrap()
+                .tls_config(tls)
+                .unwrap()
+                .connect()
+                .await;
+            match ch {
+                Err(e) => Err(e.to_string()),
+                Ok(ch) => ControllerClient::new(ch)
+                    .controller_get_capabilities(ControllerGetCapabilitiesRequest {})
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string()),
+            }
+        }
+    };
+    let id_from = |dir: &str| {
+        Identity::from_pem(
+            std::fs::read(cl.dir.path().join(format!("{dir}/client.crt"))).unwrap(),
+            std::fs::read(cl.dir.path().join(format!("{dir}/client.key"))).unwrap(),
+        )
+    };
+    assert!(
+        try_with(None).await.is_err(),
+        "no client certificate must be refused"
+    );
+    assert!(
+        try_with(Some(id_from("rogue"))).await.is_err(),
+        "a certificate from another CA must be refused"
+    );
+    try_with(Some(id_from("certs")))
+        .await
+        .expect("the router's certificate is accepted");
+}

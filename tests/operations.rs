@@ -1,0 +1,568 @@
+//! End-to-end tests of the operations surface: Prometheus metrics and health endpoints, the
+//! JSON log (no secrets in it), `loopvol doctor`, `loopvol status`, `volume inspect` and the
+//! `loopvol csi` client, all against the real binary on a private pool.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::path::Path;
+use std::process::{Command, Output};
+
+use common::*;
+use loopvol::csi::*;
+use serde_json::Value;
+use tonic::Code;
+
+/// A port that was free a moment ago: bind port 0, read the port, let it go.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A plain HTTP/1.1 GET over TCP; returns (status, body).
+fn http_get(port: u16, path: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").expect("an HTTP response");
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("a status code");
+    (status, body.to_string())
+}
+
+/// The value of the sample named exactly `series` (name plus labels), if present.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+fn loopvol(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_loopvol"))
+        .args(args)
+        .output()
+        .expect("run loopvol")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn json_of(o: &Output) -> Value {
+    assert!(
+        o.status.success(),
+        "loopvol failed ({}): {}{}",
+        o.status,
+        stdout(o),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_slice(&o.stdout).expect("JSON on stdout")
+}
+
+fn stage_req(id: &str, staging: &Path) -> NodeStageVolumeRequest {
+    NodeStageVolumeRequest {
+        volume_id: id.into(),
+        staging_target_path: staging.to_string_lossy().into(),
+        volume_capability: Some(rw_mount("ext4")),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_and_health_follow_a_workload() {
+    if !root_or_skip("metrics") {
+        return;
+    }
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let d = Driver::start_with(&["--metrics-address", &addr]).await;
+    let mut c = d.controller().await;
+    let mut n = d.node().await;
+
+    let id = c
+        .create_volume(create_req("metered", 64 * MIB, rw_mount("ext4")))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    let staging = d.path("staging");
+    let target = d.path("target");
+    n.node_stage_volume(stage_req(&id, &staging)).await.unwrap();
+    n.node_publish_volume(NodePublishVolumeRequest {
+        volume_id: id.clone(),
+        staging_target_path: staging.to_string_lossy().into(),
+        target_path: target.to_string_lossy().into(),
+        volume_capability: Some(rw_mount("ext4")),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+
+    let (status, busy) = http_get(port, "/metrics");
+    assert_eq!(status, 200);
+    assert_eq!(sample(&busy, "loopvol_pool_volumes"), Some(1.0), "{busy}");
+    assert_eq!(sample(&busy, "loopvol_node_staged_volumes"), Some(1.0));
+    assert_eq!(sample(&busy, "loopvol_loop_devices_attached"), Some(1.0));
+    assert!(sample(&busy, "loopvol_pool_reserved_bytes").unwrap() > 0.0);
+
+    n.node_unpublish_volume(NodeUnpublishVolumeRequest {
+        volume_id: id.clone(),
+        target_path: target.to_string_lossy().into(),
+    })
+    .await
+    .unwrap();
+    n.node_unstage_volume(NodeUnstageVolumeRequest {
+        volume_id: id.clone(),
+        staging_target_path: staging.to_string_lossy().into(),
+    })
+    .await
+    .unwrap();
+    c.delete_volume(DeleteVolumeRequest {
+        volume_id: id.clone(),
+        secrets: HashMap::new(),
+    })
+    .await
+    .unwrap();
+    // The failing call: the volume is gone.
+    let err = n
+        .node_stage_volume(stage_req(&id, &staging))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+
+    let (status, text) = http_get(port, "/metrics");
+    assert_eq!(status, 200);
+    let count = |series: &str| sample(&text, series).unwrap_or(0.0);
+    for method in [
+        "CreateVolume",
+        "NodeStageVolume",
+        "NodePublishVolume",
+        "NodeUnpublishVolume",
+        "NodeUnstageVolume",
+        "DeleteVolume",
+    ] {
+        let series = format!(r#"loopvol_rpc_requests_total{{method="{method}",code="OK"}}"#);
+        assert!(count(&series) >= 1.0, "{series} missing:\n{text}");
+    }
+    assert_eq!(
+        count(r#"loopvol_rpc_requests_total{method="NodeStageVolume",code="NOT_FOUND"}"#),
+        1.0
+    );
+    assert!(count(r#"loopvol_errors_total{code="NOT_FOUND"}"#) >= 1.0);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("loopvol_rpc_duration_seconds_bucket{")
+                && l.contains(r#"method="CreateVolume""#)
+                && l.contains(r#"le="+Inf""#)),
+        "no latency histogram for CreateVolume:\n{text}"
+    );
+    assert_eq!(
+        count(r#"loopvol_stage_duration_seconds_count{fs_type="ext4"}"#),
+        1.0
+    );
+    assert_eq!(
+        count(r#"loopvol_mkfs_duration_seconds_count{fs_type="ext4"}"#),
+        1.0
+    );
+    assert!(text
+        .lines()
+        .any(|l| l.starts_with("loopvol_stage_duration_seconds_bucket{")));
+    assert!(count("loopvol_pool_capacity_bytes") > 0.0);
+    assert!(count("loopvol_pool_available_bytes") > 0.0);
+    assert!(sample(&text, "loopvol_pool_reserved_bytes").is_some());
+    assert_eq!(sample(&text, "loopvol_pool_volumes"), Some(0.0));
+    assert_eq!(sample(&text, "loopvol_pool_snapshots"), Some(0.0));
+    assert_eq!(sample(&text, "loopvol_node_staged_volumes"), Some(0.0));
+    assert_eq!(sample(&text, "loopvol_loop_devices_attached"), Some(0.0));
+    assert!(text.ends_with("# EOF\n"));
+
+    assert_eq!(http_get(port, "/healthz"), (200, "ok\n".to_string()));
+    assert_eq!(http_get(port, "/readyz").0, 200);
+    assert_eq!(http_get(port, "/nope").0, 404);
+    // A pool whose volume directory is gone is not usable: both probes say so.
+    let volumes = d.pool.join("volumes");
+    let aside = d.pool.join("volumes.aside");
+    std::fs::rename(&volumes, &aside).unwrap();
+    let (status, body) = http_get(port, "/readyz");
+    std::fs::rename(&aside, &volumes).unwrap();
+    assert_eq!(status, 503);
+    assert!(body.contains("not usable"), "{body}");
+    assert_eq!(http_get(port, "/healthz").0, 200);
+    d.assert_clean();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn secrets_never_reach_the_json_log() {
+    if !root_or_skip("secrets_log") {
+        return;
+    }
+    const MARKER: &str = "s3cr3t-marker-7f1c2e";
+    let d = Driver::start_with(&["--log-format", "json"]).await;
+    let mut c = d.controller().await;
+    let mut n = d.node().await;
+    let secrets = HashMap::from([("password".to_string(), MARKER.to_string())]);
+
+    let mut req = create_req("secretive", 16 * MIB, rw_mount("ext4"));
+    req.secrets = secrets.clone();
+    let id = c
+        .create_volume(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    // A refused request logs its error: the secret must not ride along.
+    let mut bad = create_req("secretive-bad", 16 * MIB, rw_mount("ext4"));
+    bad.secrets = secrets.clone();
+    bad.parameters = HashMap::from([("nope".to_string(), MARKER.to_string())]);
+    assert_eq!(code_of(c.create_volume(bad).await), Code::InvalidArgument);
+    let mut stage = stage_req(&id, &d.path("staging"));
+    stage.secrets = secrets.clone();
+    n.node_stage_volume(stage).await.unwrap();
+    n.node_unstage_volume(NodeUnstageVolumeRequest {
+        volume_id: id.clone(),
+        staging_target_path: d.path("staging").to_string_lossy().into(),
+    })
+    .await
+    .unwrap();
+    c.delete_volume(DeleteVolumeRequest {
+        volume_id: id.clone(),
+        secrets,
+    })
+    .await
+    .unwrap();
+
+    let log = d.log();
+    assert!(!log.contains(MARKER), "a secret reached the log:\n{log}");
+    // Every line is JSON, and each RPC's span carries the volume ID.
+    let lines: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    for rpc in ["NodeStageVolume", "NodeUnstageVolume", "DeleteVolume"] {
+        assert!(
+            lines
+                .iter()
+                .any(|l| l["span"]["name"] == rpc && l["span"]["volume_id"] == id),
+            "no {rpc} span with volume_id in:\n{log}"
+        );
+    }
+    d.assert_clean();
+}
+
+/// A directory holding symlinks to every tool doctor looks for, except `missing`.
+fn path_without(dir: &Path, missing: &str) -> String {
+    let tools = [
+        "mkfs.ext4",
+        "e2fsck",
+        "resize2fs",
+        "mkfs.xfs",
+        "xfs_growfs",
+        "mkfs.btrfs",
+        "btrfs",
+        "blkid",
+    ];
+    std::fs::create_dir_all(dir).unwrap();
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for t in tools.iter().filter(|t| **t != missing) {
+        let real = std::env::split_paths(&path)
+            .chain(["/usr/sbin".into(), "/sbin".into()])
+            .map(|d| d.join(t))
+            .find(|p| p.exists())
+            .unwrap_or_else(|| panic!("{t} is not installed"));
+        std::os::unix::fs::symlink(real, dir.join(t)).unwrap();
+    }
+    dir.to_string_lossy().into_owned()
+}
+
+fn doctor(d: &Driver, pool: &Path, path_env: Option<&str>) -> (bool, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_loopvol"));
+    cmd.arg("doctor")
+        .arg("--pool-dir")
+        .arg(pool)
+        .arg("--kubelet-dir")
+        .arg(d.path("no-kubelet-here"));
+    if let Some(p) = path_env {
+        cmd.env("PATH", p);
+    }
+    let out = cmd.output().unwrap();
+    (out.status.success(), stdout(&out))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn doctor_checks_a_served_pool_and_names_each_fix() {
+    if !root_or_skip("doctor") {
+        return;
+    }
+    let d = Driver::start().await;
+    let mut c = d.controller().await;
+    let mut n = d.node().await;
+    let id = c
+        .create_volume(create_req("doc", 16 * MIB, rw_mount("ext4")))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    n.node_stage_volume(stage_req(&id, &d.path("staging")))
+        .await
+        .unwrap();
+
+    // Healthy, next to the running driver that holds the pool's locks.
+    let (ok, out) = doctor(&d, &d.pool, None);
+    assert!(ok, "doctor failed on a healthy node:\n{out}");
+    assert!(!out.contains('✘'), "{out}");
+    assert!(out.contains("✔ orphaned loop devices: 1 attached"), "{out}");
+    assert!(out.lines().last().unwrap().starts_with("all "), "{out}");
+
+    // A tool hidden from PATH.
+    let path = path_without(&d.path("bin"), "resize2fs");
+    let (ok, out) = doctor(&d, &d.pool, Some(&path));
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("✘ ext4 tools: resize2fs not found in PATH"),
+        "{out}"
+    );
+    assert!(out.contains("install e2fsprogs"), "{out}");
+    assert!(out.contains("✔ xfs tools"), "{out}");
+
+    // A loop device over a pool file that no volume owns.
+    let stray = d.pool.join("tmp/stray.img");
+    std::fs::File::create(&stray)
+        .unwrap()
+        .set_len(4 * MIB as u64)
+        .unwrap();
+    let att = loopvol::loop_device::attach(&stray, false, false).unwrap();
+    let (ok, out) = doctor(&d, &d.pool, None);
+    loopvol::loop_device::detach(&att.device).unwrap();
+    std::fs::remove_file(&stray).unwrap();
+    assert!(!ok, "{out}");
+    assert!(out.contains("✘ orphaned loop devices"), "{out}");
+    assert!(out.contains(&*stray.to_string_lossy()), "{out}");
+    assert!(out.contains("losetup -d"), "{out}");
+
+    // A record whose image is gone.
+    let lost = c
+        .create_volume(create_req("lost", 16 * MIB, rw_mount("ext4")))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    std::fs::remove_file(d.image_of(&lost)).unwrap();
+    let (ok, out) = doctor(&d, &d.pool, None);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains(&format!("✘ orphaned records: volume {lost} has no image")),
+        "{out}"
+    );
+    c.delete_volume(DeleteVolumeRequest {
+        volume_id: lost,
+        secrets: HashMap::new(),
+    })
+    .await
+    .unwrap();
+
+    // A pool on a filesystem without O_DIRECT. tmpfs gained O_DIRECT in Linux 6.6, ramfs never
+    // had it.
+    let ram = d.path("ramfs");
+    std::fs::create_dir_all(&ram).unwrap();
+    nix::mount::mount(
+        Some("ramfs"),
+        &ram,
+        Some("ramfs"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .unwrap();
+    let (ok, out) = doctor(&d, &ram.join("pool"), None);
+    nix::mount::umount(&ram).unwrap();
+    assert!(!ok, "{out}");
+    assert!(out.contains("✘ direct I/O (O_DIRECT)"), "{out}");
+    assert!(out.contains("(ramfs) refuses O_DIRECT"), "{out}");
+
+    n.node_unstage_volume(NodeUnstageVolumeRequest {
+        volume_id: id.clone(),
+        staging_target_path: d.path("staging").to_string_lossy().into(),
+    })
+    .await
+    .unwrap();
+    c.delete_volume(DeleteVolumeRequest {
+        volume_id: id,
+        secrets: HashMap::new(),
+    })
+    .await
+    .unwrap();
+    d.assert_clean();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn csi_client_drives_the_lifecycle_and_status_reports_it() {
+    if !root_or_skip("csi_client") {
+        return;
+    }
+    let d = Driver::start().await;
+    let endpoint = format!("unix://{}", d.socket.display());
+    let pool = d.pool.to_string_lossy().into_owned();
+    let staging = d.path("staging").to_string_lossy().into_owned();
+    let target = d.path("target").to_string_lossy().into_owned();
+    let csi = |args: &[&str]| {
+        let mut all = vec!["csi", "--endpoint", &endpoint];
+        all.extend_from_slice(args);
+        loopvol(&all)
+    };
+
+    let info = json_of(&csi(&["info"]));
+    assert_eq!(info["plugin"]["name"], "loopvol.csi.dev");
+    assert_eq!(info["node"]["node_id"], NODE);
+    assert_eq!(info["ready"], true);
+    assert!(info["node_capabilities"]
+        .as_array()
+        .unwrap()
+        .contains(&Value::from("STAGE_UNSTAGE_VOLUME")));
+
+    let created = json_of(&csi(&[
+        "create-volume",
+        "--name",
+        "by-hand",
+        "--size",
+        "64Mi",
+        "--fs-type",
+        "ext4",
+        "--param",
+        "allocation=thin",
+    ]));
+    let id = created["volume_id"].as_str().unwrap().to_string();
+    assert_eq!(created["capacity_bytes"], 64 * MIB);
+    assert_eq!(created["volume_context"]["fsType"], "ext4");
+
+    json_of(&csi(&[
+        "stage",
+        &id,
+        "--staging-path",
+        &staging,
+        "--fs-type",
+        "ext4",
+    ]));
+    json_of(&csi(&[
+        "publish",
+        &id,
+        "--staging-path",
+        &staging,
+        "--target-path",
+        &target,
+    ]));
+    let mut f = std::fs::File::create(Path::new(&target).join("hello")).unwrap();
+    f.write_all(&[7u8; 1 << 20]).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    let stats = json_of(&csi(&["stats", &id, "--path", &target]));
+    let bytes = &stats["usage"][0];
+    assert_eq!(bytes["unit"], "BYTES");
+    assert!(bytes["used"].as_i64().unwrap() >= 1 << 20, "{stats}");
+    assert!(bytes["total"].as_i64().unwrap() > 0);
+    let listed = json_of(&csi(&["list-volumes"]));
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+
+    // status and inspect read the served pool without its locks.
+    let status = json_of(&loopvol(&[
+        "status",
+        "--pool-dir",
+        &pool,
+        "--output",
+        "json",
+    ]));
+    assert_eq!(status["volumes"], 1);
+    assert_eq!(status["snapshots"], 0);
+    assert_eq!(
+        status["filesystem"],
+        loopvol::admin::fs_name::of(&d.pool).unwrap().as_str()
+    );
+    let staged = status["staged"].as_array().unwrap();
+    assert_eq!(staged.len(), 1, "{status}");
+    assert_eq!(staged[0]["volume_id"], id.as_str());
+    assert_eq!(staged[0]["state"], "staged");
+    assert_eq!(staged[0]["staging_path"], staging.as_str());
+    let loops = status["loop_devices"].as_array().unwrap();
+    assert_eq!(loops.len(), 1);
+    assert_eq!(loops[0]["volume_id"], id.as_str());
+    assert!(status["capacity"]["reserved_bytes"].as_u64().unwrap() > 0);
+    let inspect = json_of(&loopvol(&[
+        "volume",
+        "inspect",
+        "--pool-dir",
+        &pool,
+        &id,
+        "--output",
+        "json",
+    ]));
+    assert_eq!(inspect["record"]["id"], id.as_str());
+    assert_eq!(inspect["image_present"], true);
+    assert!(inspect["allocated_bytes"].as_u64().unwrap() >= 1 << 20);
+    assert_eq!(inspect["staged"]["state"], "staged");
+    let listing = loopvol(&["volume", "list", "--pool-dir", &pool]);
+    assert!(listing.status.success());
+    assert!(stdout(&listing).contains(&id));
+
+    let snap = json_of(&csi(&[
+        "snapshot",
+        "--name",
+        "by-hand-snap",
+        "--source",
+        &id,
+    ]));
+    assert_eq!(snap["source_volume_id"], id.as_str());
+    // Controller side only: growing a mounted ext4 needs CAP_SYS_RESOURCE, which some
+    // sandboxes drop even for root (tests/node.rs covers node expansion).
+    let expanded = json_of(&csi(&["expand", &id, "--size", "96Mi"]));
+    assert_eq!(expanded["capacity_bytes"], 96 * MIB);
+    assert_eq!(expanded["node_expansion_required"], true);
+    json_of(&csi(&[
+        "delete-snapshot",
+        snap["snapshot_id"].as_str().unwrap(),
+    ]));
+
+    json_of(&csi(&["unpublish", &id, "--target-path", &target]));
+    json_of(&csi(&["unstage", &id, "--staging-path", &staging]));
+    json_of(&csi(&["delete-volume", &id]));
+
+    // Errors: `CODE: message` on stderr, exit status 1.
+    let bad = csi(&["delete-volume", "../escape"]);
+    assert_eq!(bad.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.starts_with("INVALID_ARGUMENT: "), "{err}");
+    let gone = csi(&["stats", &id, "--path", &target]);
+    assert_eq!(gone.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&gone.stderr).starts_with("NOT_FOUND: "));
+
+    let status = json_of(&loopvol(&[
+        "status",
+        "--pool-dir",
+        &pool,
+        "--output",
+        "json",
+    ]));
+    assert_eq!(status["volumes"], 0);
+    assert!(status["staged"].as_array().unwrap().is_empty());
+    assert!(status["loop_devices"].as_array().unwrap().is_empty());
+    d.assert_clean();
+}
