@@ -1,0 +1,258 @@
+//! loopvol's benchmark harness. Starts the release `loopvol serve --mode all` on a private
+//! socket and pool, drives it over CSI the way csi-provisioner and kubelet do, measures the
+//! same kernel work done directly (the floor) in the same run, and writes
+//! docs/benchmarks.json and docs/benchmarks.md.
+
+mod attach;
+mod csi_ops;
+mod datapath;
+mod driver;
+mod fio;
+mod floor;
+mod footprint;
+mod load;
+mod machine;
+mod plan;
+mod provisioning;
+mod report;
+mod results;
+mod scale;
+mod stats;
+mod tools;
+mod workspace;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Parser;
+
+use crate::csi_ops::Csi;
+use crate::driver::{Driver, Launch};
+use crate::plan::Plan;
+use crate::results::{Footprint, Meta, Results};
+use crate::workspace::Workspace;
+
+const SECTIONS: [&str; 4] = ["provisioning", "attach", "datapath", "scale"];
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "bench",
+    about = "Benchmark loopvol against the bare kernel steps"
+)]
+struct Args {
+    /// Smaller batches and 50 volumes at scale: a smoke run of every section.
+    #[arg(long)]
+    quick: bool,
+    /// Where benchmarks.json and benchmarks.md are written.
+    #[arg(long, default_value_os_t = default_out_dir())]
+    out_dir: PathBuf,
+    /// Parent of the private temp dir (its filesystem is the pool's).
+    #[arg(long, default_value_os_t = std::env::temp_dir())]
+    work_dir: PathBuf,
+    /// Run only these sections (comma-separated): provisioning, attach, datapath, scale.
+    #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(SECTIONS))]
+    only: Vec<String>,
+    /// The loopvol binary; default: `loopvol` next to this binary.
+    #[arg(long)]
+    loopvol: Option<PathBuf>,
+    /// Do not (re)build the loopvol binary when run under cargo.
+    #[arg(long)]
+    no_build: bool,
+    /// Passed to `loopvol serve` as --max-concurrent-ops (default: the driver's own).
+    #[arg(long)]
+    max_concurrent_ops: Option<usize>,
+    /// Keep the main driver's log here (default: in the temp dir, removed at the end).
+    #[arg(long)]
+    driver_log: Option<PathBuf>,
+    /// Regenerate the Markdown from a saved results JSON, measuring nothing.
+    #[arg(long)]
+    render: Option<PathBuf>,
+}
+
+fn workspace_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("bench/ sits in the workspace")
+        .to_path_buf()
+}
+
+fn default_out_dir() -> PathBuf {
+    workspace_dir().join("docs")
+}
+
+fn write_markdown(out_dir: &Path, results: &Results) -> anyhow::Result<()> {
+    std::fs::create_dir_all(out_dir)?;
+    let md = out_dir.join("benchmarks.md");
+    std::fs::write(&md, report::render(results))
+        .with_context(|| format!("write {}", md.display()))?;
+    eprintln!("wrote {}", md.display());
+    Ok(())
+}
+
+fn write_outputs(out_dir: &Path, results: &Results) -> anyhow::Result<()> {
+    std::fs::create_dir_all(out_dir)?;
+    let json = out_dir.join("benchmarks.json");
+    std::fs::write(&json, serde_json::to_string_pretty(results)? + "\n")
+        .with_context(|| format!("write {}", json.display()))?;
+    eprintln!("wrote {}", json.display());
+    write_markdown(out_dir, results)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if let Some(path) = &args.render {
+        let results: Results = serde_json::from_str(&std::fs::read_to_string(path)?)
+            .with_context(|| format!("read {}", path.display()))?;
+        return write_markdown(&args.out_dir, &results);
+    }
+    anyhow::ensure!(
+        nix::unistd::geteuid().is_root(),
+        "the benchmark needs root (loop devices, mounts)"
+    );
+    let launch = Launch {
+        bin: driver::locate_binary(args.loopvol.clone(), !args.no_build)?,
+        extra_args: args
+            .max_concurrent_ops
+            .map(|n| vec!["--max-concurrent-ops".to_string(), n.to_string()])
+            .unwrap_or_default(),
+    };
+    // Declared before everything that mounts, so it is dropped (and sweeps) last.
+    let ws = Workspace::new(&args.work_dir)?;
+    eprintln!("working in {}", ws.root().display());
+    let outcome = tokio::select! {
+        r = run(&args, &launch, &ws) => r,
+        _ = interrupted() => Err(anyhow::anyhow!("interrupted")),
+    };
+    // Whatever happened, nothing of ours stays mounted or attached.
+    let swept = ws.sweep();
+    if !swept.unmounted.is_empty() || !swept.detached.is_empty() {
+        eprintln!("swept {swept:?}");
+    }
+    let mut results = outcome?;
+    let (mounts, loops) = ws.leftovers();
+    results.leftover_mounts = mounts.iter().map(|p| p.display().to_string()).collect();
+    results.leftover_loops = loops.iter().map(|p| p.display().to_string()).collect();
+    write_outputs(&args.out_dir, &results)?;
+    anyhow::ensure!(
+        mounts.is_empty() && loops.is_empty(),
+        "left behind: mounts {mounts:?}, loop devices {loops:?}"
+    );
+    Ok(())
+}
+
+async fn interrupted() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// Record a section's failure as a note and sweep what it left, so later sections still run.
+fn section_failed(results: &mut Results, ws: &Workspace, name: &str, e: anyhow::Error) {
+    eprintln!("{name} FAILED: {e:#}");
+    results
+        .notes
+        .push(format!("The {name} section failed: {e:#}"));
+    ws.sweep();
+}
+
+async fn run(args: &Args, launch: &Launch, ws: &Workspace) -> anyhow::Result<Results> {
+    let started = Instant::now();
+    let plan = Plan::new(args.quick);
+    let sections: Vec<String> = if args.only.is_empty() {
+        SECTIONS.iter().map(|s| s.to_string()).collect()
+    } else {
+        args.only.clone()
+    };
+    let wants = |s: &str| sections.iter().any(|x| x == s);
+    let mut results = Results {
+        meta: Meta {
+            date_utc: machine::date_utc(),
+            commit: machine::commit(&workspace_dir()),
+            mode: if args.quick { "quick" } else { "full" }.into(),
+            machine: machine::describe(ws.root()),
+            loopvol_binary: launch.bin.display().to_string(),
+            loopvol_args: launch.extra_args.clone(),
+            tools: machine::tool_versions(),
+            sections: sections.clone(),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    if fio::engine() != "libaio" && wants("datapath") {
+        results.notes.push(
+            "fio has no libaio engine here: the data path ran with psync (queue depth 1).".into(),
+        );
+    }
+
+    eprintln!("footprint: start-to-ready on an empty pool");
+    let start_empty = footprint::start_times(launch, ws, plan.start_repetitions).await?;
+
+    let main_dir = ws.subdir("main")?;
+    let (mut drv, _) = Driver::start(
+        launch,
+        &main_dir.join("pool"),
+        &main_dir.join("csi.sock"),
+        &args
+            .driver_log
+            .clone()
+            .unwrap_or_else(|| main_dir.join("driver.log")),
+    )
+    .await?;
+    let mut csi = Csi::connect(&drv.socket).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss_idle_bytes = drv.memory()?.rss_bytes;
+
+    if wants("provisioning") {
+        eprintln!("provisioning: CreateVolume / DeleteVolume");
+        match provisioning::run(&plan, ws, launch, &csi).await {
+            Ok(p) => results.provisioning = Some(p),
+            Err(e) => section_failed(&mut results, ws, "provisioning", e),
+        }
+    }
+    if wants("attach") {
+        eprintln!("attach: stage+publish vs floor");
+        match attach::run(&plan, ws, &csi).await {
+            Ok(a) => results.attach = Some(a),
+            Err(e) => section_failed(&mut results, ws, "attach", e),
+        }
+    }
+    if wants("datapath") {
+        eprintln!("data path: fio");
+        match datapath::run(&plan, ws, &csi).await {
+            Ok(d) => results.data_path = Some(d),
+            Err(e) => section_failed(&mut results, ws, "data path", e),
+        }
+    }
+    if wants("scale") {
+        eprintln!("scale: {} volumes", plan.scale_volumes);
+        match scale::run(&plan, ws, &mut drv, &mut csi).await {
+            Ok(s) => results.scale = Some(s),
+            Err(e) => section_failed(&mut results, ws, "scale", e),
+        }
+    }
+    // The scale section restarts the driver: the peak is the larger of the two processes'.
+    let peak_rss_bytes = drv
+        .memory()
+        .map(|m| m.peak_rss_bytes)
+        .unwrap_or(0)
+        .max(results.scale.as_ref().map_or(0, |s| s.peak_rss_bytes));
+    drv.stop().await?;
+    results.footprint = Some(Footprint {
+        binary_bytes: footprint::binary_bytes(launch),
+        rss_idle_bytes,
+        peak_rss_bytes,
+        start_empty,
+    });
+    results.meta.duration_s = started.elapsed().as_secs_f64();
+    Ok(results)
+}
