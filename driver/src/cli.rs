@@ -123,7 +123,7 @@ pub struct PoolArgs {
     #[arg(long, env = "LOOPVOL_NODE_ID")]
     pub node_id: Option<String>,
     /// How far thin volumes may overcommit the pool's free space (1.0 = never).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = parse_overcommit_ratio)]
     pub overcommit_ratio: f64,
 }
 
@@ -234,6 +234,21 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{s:?} is too large"))
 }
 
+/// An overcommit ratio is a finite number ≥ 1: below 1 the pool would refuse space it has, and
+/// NaN or infinity would make every capacity figure meaningless.
+pub fn parse_overcommit_ratio(s: &str) -> Result<f64, String> {
+    let r: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number like 1.5"))?;
+    if !r.is_finite() || r < 1.0 {
+        return Err(format!(
+            "overcommit ratio must be a finite number of at least 1.0, not {s}"
+        ));
+    }
+    Ok(r)
+}
+
 impl PoolArgs {
     pub fn node_id(&self) -> String {
         self.node_id.clone().unwrap_or_else(|| {
@@ -258,6 +273,16 @@ mod tests {
         assert!(parse_size("1Qi").is_err());
         assert!(parse_size("abc").is_err());
         assert!(parse_size("99999999999999Ti").is_err());
+    }
+
+    #[test]
+    fn overcommit_ratios() {
+        assert_eq!(parse_overcommit_ratio("1").unwrap(), 1.0);
+        assert_eq!(parse_overcommit_ratio("2.5").unwrap(), 2.5);
+        for bad in ["0.5", "-1", "NaN", "inf", "", "two"] {
+            assert!(parse_overcommit_ratio(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(Cli::try_parse_from(["loopvol", "serve", "--overcommit-ratio", "0"]).is_err());
     }
 
     #[test]

@@ -25,7 +25,7 @@ pub struct DoctorArgs {
     #[arg(long, default_value = "/var/lib/kubelet")]
     pub kubelet_dir: PathBuf,
     /// The driver's --overcommit-ratio, for the free space check.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = crate::cli::parse_overcommit_ratio)]
     pub overcommit_ratio: f64,
     /// Filesystems to check tools for (the ones your StorageClasses use).
     #[arg(

@@ -20,7 +20,7 @@ pub struct StatusArgs {
     #[arg(long, default_value = "/var/lib/loopvol", env = "LOOPVOL_POOL_DIR")]
     pub pool_dir: PathBuf,
     /// The driver's --overcommit-ratio, to compute how much can still be promised.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = crate::cli::parse_overcommit_ratio)]
     pub overcommit_ratio: f64,
     #[arg(long, value_enum, default_value_t)]
     pub output: Output,
