@@ -302,3 +302,55 @@ pub fn rdev_of(path: &Path) -> Option<u64> {
         .filter(|m| m.file_type().is_block_device())
         .map(|m| m.rdev())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Root-only: a real loop device over a real sparse file, found again by its remembered
+    /// device (one sysfs read) and by a scan, and never mistaken for another file's device.
+    #[test]
+    fn finds_its_device_by_hint_and_by_scan() {
+        if !nix::unistd::geteuid().is_root() {
+            assert!(
+                std::env::var("LOOPVOL_REQUIRE_ROOT").as_deref() != Ok("1"),
+                "needs root, and LOOPVOL_REQUIRE_ROOT forbids skipping"
+            );
+            eprintln!("SKIP finds_its_device_by_hint_and_by_scan: needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let (image, other) = (dir.path().join("a.img"), dir.path().join("b.img"));
+        for f in [&image, &other] {
+            File::create(f).unwrap().set_len(8 << 20).unwrap();
+        }
+        let att = attach(&image, false, true).unwrap();
+        // Detach even when an assertion fails.
+        struct Detach(PathBuf);
+        impl Drop for Detach {
+            fn drop(&mut self) {
+                let _ = detach(&self.0);
+            }
+        }
+        let _guard = Detach(att.device.clone());
+        assert!(att.created);
+        let hinted = backing::loop_if_backed_by(&att.device, &image).expect("hint");
+        assert_eq!(hinted.device, att.device);
+        assert_eq!(hinted.direct_io, att.direct_io);
+        assert_eq!(backing::loops_backed_by(&image), vec![hinted]);
+        assert_eq!(backing::loop_if_backed_by(&att.device, &other), None);
+        assert_eq!(
+            backing::loop_if_backed_by(Path::new("/dev/sda"), &image),
+            None
+        );
+        assert_eq!(
+            backing::loop_if_backed_by(Path::new("/dev/../etc/loop0"), &image),
+            None
+        );
+        // A second attach reuses the device instead of making another.
+        assert!(!attach(&image, false, true).unwrap().created);
+        detach(&att.device).unwrap();
+        assert_eq!(backing::loop_if_backed_by(&att.device, &image), None);
+        assert!(backing::loops_backed_by(&image).is_empty());
+    }
+}
