@@ -106,8 +106,48 @@ pub fn canonical(path: &Path) -> PathBuf {
 
 /// The topmost mount at exactly `path`, if any.
 pub fn mount_at(path: &Path) -> Result<Option<MountEntry>> {
+    if is_mount_root(path) == Some(false) {
+        return Ok(None);
+    }
+    Ok(topmost_at(&mounts()?, path))
+}
+
+/// The topmost entry of `all` mounted at exactly `path`.
+pub fn topmost_at(all: &[MountEntry], path: &Path) -> Option<MountEntry> {
     let want = canonical(path);
-    Ok(mounts()?.into_iter().rev().find(|m| m.mount_point == want))
+    all.iter().rev().find(|m| m.mount_point == want).cloned()
+}
+
+/// Whether `path` is the root of a mount, from statx's STATX_ATTR_MOUNT_ROOT (Linux 5.8+);
+/// `None` when the kernel cannot say (older kernel, or the path cannot be stat'ed, e.g. a dead
+/// FUSE mount), and then callers read mountinfo. The common question "is anything mounted on
+/// this fresh target?" is thus one syscall instead of parsing a mount table that holds two
+/// entries per published volume. The classic st_dev-vs-parent test is no substitute: a bind
+/// mount of the same filesystem has its parent's st_dev.
+pub fn is_mount_root(path: &Path) -> Option<bool> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: `c` is a valid NUL-terminated path and `buf` a properly sized, writable statx
+    // buffer that the kernel fills; nothing is retained after the call.
+    let mut buf: libc::statx = unsafe { std::mem::zeroed() };
+    let rc = unsafe {
+        libc::statx(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            libc::AT_STATX_SYNC_AS_STAT,
+            libc::STATX_BASIC_STATS,
+            &mut buf,
+        )
+    };
+    if rc != 0 {
+        return match io::Error::last_os_error().raw_os_error() {
+            // Nothing at the path, so nothing can be mounted there.
+            Some(libc::ENOENT) | Some(libc::ENOTDIR) => Some(false),
+            _ => None,
+        };
+    }
+    let bit = libc::STATX_ATTR_MOUNT_ROOT as u64;
+    (buf.stx_attributes_mask & bit != 0).then_some(buf.stx_attributes & bit != 0)
 }
 
 /// Mount a filesystem from `device` on `target`.
@@ -218,6 +258,16 @@ mod tests {
         assert!(!m[0].read_only());
         assert_eq!(m[1].source, "/dev/loop3");
         assert!(m[1].read_only() && m[1].fs_read_only());
+    }
+
+    #[test]
+    fn knows_mount_roots_without_the_table() {
+        assert_eq!(is_mount_root(Path::new("/")), Some(true));
+        assert_eq!(is_mount_root(Path::new("/proc")), Some(true));
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(is_mount_root(dir.path()), Some(false));
+        assert_eq!(is_mount_root(&dir.path().join("missing")), Some(false));
+        assert_eq!(mount_at(dir.path()).unwrap(), None);
     }
 
     #[test]

@@ -84,17 +84,25 @@ fn ensure_volume_at(d: &Driver, vol: &Vol, path: &Path) -> Result<()> {
             path.display()
         ))
     };
-    let device = current_loop(vol).ok_or_else(not_here)?.device;
+    let record = node_state::load(&d.pool.node_state_dir(), &vol.hex)?;
+    let device = current_loop(vol, record.as_ref().map(|s| s.device.as_path()))
+        .ok_or_else(not_here)?
+        .device;
     if let Some(rdev) = loop_device::rdev_of(path) {
         return (loop_device::rdev_of(&device) == Some(rdev))
             .then_some(())
             .ok_or_else(not_here);
     }
-    let Some(at) = mount::mount_at(path)? else {
+    if mount::is_mount_root(path) == Some(false) {
+        return Err(not_here());
+    }
+    // kubelet asks for stats of every volume every minute: one read of the mount table each.
+    let all = mount::mounts()?;
+    let Some(at) = mount::topmost_at(&all, path) else {
         return Err(not_here());
     };
-    let staged = node_state::load(&d.pool.node_state_dir(), &vol.hex)?
-        .and_then(|s| mount::mount_at(&s.staging_path).ok().flatten())
+    let staged = record
+        .and_then(|s| mount::topmost_at(&all, &s.staging_path))
         .filter(|m| Path::new(&m.source) == device)
         .ok_or_else(not_here)?;
     ((at.major, at.minor) == (staged.major, staged.minor))
@@ -121,14 +129,25 @@ fn staged_access(cap: &Checked, record: &VolumeRecord) -> StagedAccess {
     }
 }
 
-/// The loop device currently backed by the volume's image, if any.
-fn current_loop(vol: &Vol) -> Option<backing::LoopInfo> {
-    backing::loops_backed_by(&vol.image).into_iter().next()
+/// The loop device currently backed by the volume's image, if any. `hint` is the device the
+/// staging record remembers: checking it is one sysfs read, where a scan reads every loop
+/// device on the machine (thousands of reads on a full node, on every publish and unpublish).
+fn current_loop(vol: &Vol, hint: Option<&Path>) -> Option<backing::LoopInfo> {
+    hint.and_then(|dev| backing::loop_if_backed_by(dev, &vol.image))
+        .or_else(|| backing::loops_backed_by(&vol.image).into_iter().next())
+}
+
+/// The device this node's staging record remembers for the volume, if any.
+fn remembered_device(d: &Driver, vol: &Vol) -> Option<PathBuf> {
+    node_state::load(&d.pool.node_state_dir(), &vol.hex)
+        .ok()
+        .flatten()
+        .map(|s| s.device)
 }
 
 /// Is the staging described by `s` still real (device attached, filesystem mounted)?
 fn still_staged(vol: &Vol, s: &Staged) -> Result<bool> {
-    let Some(l) = current_loop(vol) else {
+    let Some(l) = current_loop(vol, Some(&s.device)) else {
         return Ok(false);
     };
     Ok(match s.access {
@@ -157,7 +176,18 @@ pub fn stage(d: &Driver, id: &str, staging: &Path, cap: &Checked) -> Result<()> 
         device: PathBuf::new(),
     };
     let state_dir = d.pool.node_state_dir();
-    if let Some(prev) = node_state::load(&state_dir, &vol.hex)? {
+    // A record whose staging is gone (the node rebooted, or the record outlived its unstage
+    // through a power cut) describes nothing and must not block a new stage.
+    let prev = node_state::load(&state_dir, &vol.hex)?;
+    let prev = match prev {
+        Some(p) if still_staged(&vol, &p)? => Some(p),
+        Some(p) => {
+            tracing::info!(volume_id = id, staged_at = %p.staging_path.display(), "staging record found but the volume is no longer attached or mounted (reboot?); staging again");
+            None
+        }
+        None => None,
+    };
+    if let Some(prev) = prev {
         if prev.staging_path != want.staging_path {
             return Err(Error::FailedPrecondition(format!(
                 "volume {id} is already staged at {}",
@@ -172,10 +202,7 @@ pub fn stage(d: &Driver, id: &str, staging: &Path, cap: &Checked) -> Result<()> 
                 prev.read_only
             )));
         }
-        if still_staged(&vol, &prev)? {
-            return Ok(());
-        }
-        tracing::info!(volume_id = id, "staging record found but the volume is no longer attached or mounted (reboot?); staging again");
+        return Ok(());
     }
 
     if let Access::Mount { flags, .. } = &cap.access {
@@ -383,7 +410,11 @@ pub fn unstage(d: &Driver, id: &str, staging: &Path) -> Result<()> {
         }
         mount::unmount(staging)?;
     }
-    loop_device::detach_all(&vol.image)?;
+    // Every device the scan above found (normally one): unstage leaks none, even one
+    // attached by hand.
+    for l in &loops {
+        loop_device::detach(&l.device)?;
+    }
     node_state::remove(&state_dir, &vol.hex)?;
     tracing::info!(volume_id = id, staging = %staging.display(), "volume unstaged");
     Ok(())
@@ -407,7 +438,7 @@ pub fn publish(
                 staging.display()
             ))
         })?;
-    let Some(l) = current_loop(&vol) else {
+    let Some(l) = current_loop(&vol, Some(&state.device)) else {
         return Err(Error::FailedPrecondition(format!(
             "volume {id} is not attached on this node (rebooted?); stage it again"
         )));
@@ -415,13 +446,15 @@ pub fn publish(
     let read_only = readonly || cap.read_only();
     match (&cap.access, &state.access) {
         (Access::Mount { flags, .. }, StagedAccess::Mount { .. }) => {
-            let staged = mount::mount_at(staging)?.ok_or_else(|| {
+            // One read of the mount table for the whole check.
+            let all = mount::mounts()?;
+            let staged = mount::topmost_at(&all, staging).ok_or_else(|| {
                 Error::FailedPrecondition(format!(
                     "staging path {} is not mounted; stage volume {id} again",
                     staging.display()
                 ))
             })?;
-            if let Some(m) = mount::mount_at(target)? {
+            if let Some(m) = mount::topmost_at(&all, target) {
                 if (m.major, m.minor) == (staged.major, staged.minor) && m.read_only() == read_only
                 {
                     return Ok(());
@@ -431,7 +464,6 @@ pub fn publish(
                     target.display()
                 )));
             }
-            let all = mount::mounts()?;
             single_writer_check(cap, id, other_mounts_of(&all, &staged))?;
             std::fs::create_dir_all(target)
                 .map_err(|e| Error::io(format!("create {}", target.display()), e))?;
@@ -495,7 +527,7 @@ fn single_writer_check(cap: &Checked, id: &str, published: Vec<PathBuf>) -> Resu
 pub fn unpublish(d: &Driver, id: &str, target: &Path) -> Result<()> {
     let vol = volume(d, id)?;
     let _g = hold(d, &vol)?;
-    let loop_dev = current_loop(&vol).map(|l| l.device);
+    let loop_dev = current_loop(&vol, remembered_device(d, &vol).as_deref()).map(|l| l.device);
     for _ in 0..8 {
         let Some(m) = mount::mount_at(target)? else {
             break;
@@ -570,7 +602,7 @@ pub fn expand(d: &Driver, id: &str, path: &str, block_hint: bool) -> Result<u64>
     let vol = volume(d, id)?;
     let _g = hold(d, &vol)?;
     let path = volume_path(path)?;
-    let l = current_loop(&vol).ok_or_else(|| {
+    let l = current_loop(&vol, remembered_device(d, &vol).as_deref()).ok_or_else(|| {
         Error::FailedPrecondition(format!("volume {id} is not staged on this node"))
     })?;
     ensure_volume_at(d, &vol, &path)?;
@@ -591,7 +623,7 @@ pub fn volume_health(d: &Driver, id: &str) -> Result<VolumeHealth> {
     let vol = volume(d, id)?;
     let mut statuses = health::pool_findings(&d.pool, &vol.record);
     if let Some(s) = node_state::load(&d.pool.node_state_dir(), &vol.hex)? {
-        match current_loop(&vol) {
+        match current_loop(&vol, Some(&s.device)) {
             None => statuses.push(entry(
                 VolumeHealthErrorType::Inaccessible,
                 "LoopDeviceDetached",
@@ -648,9 +680,14 @@ pub fn volume_health(d: &Driver, id: &str) -> Result<VolumeHealth> {
 pub fn recover(d: &Driver) -> Vec<String> {
     let mut report = Vec::new();
     let state_dir = d.pool.node_state_dir();
+    // One scan for all records: a scan per record is a million sysfs reads at a thousand.
+    let pool_loops = backing::loops_under(d.pool.dir());
     for (hex, s) in node_state::all(&state_dir) {
-        let image = d.pool.image_path(&hex);
-        let attached = backing::loops_backed_by(&image);
+        let image = mount::canonical(&d.pool.image_path(&hex));
+        let attached: Vec<_> = pool_loops
+            .iter()
+            .filter(|l| !l.backing_deleted && l.backing_file == image)
+            .collect();
         match attached.first() {
             Some(l) => report.push(format!("{} staged at {} on {}", s.volume_id, s.staging_path.display(), l.device.display())),
             None => report.push(format!(
@@ -661,7 +698,7 @@ pub fn recover(d: &Driver) -> Vec<String> {
         }
     }
     let mounts = mount::mounts().unwrap_or_default();
-    for l in backing::loops_under(d.pool.dir()) {
+    for l in pool_loops {
         let exists = l.backing_file.exists() && !l.backing_deleted;
         if exists {
             continue;
