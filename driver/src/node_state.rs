@@ -33,22 +33,31 @@ fn path(dir: &Path, hex: &str) -> PathBuf {
 
 pub fn load(dir: &Path, hex: &str) -> Result<Option<Staged>> {
     match std::fs::read(path(dir, hex)) {
-        Ok(bytes) => serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|e| Error::Internal(format!("staging record of {hex} is unreadable: {e}"))),
+        // Records are written without fsync (see `save`), so after a power cut one may be
+        // empty or torn. Then nothing is staged anyway (loop devices and mounts die with the
+        // machine): the record is treated as absent, and a new stage replaces it.
+        Ok(bytes) => Ok(serde_json::from_slice(&bytes)
+            .inspect_err(|e| {
+                tracing::warn!(record = hex, error = %e, "unreadable staging record ignored");
+            })
+            .ok()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(Error::io(format!("read staging record of {hex}"), e)),
     }
 }
 
+/// Atomic (a killed driver leaves the old or the new record) but not durable: what a record
+/// describes, an attached loop device and a mount, does not survive a power cut either, so
+/// the fsyncs would buy nothing and cost a tenth of a NodeStage.
 pub fn save(dir: &Path, hex: &str, s: &Staged) -> Result<()> {
     let bytes = serde_json::to_vec_pretty(s).expect("staging records serialise");
-    atomic::write_file(&path(dir, hex), &bytes)
+    atomic::write_file_unsynced(&path(dir, hex), &bytes)
         .map_err(|e| Error::io(format!("write staging record of {hex}"), e))
 }
 
 pub fn remove(dir: &Path, hex: &str) -> Result<()> {
-    atomic::remove_file(&path(dir, hex))
+    atomic::remove_file_unsynced(&path(dir, hex))
+        .map(drop)
         .map_err(|e| Error::io(format!("remove staging record of {hex}"), e))
 }
 

@@ -9,6 +9,19 @@ use std::path::Path;
 
 /// Replace `path` with `data` atomically and durably.
 pub fn write_file(path: &Path, data: &[u8]) -> io::Result<()> {
+    write(path, data, true)
+}
+
+/// Replace `path` with `data` atomically, without the fsyncs: a crash of the process leaves
+/// the old or the new version (the page cache survives it), a power cut may leave either, or
+/// nothing, or an empty file. Only for records of state that itself dies with the machine
+/// (what the node staged: loop devices and mounts), whose readers treat a damaged record as
+/// absent. Two fsyncs are a millisecond or more on most disks, a tenth of a NodeStage.
+pub fn write_file_unsynced(path: &Path, data: &[u8]) -> io::Result<()> {
+    write(path, data, false)
+}
+
+fn write(path: &Path, data: &[u8], durable: bool) -> io::Result<()> {
     let dir = path
         .parent()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no parent"))?;
@@ -27,9 +40,14 @@ pub fn write_file(path: &Path, data: &[u8]) -> io::Result<()> {
             .mode(0o600)
             .open(&tmp)?;
         f.write_all(data)?;
-        f.sync_all()?;
+        if durable {
+            f.sync_all()?;
+        }
         fs::rename(&tmp, path)?;
-        sync_dir(dir)
+        if durable {
+            sync_dir(dir)?;
+        }
+        Ok(())
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
@@ -39,15 +57,22 @@ pub fn write_file(path: &Path, data: &[u8]) -> io::Result<()> {
 
 /// Remove `path` durably; a file that is already gone is not an error (deletes are idempotent).
 pub fn remove_file(path: &Path) -> io::Result<()> {
-    match fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e),
-    }
-    if let Some(dir) = path.parent() {
-        sync_dir(dir)?;
+    if remove_file_unsynced(path)? {
+        if let Some(dir) = path.parent() {
+            sync_dir(dir)?;
+        }
     }
     Ok(())
+}
+
+/// Remove `path` without syncing its directory (see [`write_file_unsynced`] for when that is
+/// enough). Returns whether there was anything to remove.
+pub fn remove_file_unsynced(path: &Path) -> io::Result<bool> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 /// fsync a directory so that entries created, renamed or removed in it survive a power cut.
