@@ -241,16 +241,6 @@ fn dio_enabled(device: &Path) -> bool {
     std::fs::read_to_string(sysfs_dir(device).join("loop/dio")).is_ok_and(|s| s.trim() == "1")
 }
 
-/// Flush and detach every loop device backed by `file`. Returns the devices detached.
-pub fn detach_all(file: &Path) -> Result<Vec<PathBuf>> {
-    let mut done = Vec::new();
-    for l in backing::loops_backed_by(file) {
-        detach(&l.device)?;
-        done.push(l.device);
-    }
-    Ok(done)
-}
-
 /// Flush dirty blocks to the backing file, then detach. If something still holds the device
 /// open the kernel defers the detach to the last close (autoclear); we wait briefly for it.
 pub fn detach(device: &Path) -> Result<()> {

@@ -76,7 +76,8 @@ fn volume_path(s: &str) -> Result<PathBuf> {
 
 /// Is `path` where this volume is staged or published (its filesystem, or its device node)?
 /// Another volume's path is NOT_FOUND, so stats and expansion never act on the wrong volume.
-fn ensure_volume_at(d: &Driver, vol: &Vol, path: &Path) -> Result<()> {
+/// `record` is the volume's staging record, which the caller has already read.
+fn ensure_volume_at(vol: &Vol, record: Option<&Staged>, path: &Path) -> Result<()> {
     let not_here = || {
         Error::NotFound(format!(
             "volume {} is not staged or published at {}",
@@ -84,8 +85,7 @@ fn ensure_volume_at(d: &Driver, vol: &Vol, path: &Path) -> Result<()> {
             path.display()
         ))
     };
-    let record = node_state::load(&d.pool.node_state_dir(), &vol.hex)?;
-    let device = current_loop(vol, record.as_ref().map(|s| s.device.as_path()))
+    let device = current_loop(vol, record.map(|s| s.device.as_path()))
         .ok_or_else(not_here)?
         .device;
     if let Some(rdev) = loop_device::rdev_of(path) {
@@ -562,7 +562,9 @@ pub fn unpublish(d: &Driver, id: &str, target: &Path) -> Result<()> {
 pub fn stats(d: &Driver, id: &str, path: &str) -> Result<Vec<VolumeUsage>> {
     let vol = volume(d, id)?;
     let path = &volume_path(path)?;
-    ensure_volume_at(d, &vol, path)?;
+    let record = node_state::load(&d.pool.node_state_dir(), &vol.hex)?;
+    // Also proves that `path` is a mount point of this volume, or its device node.
+    ensure_volume_at(&vol, record.as_ref(), path)?;
     if loop_device::rdev_of(path).is_some() {
         let total = loop_device::size_of(path)? as i64;
         return Ok(vec![VolumeUsage {
@@ -571,12 +573,6 @@ pub fn stats(d: &Driver, id: &str, path: &str) -> Result<Vec<VolumeUsage>> {
             used: 0,
             unit: Unit::Bytes as i32,
         }]);
-    }
-    if mount::mount_at(path)?.is_none() {
-        return Err(Error::NotFound(format!(
-            "{} is not a mount point of volume {id}",
-            path.display()
-        )));
     }
     let st = nix::sys::statvfs::statvfs(path)
         .map_err(|e| Error::io(format!("statvfs {}", path.display()), e))?;
@@ -602,12 +598,12 @@ pub fn expand(d: &Driver, id: &str, path: &str, block_hint: bool) -> Result<u64>
     let vol = volume(d, id)?;
     let _g = hold(d, &vol)?;
     let path = volume_path(path)?;
-    let l = current_loop(&vol, remembered_device(d, &vol).as_deref()).ok_or_else(|| {
+    let state = node_state::load(&d.pool.node_state_dir(), &vol.hex)?;
+    let l = current_loop(&vol, state.as_ref().map(|s| s.device.as_path())).ok_or_else(|| {
         Error::FailedPrecondition(format!("volume {id} is not staged on this node"))
     })?;
-    ensure_volume_at(d, &vol, &path)?;
+    ensure_volume_at(&vol, state.as_ref(), &path)?;
     let size = loop_device::refresh_capacity(&l.device)?;
-    let state = node_state::load(&d.pool.node_state_dir(), &vol.hex)?;
     match state.map(|s| (s.access, s.staging_path)) {
         Some((StagedAccess::Mount { fs_type, .. }, staging)) if !block_hint => {
             format::grow(fs_type, &l.device, &staging)?;
