@@ -85,6 +85,79 @@ async fn identity_reports_name_capabilities_and_readiness() {
         !rpcs.contains(&(R::PublishUnpublishVolume as i32)),
         "no attach step"
     );
+    for opt_in in [R::GetSnapshot, R::GetVolumeHealth, R::ListVolumeHealth] {
+        assert!(
+            !rpcs.contains(&(opt_in as i32)),
+            "{opt_in:?} is unknown to released clients and must be opt-in"
+        );
+    }
+}
+
+/// The controller and node capability values as one process advertises them.
+async fn advertised(d: &Driver) -> (HashSet<i32>, HashSet<i32>) {
+    let mut c = d.controller().await;
+    let mut n = d.node().await;
+    let ctrl = c
+        .controller_get_capabilities(ControllerGetCapabilitiesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .capabilities
+        .into_iter()
+        .filter_map(|c| c.r#type)
+        .map(|controller_service_capability::Type::Rpc(r)| r.r#type)
+        .collect();
+    let node = n
+        .node_get_capabilities(NodeGetCapabilitiesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .capabilities
+        .into_iter()
+        .filter_map(|c| c.r#type)
+        .map(|node_service_capability::Type::Rpc(r)| r.r#type)
+        .collect();
+    (ctrl, node)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn newer_capabilities_are_advertised_only_when_asked_for() {
+    if !root_or_skip("opt_in_capabilities") {
+        return;
+    }
+    use controller_service_capability::rpc::Type as C;
+    use node_service_capability::rpc::Type as N;
+    let plain = Driver::start().await;
+    let (base_c, base_n) = advertised(&plain).await;
+    let d = Driver::start_with(&["--advertise-capabilities", "volume-health,get-snapshot"]).await;
+    let (c, n) = advertised(&d).await;
+    let added_c: HashSet<i32> = c.difference(&base_c).copied().collect();
+    let added_n: HashSet<i32> = n.difference(&base_n).copied().collect();
+    assert_eq!(
+        added_c,
+        HashSet::from([
+            C::GetSnapshot as i32,
+            C::GetVolumeHealth as i32,
+            C::ListVolumeHealth as i32
+        ])
+    );
+    assert_eq!(
+        added_n,
+        HashSet::from([N::GetVolumeHealth as i32, N::GetStorageHealth as i32])
+    );
+    assert!(base_c.is_subset(&c) && base_n.is_subset(&n));
+    // The RPCs answer without the advertisement too.
+    let mut pc = plain.controller().await;
+    pc.controller_list_volume_health(ControllerListVolumeHealthRequest::default())
+        .await
+        .expect("ListVolumeHealth is served even when not advertised");
+    // An unknown group name is refused at start-up.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_loopvol"))
+        .args(["serve", "--advertise-capabilities", "volume-condition"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("volume-condition"));
 }
 
 #[tokio::test(flavor = "multi_thread")]

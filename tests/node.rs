@@ -473,13 +473,15 @@ async fn node_requests_are_validated() {
                 .map(|node_service_capability::Type::Rpc(r)| r.r#type)
         })
         .collect();
-    for want in [
-        R::StageUnstageVolume,
-        R::GetVolumeStats,
-        R::ExpandVolume,
-        R::GetVolumeHealth,
-    ] {
+    for want in [R::StageUnstageVolume, R::GetVolumeStats, R::ExpandVolume] {
         assert!(have.contains(&(want as i32)), "{want:?}");
+    }
+    // CSI v1.13 values are opt-in: released clients (spec v1.12) cannot name them.
+    for opt_in in [R::GetVolumeHealth, R::GetStorageHealth] {
+        assert!(
+            !have.contains(&(opt_in as i32)),
+            "{opt_in:?} advertised by default"
+        );
     }
     assert!(
         !have.contains(&(R::VolumeMountGroup as i32)),

@@ -158,6 +158,10 @@ pub struct ServeArgs {
     /// Serve /metrics (Prometheus), /healthz and /readyz over HTTP here; off when not given.
     #[arg(long, value_name = "ADDR:PORT", env = "LOOPVOL_METRICS_ADDRESS")]
     pub metrics_address: Option<std::net::SocketAddr>,
+    /// Also advertise capability groups that the released sidecars and csi-test v5.4 cannot
+    /// name: `volume-health` (CSI v1.13), `get-snapshot`. Their RPCs are served either way.
+    #[arg(long, value_enum, value_delimiter = ',', value_name = "LIST")]
+    pub advertise_capabilities: Vec<crate::advertise::Extra>,
     #[command(flatten)]
     pub multi: MultiNodeArgs,
 }

@@ -12,9 +12,10 @@ use provisioner::size::MAX_SIZE;
 use provisioner::{PoolError, VolumeId};
 use tonic::{Request, Response, Status};
 
+use crate::advertise::Advertised;
 use crate::capability::{self, Access};
 use crate::csi::controller_server::Controller;
-use crate::csi::controller_service_capability::{rpc, Rpc, Type as CapType};
+use crate::csi::controller_service_capability::{Rpc, Type as CapType};
 use crate::csi::*;
 use crate::error::{required, Error, Result};
 use crate::health;
@@ -31,22 +32,6 @@ impl ControllerService {
         Self { driver }
     }
 }
-
-/// The capabilities we implement completely; nothing here is advertised ahead of its code.
-const CAPABILITIES: &[rpc::Type] = &[
-    rpc::Type::CreateDeleteVolume,
-    rpc::Type::ListVolumes,
-    rpc::Type::GetCapacity,
-    rpc::Type::GetVolume,
-    rpc::Type::GetVolumeHealth,
-    rpc::Type::ListVolumeHealth,
-    rpc::Type::SingleNodeMultiWriter,
-    rpc::Type::ExpandVolume,
-    rpc::Type::CreateDeleteSnapshot,
-    rpc::Type::ListSnapshots,
-    rpc::Type::GetSnapshot,
-    rpc::Type::CloneVolume,
-];
 
 pub fn topology(node: &str) -> Topology {
     Topology {
@@ -151,12 +136,13 @@ fn check_snapshot_parameters(parameters: &HashMap<String, String>) -> Result<()>
 }
 
 /// ControllerGetCapabilities' answer, shared with the router (which offers the same).
-pub fn capabilities() -> ControllerGetCapabilitiesResponse {
+pub fn capabilities(advertised: &Advertised) -> ControllerGetCapabilitiesResponse {
     ControllerGetCapabilitiesResponse {
-        capabilities: CAPABILITIES
-            .iter()
+        capabilities: advertised
+            .controller()
+            .into_iter()
             .map(|t| ControllerServiceCapability {
-                r#type: Some(CapType::Rpc(Rpc { r#type: *t as i32 })),
+                r#type: Some(CapType::Rpc(Rpc { r#type: t as i32 })),
             })
             .collect(),
     }
@@ -383,7 +369,7 @@ impl Controller for ControllerService {
         &self,
         _req: Request<ControllerGetCapabilitiesRequest>,
     ) -> Result<Response<ControllerGetCapabilitiesResponse>, Status> {
-        Ok(Response::new(capabilities()))
+        Ok(Response::new(capabilities(&self.driver.advertised)))
     }
 
     #[tracing::instrument(skip_all, name = "CreateSnapshot", fields(name = %req.get_ref().name, volume_id = %req.get_ref().source_volume_id))]

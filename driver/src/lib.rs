@@ -3,6 +3,7 @@
 //! and tools can reuse the generated CSI types and client.
 
 pub mod admin;
+pub mod advertise;
 pub mod capability;
 pub mod certs;
 pub mod cli;

@@ -6,7 +6,7 @@ use tonic::{Request, Response, Status};
 
 use crate::capability::{self, Access};
 use crate::csi::node_server::Node;
-use crate::csi::node_service_capability::{rpc, Rpc, Type as CapType};
+use crate::csi::node_service_capability::{Rpc, Type as CapType};
 use crate::csi::*;
 use crate::error::{required, Error};
 use crate::node_ops::{self, check_path};
@@ -21,15 +21,6 @@ impl NodeService {
         Self { driver }
     }
 }
-
-const CAPABILITIES: &[rpc::Type] = &[
-    rpc::Type::StageUnstageVolume,
-    rpc::Type::GetVolumeStats,
-    rpc::Type::ExpandVolume,
-    rpc::Type::SingleNodeMultiWriter,
-    rpc::Type::GetVolumeHealth,
-    rpc::Type::GetStorageHealth,
-];
 
 fn capability_of(cap: Option<&VolumeCapability>) -> Result<capability::Checked, Error> {
     capability::check(
@@ -206,10 +197,13 @@ impl Node for NodeService {
         &self,
         _req: Request<NodeGetCapabilitiesRequest>,
     ) -> Result<Response<NodeGetCapabilitiesResponse>, Status> {
-        let capabilities = CAPABILITIES
-            .iter()
+        let capabilities = self
+            .driver
+            .advertised
+            .node()
+            .into_iter()
             .map(|t| NodeServiceCapability {
-                r#type: Some(CapType::Rpc(Rpc { r#type: *t as i32 })),
+                r#type: Some(CapType::Rpc(Rpc { r#type: t as i32 })),
             })
             .collect();
         Ok(Response::new(NodeGetCapabilitiesResponse { capabilities }))

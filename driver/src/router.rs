@@ -14,6 +14,7 @@ use provisioner::VolumeId;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Request, Response, Status};
 
+use crate::advertise::Advertised;
 use crate::controller_service::capabilities;
 use crate::csi::controller_client::ControllerClient;
 use crate::csi::controller_server::Controller;
@@ -104,11 +105,12 @@ pub fn parse_endpoints(spec: &str) -> anyhow::Result<BTreeMap<String, String>> {
 
 pub struct Router {
     dir: Arc<NodeDirectory>,
+    advertised: Advertised,
 }
 
 impl Router {
-    pub fn new(dir: Arc<NodeDirectory>) -> Self {
-        Router { dir }
+    pub fn new(dir: Arc<NodeDirectory>, advertised: Advertised) -> Self {
+        Router { dir, advertised }
     }
 
     fn for_volume(&self, id: &str) -> Option<Result<ControllerClient<Channel>, Status>> {
@@ -454,7 +456,7 @@ impl Controller for Router {
         &self,
         _req: Request<ControllerGetCapabilitiesRequest>,
     ) -> Result<Response<ControllerGetCapabilitiesResponse>, Status> {
-        Ok(Response::new(capabilities()))
+        Ok(Response::new(capabilities(&self.advertised)))
     }
 
     #[tracing::instrument(skip_all, name = "CreateSnapshot", fields(source = %req.get_ref().source_volume_id))]

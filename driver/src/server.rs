@@ -11,6 +11,7 @@ use tokio::net::UnixListener;
 use tokio::sync::Semaphore;
 use tokio_stream::wrappers::UnixListenerStream;
 
+use crate::advertise::Advertised;
 use crate::cli::{Mode, ServeArgs};
 use crate::controller_service::ControllerService;
 use crate::csi::controller_server::ControllerServer;
@@ -26,6 +27,8 @@ pub struct Driver {
     pub driver_name: String,
     pub mode: Mode,
     pub max_volumes_per_node: i64,
+    /// The optional capabilities this process advertises.
+    pub advertised: Advertised,
     ops: Semaphore,
 }
 
@@ -170,7 +173,10 @@ where
             true,
             None,
         )))
-        .add_service(ControllerServer::new(crate::router::Router::new(dir)));
+        .add_service(ControllerServer::new(crate::router::Router::new(
+            dir,
+            Advertised::new(&args.advertise_capabilities),
+        )));
     let metrics = crate::metrics::http::Sources::without_pool();
     let _metrics = crate::metrics::http::start_if(args.metrics_address, metrics).await?;
     serve_socket(&args.endpoint, routes.routes(), stopped()).await
@@ -206,6 +212,7 @@ where
         driver_name: args.driver_name.clone(),
         mode: args.mode,
         max_volumes_per_node: args.max_volumes_per_node,
+        advertised: Advertised::new(&args.advertise_capabilities),
         ops: Semaphore::new(args.max_concurrent_ops),
     });
     if matches!(args.mode, Mode::Node | Mode::All) {
