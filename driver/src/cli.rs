@@ -20,7 +20,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve the CSI gRPC services on a unix socket.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Work on the volumes of a local pool directly (create and delete need the driver
     /// stopped; list and inspect work while it serves the pool).
     #[command(subcommand)]

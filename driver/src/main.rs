@@ -23,7 +23,7 @@ fn main() -> anyhow::Result<()> {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
-            rt.block_on(server::serve(args, server::shutdown_signal()))
+            rt.block_on(server::serve(*args, server::shutdown_signal()))
         }
         Command::Certs { out, namespace } => {
             loopvol::certs::write(&out, &namespace)?;

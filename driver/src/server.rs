@@ -10,6 +10,7 @@ use provisioner::{Pool, PoolOptions};
 use tokio::net::UnixListener;
 use tokio::sync::Semaphore;
 use tokio_stream::wrappers::UnixListenerStream;
+use tokio_stream::StreamExt;
 
 use crate::advertise::Advertised;
 use crate::cli::{Mode, ServeArgs};
@@ -138,7 +139,11 @@ async fn serve_socket(
     let result = tonic::transport::Server::builder()
         .layer(crate::metrics::rpc_layer::RpcMetricsLayer)
         .add_routes(routes)
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), stop)
+        .serve_with_incoming_shutdown(
+            UnixListenerStream::new(listener)
+                .map(|conn| conn.map(crate::unix_authority::AuthorityFix::new)),
+            stop,
+        )
         .await;
     let _ = std::fs::remove_file(&path);
     tracing::info!("loopvol stopped");
