@@ -269,6 +269,11 @@ async fn secrets_never_reach_the_json_log() {
 
 /// A directory holding symlinks to every tool doctor looks for, except `missing`.
 fn path_without(dir: &Path, missing: &str) -> String {
+    path_without_all(dir, &[missing])
+}
+
+/// The same without any of `missing`.
+fn path_without_all(dir: &Path, missing: &[&str]) -> String {
     let tools = [
         "mkfs.ext4",
         "e2fsck",
@@ -281,7 +286,7 @@ fn path_without(dir: &Path, missing: &str) -> String {
     ];
     std::fs::create_dir_all(dir).unwrap();
     let path = std::env::var_os("PATH").unwrap_or_default();
-    for t in tools.iter().filter(|t| **t != missing) {
+    for t in tools.iter().filter(|t| !missing.contains(t)) {
         let real = std::env::split_paths(&path)
             .chain(["/usr/sbin".into(), "/sbin".into()])
             .map(|d| d.join(t))
@@ -290,6 +295,117 @@ fn path_without(dir: &Path, missing: &str) -> String {
         std::os::unix::fs::symlink(real, dir.join(t)).unwrap();
     }
     dir.to_string_lossy().into_owned()
+}
+
+/// The status of a call that must fail because `program` is missing: FAILED_PRECONDITION, and
+/// a message that names the program and the package to install.
+fn assert_missing<T: std::fmt::Debug>(r: Result<T, tonic::Status>, program: &str, package: &str) {
+    let e = r.expect_err("must fail without the tool");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(
+        e.message().contains(program) && e.message().contains(package),
+        "message must name {program} and {package}: {}",
+        e.message()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn missing_tools_are_failed_precondition_naming_the_package() {
+    if !root_or_skip("missing_tools") {
+        return;
+    }
+    let bin = tempfile::Builder::new()
+        .prefix("loopvol-test-bin-")
+        .tempdir()
+        .unwrap();
+    let path = path_without_all(bin.path(), &["blkid", "xfs_growfs", "mkfs.btrfs", "btrfs"]);
+    let d = Driver::start_with_env(&[], &[("PATH", &path)]).await;
+    let mut c = d.controller().await;
+    let mut n = d.node().await;
+
+    // A blank btrfs volume could never be formatted here: refused before anything is made.
+    let r = c
+        .create_volume(create_req("no-btrfs", 256 * MIB, rw_mount("btrfs")))
+        .await;
+    assert_missing(r, "mkfs.btrfs", "btrfs-progs");
+    let listed = c
+        .list_volumes(ListVolumesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.entries.is_empty(), "{listed:?}");
+    let files: Vec<_> = std::fs::read_dir(d.pool.join("volumes"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(files.is_empty(), "CreateVolume left {files:?}");
+
+    // ext4: a never-written volume is formatted without asking blkid; a second stage must
+    // probe it, and that needs blkid.
+    let id = c
+        .create_volume(create_req("no-blkid", 64 * MIB, rw_mount("ext4")))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    let staging = d.path("staging-ext4");
+    n.node_stage_volume(stage_req(&id, &staging)).await.unwrap();
+    std::fs::write(staging.join("kept"), b"data").unwrap();
+    let unstage = |id: &str, staging: &Path| NodeUnstageVolumeRequest {
+        volume_id: id.into(),
+        staging_target_path: staging.to_string_lossy().into(),
+    };
+    n.node_unstage_volume(unstage(&id, &staging)).await.unwrap();
+    assert_missing(
+        n.node_stage_volume(stage_req(&id, &staging)).await,
+        "blkid",
+        "util-linux",
+    );
+    assert!(
+        d.leftovers().0.is_empty() && d.leftovers().1.is_empty(),
+        "a failed stage leaves nothing attached or mounted: {:?}",
+        d.leftovers()
+    );
+
+    // xfs: staged fine, but growing it needs xfs_growfs.
+    let cap = rw_mount("xfs");
+    let id = c
+        .create_volume(create_req("no-growfs", 300 * MIB, cap.clone()))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    let staging = d.path("staging-xfs");
+    let mut req = stage_req(&id, &staging);
+    req.volume_capability = Some(cap.clone());
+    n.node_stage_volume(req).await.unwrap();
+    c.controller_expand_volume(ControllerExpandVolumeRequest {
+        volume_id: id.clone(),
+        capacity_range: Some(CapacityRange {
+            required_bytes: 400 * MIB,
+            limit_bytes: 0,
+        }),
+        volume_capability: Some(cap.clone()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let r = n
+        .node_expand_volume(NodeExpandVolumeRequest {
+            volume_id: id.clone(),
+            volume_path: staging.to_string_lossy().into(),
+            volume_capability: Some(cap),
+            ..Default::default()
+        })
+        .await;
+    assert_missing(r, "xfs_growfs", "xfsprogs");
+    n.node_unstage_volume(unstage(&id, &staging)).await.unwrap();
+    d.assert_clean();
 }
 
 fn doctor(d: &Driver, pool: &Path, path_env: Option<&str>) -> (bool, String) {

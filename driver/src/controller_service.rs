@@ -21,6 +21,7 @@ use crate::error::{required, Error, Result};
 use crate::health;
 use crate::node_ops;
 use crate::server::Driver;
+use crate::tools;
 use crate::TOPOLOGY_KEY;
 
 pub struct ControllerService {
@@ -210,14 +211,20 @@ impl Controller for ControllerService {
             }
         }
         let range = req.capacity_range.unwrap_or_default();
+        let needs_filesystem = caps
+            .iter()
+            .any(|c| matches!(c.access, Access::Mount { .. }));
+        // A blank mount volume is formatted at its first stage on this node; without the mkfs
+        // that would fail only then, after the PVC was bound. Clones and restores bring theirs.
+        if needs_filesystem && source.is_none() {
+            tools::require(tools::mkfs_of(params.fs_type))?;
+        }
         let create = CreateRequest {
             name: req.name,
             required_bytes: range.required_bytes,
             limit_bytes: range.limit_bytes,
             params,
-            needs_filesystem: caps
-                .iter()
-                .any(|c| matches!(c.access, Access::Mount { .. })),
+            needs_filesystem,
             source,
         };
         let record = self

@@ -38,6 +38,12 @@ pub enum Error {
         status: String,
         stderr: String,
     },
+    /// A program the node runs is not installed.
+    #[error(
+        "{program} is not installed on this node: install {package} (apt-get install {package}) \
+         in the node plugin's image or on the host"
+    )]
+    MissingTool { program: String, package: String },
     #[error("{0}")]
     Internal(String),
 }
@@ -66,7 +72,7 @@ impl Error {
             Error::InvalidArgument(_) => Code::InvalidArgument,
             Error::NotFound(_) => Code::NotFound,
             Error::AlreadyExists(_) => Code::AlreadyExists,
-            Error::FailedPrecondition(_) => Code::FailedPrecondition,
+            Error::FailedPrecondition(_) | Error::MissingTool { .. } => Code::FailedPrecondition,
             Error::Aborted(_) => Code::Aborted,
             Error::ResourceExhausted(_) => Code::ResourceExhausted,
             Error::Unimplemented(_) => Code::Unimplemented,

@@ -109,7 +109,10 @@ pub fn run(program: &str, args: &[&str]) -> Result<std::process::Output> {
         .args(args)
         .stdin(Stdio::null())
         .output()
-        .map_err(|e| Error::io(format!("run {program}"), e))?;
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => crate::tools::missing(program),
+            _ => Error::io(format!("run {program}"), e),
+        })?;
     Ok(out)
 }
 

@@ -25,6 +25,7 @@ pub mod router;
 pub mod server;
 pub mod static_volume;
 pub mod tls;
+pub mod tools;
 pub mod unix_authority;
 
 /// The CSI v1 API generated from `proto/csi.proto`.

@@ -39,6 +39,8 @@ pub struct Driver {
     pub socket: PathBuf,
     child: Option<Child>,
     extra_args: Vec<String>,
+    /// Environment overrides for the driver process (e.g. a PATH without some tool).
+    env: Vec<(String, String)>,
     /// The filesystem the pool lives on, when the test made one; dropped (unmounted, detached)
     /// only after `Drop for Driver` has cleaned up every volume inside it.
     pool_fs: Option<SmallFs>,
@@ -52,6 +54,11 @@ impl Driver {
 
     pub async fn start_with(extra: &[&str]) -> Driver {
         Self::start_in(None, extra).await
+    }
+
+    /// Start with environment overrides for the driver process.
+    pub async fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Driver {
+        Self::start_in_env(None, extra, env).await
     }
 
     /// Start with the pool at `pool` (socket and log stay in the test's temp dir).
@@ -69,6 +76,10 @@ impl Driver {
     }
 
     async fn start_in(pool: Option<PathBuf>, extra: &[&str]) -> Driver {
+        Self::start_in_env(pool, extra, &[]).await
+    }
+
+    async fn start_in_env(pool: Option<PathBuf>, extra: &[&str], env: &[(&str, &str)]) -> Driver {
         let dir = tempfile::Builder::new()
             .prefix("loopvol-test-")
             .tempdir()
@@ -81,6 +92,10 @@ impl Driver {
             dir,
             child: None,
             extra_args: extra.iter().map(|s| s.to_string()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             pool_fs: None,
         };
         d.spawn().await;
@@ -103,6 +118,7 @@ impl Driver {
             .arg("--pool-dir")
             .arg(&self.pool)
             .args(&self.extra_args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

@@ -1,21 +1,11 @@
 //! The filesystem tools the driver runs, found in PATH the way `Command` will find them.
 
 use std::ffi::OsString;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
 
 use provisioner::FsType;
 
 use super::Check;
-
-/// What each filesystem needs (mkfs, check, grow) and the package that ships it.
-fn needs(fs: FsType) -> (&'static [&'static str], &'static str) {
-    match fs {
-        FsType::Ext4 => (&["mkfs.ext4", "e2fsck", "resize2fs"], "e2fsprogs"),
-        FsType::Xfs => (&["mkfs.xfs", "xfs_growfs"], "xfsprogs"),
-        FsType::Btrfs => (&["mkfs.btrfs", "btrfs"], "btrfs-progs"),
-    }
-}
+use crate::tools::{find, needs, package_of};
 
 /// One check per filesystem in `fs_types`, plus blkid, which every mount volume needs.
 pub fn check(fs_types: &[FsType]) -> Vec<Check> {
@@ -23,7 +13,8 @@ pub fn check(fs_types: &[FsType]) -> Vec<Check> {
     let mut out: Vec<Check> = fs_types
         .iter()
         .map(|fs| {
-            let (tools, package) = needs(*fs);
+            let tools = needs(*fs);
+            let package = package_of(tools[0]).unwrap_or_default();
             one(&format!("{fs} tools"), tools, package, &path)
         })
         .collect();
@@ -54,17 +45,6 @@ fn one(name: &str, tools: &[&str], package: &str, path: &OsString) -> Check {
     )
 }
 
-/// The first executable file named `program` in the `PATH` list.
-pub fn find(program: &str, path: &OsString) -> Option<PathBuf> {
-    std::env::split_paths(path)
-        .map(|d| d.join(program))
-        .find(|p| is_executable(p))
-}
-
-fn is_executable(p: &Path) -> bool {
-    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -81,6 +61,5 @@ mod tests {
             }
             v => panic!("{v:?}"),
         }
-        assert!(find("sh", &OsString::from("/nonexistent:/bin:/usr/bin")).is_some());
     }
 }
