@@ -116,7 +116,31 @@ fn unique_valid_node_id() -> String {
 
 /// `TestVolumeCapabilityWithAccessType` with the default access type "mount".
 fn test_cap(mode: Mode) -> VolumeCapability {
-    mount_cap("", mode)
+    if BLOCK_ACCESS {
+        block_cap(mode)
+    } else {
+        mount_cap("", mode)
+    }
+}
+
+/// `TestConfig.TestVolumeAccessType`: "mount", except in the `sanity_block` test target, which
+/// compiles this same file again to run every spec with "block", as csi-sanity is run a second
+/// time with `--csi.testvolumeaccesstype=block`.
+const BLOCK_ACCESS: bool = same(env!("CARGO_CRATE_NAME"), "sanity_block");
+
+const fn same(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < a.len() {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
 }
 
 fn snw() -> VolumeCapability {
