@@ -195,10 +195,18 @@ fn make_expand_volume_req(volume_id: &str) -> ControllerExpandVolumeRequest {
     }
 }
 
-/// `MakeModifyVolumeReq` (`TestVolumeMutableParameters` is empty by default).
+/// `TestConfig.TestVolumeMutableParameters`, as csi-sanity is run against loopvol:
+/// `--csi.testvolumemutableparameters=writeIOPS=1000` (empty by default, which would make the
+/// VolumeAttributesClass specs prove nothing).
+fn test_volume_mutable_parameters() -> HashMap<String, String> {
+    HashMap::from([("writeIOPS".into(), "1000".into())])
+}
+
+/// `MakeModifyVolumeReq`.
 fn make_modify_volume_req(volume_id: &str) -> ControllerModifyVolumeRequest {
     ControllerModifyVolumeRequest {
         volume_id: volume_id.into(),
+        mutable_parameters: test_volume_mutable_parameters(),
         ..Default::default()
     }
 }
@@ -1219,10 +1227,10 @@ async fn create_volume_should_create_volume_with_a_volume_attribute_class() {
     let mut s = sanity!("create_volume_with_vac");
     require_controller_cap!(s, CtrlCap::CreateDeleteVolume, "CreateVolume not supported");
     require_controller_cap!(s, CtrlCap::ModifyVolume, "Modify volume not supported");
-    // TestVolumeMutableParameters is empty by default.
-    let req = make_create_volume_req(&unique_string(
+    let mut req = make_create_volume_req(&unique_string(
         "sanity-controller-vol-with-mutable-parameters",
     ));
+    req.mutable_parameters = test_volume_mutable_parameters();
     s.create_volume(req).await.expect("CreateVolume");
     s.finish().await;
 }
@@ -1911,6 +1919,13 @@ async fn modify_subject(s: &mut Sanity) -> Volume {
     s.must_create_volume(req).await
 }
 
+/// The volume of the "created with a volume attribute class" specs.
+async fn modify_subject_with_vac(s: &mut Sanity) -> Volume {
+    let mut req = make_create_volume_req(&unique_string("sanity-modify-volume-with-vac"));
+    req.mutable_parameters = test_volume_mutable_parameters();
+    s.must_create_volume(req).await
+}
+
 /// csi-sanity: "ModifyVolume [Controller Server] should fail if specified mutable parameters are
 /// not supported by the volume"
 #[tokio::test(flavor = "multi_thread")]
@@ -1947,8 +1962,7 @@ async fn modify_volume_should_modify_a_volume_created_with_a_volume_attribute_cl
     let mut s = sanity!("modify_volume_with_vac");
     s.node_client = false;
     require_controller_cap!(s, CtrlCap::ModifyVolume, NO_MODIFY);
-    // With the default (empty) TestVolumeMutableParameters this is the same request as above.
-    let vol = modify_subject(&mut s).await;
+    let vol = modify_subject_with_vac(&mut s).await;
     s.c.controller_modify_volume(make_modify_volume_req(&vol.volume_id))
         .await
         .expect("ControllerModifyVolume");
@@ -1962,7 +1976,7 @@ async fn modify_volume_should_fail_to_modify_with_unsupported_new_mutable_parame
     let mut s = sanity!("modify_volume_vac_bad_params");
     s.node_client = false;
     require_controller_cap!(s, CtrlCap::ModifyVolume, NO_MODIFY);
-    let vol = modify_subject(&mut s).await;
+    let vol = modify_subject_with_vac(&mut s).await;
     let mut req = make_modify_volume_req(&vol.volume_id);
     req.mutable_parameters = fake_mutable_parameters();
     let r = s.c.controller_modify_volume(req).await;

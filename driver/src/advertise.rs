@@ -43,6 +43,7 @@ const CONTROLLER_BASE: &[ControllerCap] = &[
     ControllerCap::CreateDeleteSnapshot,
     ControllerCap::ListSnapshots,
     ControllerCap::CloneVolume,
+    ControllerCap::ModifyVolume,
 ];
 
 const NODE_BASE: &[NodeCap] = &[

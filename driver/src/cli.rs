@@ -158,6 +158,13 @@ pub struct ServeArgs {
     /// Serve /metrics (Prometheus), /healthz and /readyz over HTTP here; off when not given.
     #[arg(long, value_name = "ADDR:PORT", env = "LOOPVOL_METRICS_ADDRESS")]
     pub metrics_address: Option<std::net::SocketAddr>,
+    /// The cgroup filesystem, where pods' cgroups are found to enforce volumes' IO limits.
+    #[arg(long, default_value = "/sys/fs/cgroup")]
+    pub cgroup_root: PathBuf,
+    /// The cgroup whose IO limits apply to publishes without a pod UID (plain CSI clients,
+    /// the embedded default): a v1 blkio or v2 directory the callers' processes run in.
+    #[arg(long, value_name = "DIR")]
+    pub io_cgroup: Option<PathBuf>,
     /// Also advertise capability groups that the released sidecars and csi-test v5.4 cannot
     /// name: `volume-health` (CSI v1.13), `get-snapshot`. Their RPCs are served either way.
     #[arg(long, value_enum, value_delimiter = ',', value_name = "LIST")]

@@ -19,10 +19,12 @@ use crate::csi::controller_service_capability::{Rpc, Type as CapType};
 use crate::csi::*;
 use crate::error::{required, Error, Result};
 use crate::health;
+use crate::io_throttle;
 use crate::node_ops;
 use crate::server::Driver;
 use crate::tools;
 use crate::TOPOLOGY_KEY;
+use provisioner::IoLimitsChange;
 
 pub struct ControllerService {
     driver: Arc<Driver>,
@@ -193,7 +195,16 @@ impl Controller for ControllerService {
         let req = req.into_inner();
         provisioner::validate_name(&req.name).map_err(Error::from)?;
         let caps = capability::check_all(&req.volume_capabilities)?;
-        let params = params_of(&req.parameters, &caps)?;
+        let mut params = params_of(&req.parameters, &caps)?;
+        // VolumeAttributesClass parameters at creation: IO limits only, and they override the
+        // StorageClass's.
+        let vac = IoLimitsChange::parse_mutable(
+            req.mutable_parameters
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str())),
+        )
+        .map_err(Error::from)?;
+        params.io_limits = params.io_limits.with(&vac);
         let source = req
             .volume_content_source
             .as_ref()
@@ -532,13 +543,29 @@ impl Controller for ControllerService {
         }))
     }
 
-    #[tracing::instrument(skip_all, name = "ControllerModifyVolume", fields(volume_id = %_req.get_ref().volume_id))]
+    #[tracing::instrument(skip_all, name = "ControllerModifyVolume", fields(volume_id = %req.get_ref().volume_id))]
     async fn controller_modify_volume(
         &self,
-        _req: Request<ControllerModifyVolumeRequest>,
+        req: Request<ControllerModifyVolumeRequest>,
     ) -> Result<Response<ControllerModifyVolumeResponse>, Status> {
-        Err(Status::unimplemented(
-            "MODIFY_VOLUME is not advertised: loopvol has no mutable parameters",
-        ))
+        let req = req.into_inner();
+        let id = required("volume_id", &req.volume_id)?.to_string();
+        // All or nothing: one bad key or value and the record is not touched.
+        let change = IoLimitsChange::parse_mutable(
+            req.mutable_parameters
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str())),
+        )
+        .map_err(Error::from)?;
+        self.driver
+            .blocking(move |d| {
+                d.pool.modify_volume(&id, &change)?;
+                // Pods using the volume on this node get the new rules now, without a
+                // remount; a volume staged nowhere gets them at its next publish.
+                io_throttle::reapply(d, &id, || node_ops::attached_device(d, &id))?;
+                Ok(())
+            })
+            .await?;
+        Ok(Response::new(ControllerModifyVolumeResponse {}))
     }
 }

@@ -14,6 +14,7 @@ pub mod format;
 pub mod freeze;
 pub mod health;
 pub mod identity_service;
+pub mod io_throttle;
 pub mod kernel;
 pub mod loop_device;
 pub mod metrics;

@@ -17,7 +17,7 @@ use prometheus_client::encoding::text::{encode_eof, encode_registry};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use tonic::Code;
@@ -45,6 +45,12 @@ struct RpcLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CodeLabels {
     code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct IoLimitLabels {
+    volume_id: String,
+    limit: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -212,6 +218,31 @@ fn pool_registry(s: &PoolSample) -> Registry {
         "Loop devices backed by files of this pool",
         gauge(s.loop_devices),
     );
+    let limits: Family<IoLimitLabels, Gauge> = Family::default();
+    for (id, l) in &s.io_limits {
+        for (limit, v) in [
+            ("read_iops", l.read_iops),
+            ("write_iops", l.write_iops),
+            ("read_bps", l.read_bps),
+            ("write_bps", l.write_bps),
+        ] {
+            if let Some(v) = v {
+                let labels = IoLimitLabels {
+                    volume_id: id.clone(),
+                    limit,
+                };
+                limits
+                    .get_or_create(&labels)
+                    .set(i64::try_from(v).unwrap_or(i64::MAX));
+            }
+        }
+    }
+    r.register(
+        "volume_io_limit",
+        "Configured IO limit of a volume: operations per second (read_iops, write_iops) or \
+         bytes per second (read_bps, write_bps); no series means unlimited",
+        limits,
+    );
     r
 }
 
@@ -255,6 +286,13 @@ mod tests {
             snapshots: 1,
             staged_volumes: Some(1),
             loop_devices: 1,
+            io_limits: vec![(
+                "vol-0123456789abcdef0123@n1".into(),
+                provisioner::IoLimits {
+                    write_iops: Some(300),
+                    ..Default::default()
+                },
+            )],
         };
         let text = encode(Some(&sample));
         assert!(text.contains(r#"loopvol_rpc_requests_total{method="Probe",code="OK"} "#));
@@ -270,6 +308,13 @@ mod tests {
         assert!(text.contains(r#"loopvol_mkfs_duration_seconds_count{fs_type="xfs"} "#));
         assert!(text.contains("loopvol_pool_available_bytes 60\n"), "{text}");
         assert!(text.contains("loopvol_node_staged_volumes 1\n"));
+        assert!(
+            text.contains(
+                r#"loopvol_volume_io_limit{volume_id="vol-0123456789abcdef0123@n1",limit="write_iops"} 300"#
+            ),
+            "{text}"
+        );
+        assert!(!text.contains(r#"limit="read_iops""#));
         assert!(text.ends_with("# EOF\n"));
         assert!(!encode(None).contains("loopvol_pool_"));
     }

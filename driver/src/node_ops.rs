@@ -137,6 +137,12 @@ fn current_loop(vol: &Vol, hint: Option<&Path>) -> Option<backing::LoopInfo> {
         .or_else(|| backing::loops_backed_by(&vol.image).into_iter().next())
 }
 
+/// The loop device volume `id` is attached to on this node right now, if any.
+pub fn attached_device(d: &Driver, id: &str) -> Result<Option<PathBuf>> {
+    let vol = volume(d, id)?;
+    Ok(current_loop(&vol, remembered_device(d, &vol).as_deref()).map(|l| l.device))
+}
+
 /// The device this node's staging record remembers for the volume, if any.
 fn remembered_device(d: &Driver, vol: &Vol) -> Option<PathBuf> {
     node_state::load(&d.pool.node_state_dir(), &vol.hex)

@@ -9,6 +9,7 @@ use crate::csi::node_server::Node;
 use crate::csi::node_service_capability::{Rpc, Type as CapType};
 use crate::csi::*;
 use crate::error::{required, Error};
+use crate::io_throttle;
 use crate::node_ops::{self, check_path};
 use crate::server::Driver;
 
@@ -40,7 +41,12 @@ impl Node for NodeService {
         let staging = check_path("staging_target_path", &req.staging_target_path)?;
         let cap = capability_of(req.volume_capability.as_ref())?;
         self.driver
-            .blocking(move |d| node_ops::stage(d, &id, &staging, &cap))
+            .blocking(move |d| {
+                node_ops::stage(d, &id, &staging, &cap)?;
+                // Pods still holding rules for this volume (a re-stage after its device went
+                // away) get them moved to the device it has now.
+                io_throttle::reapply(d, &id, || node_ops::attached_device(d, &id)).map(drop)
+            })
             .await?;
         Ok(Response::new(NodeStageVolumeResponse {}))
     }
@@ -77,8 +83,24 @@ impl Node for NodeService {
         }
         let staging = check_path("staging_target_path", &req.staging_target_path)?;
         let readonly = req.readonly;
+        let pod_uid = req.volume_context.get(io_throttle::POD_UID_KEY).cloned();
         self.driver
-            .blocking(move |d| node_ops::publish(d, &id, &staging, &target, &cap, readonly))
+            .blocking(move |d| {
+                let cgroup = io_throttle::before_publish(d, &id, pod_uid.as_deref())?;
+                node_ops::publish(d, &id, &staging, &target, &cap, readonly)?;
+                // The rules go to the device the volume is attached to now; if they cannot be
+                // written, the pod must not run unlimited: undo the publish.
+                let applied = node_ops::attached_device(d, &id)?
+                    .ok_or_else(|| Error::Internal(format!("volume {id} lost its device")))
+                    .and_then(|dev| io_throttle::after_publish(d, &id, &target, cgroup, &dev));
+                if let Err(e) = applied {
+                    if let Err(undo) = node_ops::unpublish(d, &id, &target) {
+                        tracing::error!(error = %undo, "could not undo a publish whose IO limits failed");
+                    }
+                    return Err(e);
+                }
+                Ok(())
+            })
             .await?;
         Ok(Response::new(NodePublishVolumeResponse {}))
     }
@@ -92,7 +114,10 @@ impl Node for NodeService {
         let id = required("volume_id", &req.volume_id)?.to_string();
         let target = check_path("target_path", &req.target_path)?;
         self.driver
-            .blocking(move |d| node_ops::unpublish(d, &id, &target))
+            .blocking(move |d| {
+                node_ops::unpublish(d, &id, &target)?;
+                io_throttle::after_unpublish(d, &id, &target)
+            })
             .await?;
         Ok(Response::new(NodeUnpublishVolumeResponse {}))
     }

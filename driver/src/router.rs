@@ -570,11 +570,15 @@ impl Controller for Router {
             .await
     }
 
+    #[tracing::instrument(skip_all, name = "ControllerModifyVolume", fields(volume_id = %req.get_ref().volume_id))]
     async fn controller_modify_volume(
         &self,
-        _req: Request<ControllerModifyVolumeRequest>,
+        req: Request<ControllerModifyVolumeRequest>,
     ) -> Result<Response<ControllerModifyVolumeResponse>, Status> {
-        Err(Status::unimplemented("MODIFY_VOLUME is not advertised"))
+        let r = req.into_inner();
+        self.volume_owner("volume_id", &r.volume_id)?
+            .controller_modify_volume(r)
+            .await
     }
 }
 

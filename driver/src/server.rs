@@ -30,6 +30,8 @@ pub struct Driver {
     pub max_volumes_per_node: i64,
     /// The optional capabilities this process advertises.
     pub advertised: Advertised,
+    /// Where IO limits are enforced.
+    pub cgroups: crate::io_throttle::CgroupConfig,
     ops: Semaphore,
 }
 
@@ -218,6 +220,10 @@ where
         mode: args.mode,
         max_volumes_per_node: args.max_volumes_per_node,
         advertised: Advertised::new(&args.advertise_capabilities),
+        cgroups: crate::io_throttle::CgroupConfig {
+            root: args.cgroup_root.clone(),
+            default_cgroup: args.io_cgroup.clone(),
+        },
         ops: Semaphore::new(args.max_concurrent_ops),
     });
     if matches!(args.mode, Mode::Node | Mode::All) {

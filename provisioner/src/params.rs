@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
 
+use crate::io_limits::{IoLimits, IoLimitsChange};
 use crate::size::MIB;
 use crate::PoolError;
 
@@ -103,6 +104,8 @@ pub struct VolumeParams {
     pub allocation: Allocation,
     /// Whether the request named a filesystem (a restore must then match its source's).
     pub fs_explicit: bool,
+    /// IO limits from the StorageClass (and, at CreateVolume, its VolumeAttributesClass).
+    pub io_limits: IoLimits,
 }
 
 impl VolumeParams {
@@ -114,15 +117,20 @@ impl VolumeParams {
     ) -> Result<Self, PoolError> {
         let mut out = VolumeParams::default();
         let mut param_fs: Option<FsType> = None;
+        let mut limits = IoLimitsChange::default();
         for (key, value) in params {
+            if limits.parse_key(key, value)? {
+                continue;
+            }
             match key {
                 PARAM_FS_TYPE => param_fs = Some(value.parse()?),
                 PARAM_ALLOCATION => out.allocation = value.parse()?,
                 k if k.starts_with(SIDECAR_PREFIX) => {}
                 k => {
                     return Err(PoolError::InvalidArgument(format!(
-                        "unknown StorageClass parameter {k:?}; loopvol accepts {PARAM_FS_TYPE} \
-                         and {PARAM_ALLOCATION} (and ignores keys under {SIDECAR_PREFIX})"
+                        "unknown StorageClass parameter {k:?}; loopvol accepts {PARAM_FS_TYPE}, \
+                         {PARAM_ALLOCATION}, {} (and ignores keys under {SIDECAR_PREFIX})",
+                        crate::io_limits::KEYS.join(", ")
                     )))
                 }
             }
@@ -142,6 +150,7 @@ impl VolumeParams {
                 c.or(p).unwrap_or_default()
             }
         };
+        out.io_limits = IoLimits::default().with(&limits);
         Ok(out)
     }
 }
@@ -170,6 +179,11 @@ mod tests {
         .unwrap();
         assert_eq!(p.fs_type, FsType::Xfs);
         assert_eq!(p.allocation, Allocation::Thick);
+        assert!(p.io_limits.is_empty());
+        let p = VolumeParams::parse([("writeIOPS", "300"), ("readBPS", "8Mi")], None).unwrap();
+        assert_eq!(p.io_limits.write_iops, Some(300));
+        assert_eq!(p.io_limits.read_bps, Some(8 << 20));
+        assert!(VolumeParams::parse([("writeIOPS", "-1")], None).is_err());
         assert_eq!(
             VolumeParams::parse([], Some("btrfs")).unwrap().fs_type,
             FsType::Btrfs

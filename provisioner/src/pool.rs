@@ -29,6 +29,7 @@ use crate::capacity::Capacity;
 use crate::copy;
 use crate::error::IoContext;
 use crate::ids::{self, Kind, VolumeId};
+use crate::io_limits::IoLimitsChange;
 use crate::keyed_lock::{KeyGuard, KeyedLocks};
 use crate::params::{Allocation, VolumeParams};
 use crate::record::{ContentSource, SnapshotRecord, VolumeRecord, RECORD_FORMAT};
@@ -224,6 +225,17 @@ impl Pool {
         ))
     }
 
+    /// Every volume that has IO limits, with them (for the metrics' per-volume gauges).
+    pub fn io_limited(&self) -> Vec<(String, crate::IoLimits)> {
+        self.volumes
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter(|r| !r.io_limits.is_empty())
+            .map(|r| (r.id.clone(), r.io_limits))
+            .collect()
+    }
+
     pub fn len(&self) -> usize {
         self.volumes.read().unwrap_or_else(|e| e.into_inner()).len()
     }
@@ -322,6 +334,7 @@ impl Pool {
             allocation: params.allocation,
             created_unix: unix_now(),
             source: req.source.clone(),
+            io_limits: params.io_limits,
         };
         match &source {
             None => self.build_image(
@@ -576,6 +589,38 @@ impl Pool {
         Ok(record)
     }
 
+    /// Apply `change` to a volume's IO limits and write its record atomically. Keys the change
+    /// does not name keep their value, and an empty change is a no-op (retries are safe).
+    pub fn modify_volume(
+        &self,
+        id: &str,
+        change: &IoLimitsChange,
+    ) -> Result<VolumeRecord, PoolError> {
+        self.require_writer()?;
+        let not_found = || {
+            PoolError::NotFound(format!(
+                "volume {id} does not exist on node {}",
+                self.node_id
+            ))
+        };
+        let vid = self.parse_volume_id(id)?.ok_or_else(not_found)?;
+        let _guard = self.lock_volume(&vid.hex);
+        let mut record = self.get_hex(&vid.hex).ok_or_else(not_found)?;
+        let limits = record.io_limits.with(change);
+        if limits == record.io_limits {
+            return Ok(record);
+        }
+        record.io_limits = limits;
+        atomic::write_file(&self.record_path(&vid.hex), &to_json(&record))
+            .ctx(|| format!("write record of {id}"))?;
+        self.volumes
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(vid.hex.clone(), record.clone());
+        tracing::info!(volume_id = %id, limits = %limits.describe(), "volume IO limits changed");
+        Ok(record)
+    }
+
     /// Current capacity of the pool.
     pub fn capacity(&self) -> Result<Capacity, PoolError> {
         let reserved = self.reserved_bytes();
@@ -706,6 +751,9 @@ fn check_compatible(
     }
     if existing.source != req.source {
         return conflict(format!("content source {:?}", existing.source));
+    }
+    if existing.io_limits != req.params.io_limits {
+        return conflict(format!("IO limits {}", existing.io_limits.describe()));
     }
     Ok(existing.clone())
 }
@@ -860,6 +908,7 @@ mod tests {
                 fs_type: FsType::Ext4,
                 allocation,
                 fs_explicit: false,
+                ..Default::default()
             },
             needs_filesystem: true,
             source: None,

@@ -5,6 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::copy::CopyMethod;
+use crate::io_limits::IoLimits;
 use crate::params::{Allocation, FsType};
 
 pub const RECORD_FORMAT: u32 = 1;
@@ -28,6 +29,10 @@ pub struct VolumeRecord {
     pub created_unix: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<ContentSource>,
+    /// Enforced on the node for every pod that has the volume published; changed live by
+    /// ControllerModifyVolume. Absent in records written before limits existed.
+    #[serde(default, skip_serializing_if = "IoLimits::is_empty")]
+    pub io_limits: IoLimits,
 }
 
 /// A snapshot: an immutable copy of a volume's image at one instant, independent of the volume

@@ -238,6 +238,7 @@ mod tests {
                 fs_type: FsType::Ext4,
                 allocation: Allocation::Thin,
                 fs_explicit: false,
+                ..Default::default()
             },
             needs_filesystem: true,
             source,

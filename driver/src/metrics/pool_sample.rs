@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use provisioner::capacity::Capacity;
-use provisioner::{backing, listing, Pool};
+use provisioner::{backing, listing, IoLimits, Pool};
 
 use crate::node_state;
 
@@ -21,22 +21,36 @@ pub struct PoolSample {
     pub staged_volumes: Option<u64>,
     /// Loop devices backed by files under the pool.
     pub loop_devices: u64,
+    /// The configured IO limits of every volume that has any.
+    pub io_limits: Vec<(String, IoLimits)>,
 }
 
 impl PoolSample {
     /// Measure `pool` (blocking: statvfs, a sysfs walk, and in node-only mode a read of the
     /// record files). `serves_node` is true in the node and all modes.
     pub fn measure(pool: &Pool, serves_node: bool) -> Result<Self, provisioner::PoolError> {
-        let (capacity, volumes, snapshots) = if pool.is_writer() {
+        let (capacity, volumes, snapshots, io_limits) = if pool.is_writer() {
             (
                 pool.capacity()?,
                 pool.len() as u64,
                 pool.snapshot_count() as u64,
+                pool.io_limited(),
             )
         } else {
             let l = listing::read_records(pool.dir())?;
             let cap = Capacity::measure(pool.dir(), l.reserved_bytes(), pool.overcommit_ratio())?;
-            (cap, l.volumes.len() as u64, l.snapshots.len() as u64)
+            let limited = l
+                .volumes
+                .iter()
+                .filter(|v| !v.record.io_limits.is_empty())
+                .map(|v| (v.record.id.clone(), v.record.io_limits))
+                .collect();
+            (
+                cap,
+                l.volumes.len() as u64,
+                l.snapshots.len() as u64,
+                limited,
+            )
         };
         Ok(PoolSample {
             capacity_bytes: capacity.total_bytes,
@@ -46,6 +60,7 @@ impl PoolSample {
             snapshots,
             staged_volumes: serves_node.then(|| staged_count(&pool.node_state_dir())),
             loop_devices: backing::loops_under(pool.dir()).len() as u64,
+            io_limits,
         })
     }
 }
