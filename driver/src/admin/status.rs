@@ -40,6 +40,14 @@ pub struct Status {
     pub loop_devices: Vec<LoopView>,
     /// Record files that do not parse; the driver quarantines them at its next start.
     pub unreadable_records: Vec<PathBuf>,
+    /// Volumes with IO limits, and the limits.
+    pub io_limits: Vec<IoLimitView>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct IoLimitView {
+    pub volume_id: String,
+    pub limits: provisioner::IoLimits,
 }
 
 #[derive(Debug, Serialize)]
@@ -123,6 +131,15 @@ pub fn collect(pool_dir: &Path, overcommit_ratio: f64) -> anyhow::Result<Status>
             .collect(),
         loop_devices: loops.into_iter().map(|li| loop_view(&l, li)).collect(),
         unreadable_records: l.unreadable.clone(),
+        io_limits: l
+            .volumes
+            .iter()
+            .filter(|v| !v.record.io_limits.is_empty())
+            .map(|v| IoLimitView {
+                volume_id: v.record.id.clone(),
+                limits: v.record.io_limits,
+            })
+            .collect(),
         pool,
     })
 }
@@ -218,6 +235,13 @@ fn print_table(s: &Status) {
                 v.state,
                 v.staging_path.display()
             );
+        }
+    }
+    if !s.io_limits.is_empty() {
+        println!();
+        println!("{:<48} IO LIMITS", "VOLUME");
+        for v in &s.io_limits {
+            println!("{:<48} {}", v.volume_id, v.limits.describe());
         }
     }
     println!();

@@ -82,6 +82,7 @@ fn print_table(i: &Inspection) {
     );
     println!("filesystem   {}", r.fs_type);
     println!("allocation   {}", r.allocation.as_str());
+    println!("io limits    {}", r.io_limits.describe());
     println!("created      {} (unix time)", r.created_unix);
     if let Some(src) = &r.source {
         println!("source       {src:?}");

@@ -327,8 +327,37 @@ fn storage_class_parameters_and_sizes_are_checked() {
             "manifests/examples/statefulset.yaml StatefulSet/loopvol-web: volumeClaimTemplate data: \
              requests 100Mi but xfs volumes (StorageClass loopvol-xfs-thick) must be at least 300Mi",
             "manifests/storageclasses.yaml StorageClass/loopvol: unknown parameter alocation: loopvol \
-             refuses it at CreateVolume; it accepts fsType and allocation (keys under \
-             csi.storage.k8s.io/ are for the sidecars)",
+             refuses it at CreateVolume; it accepts fsType, allocation and the IO limits readIOPS, \
+             writeIOPS, readBPS, writeBPS (keys under csi.storage.k8s.io/ are for the sidecars)",
+        ],
+    );
+}
+
+#[test]
+fn volume_attributes_classes_carry_limits_loopvol_accepts() {
+    let findings = findings_after(&[
+        (
+            "manifests/examples/volumeattributesclasses.yaml",
+            "  writeIOPS: \"300\"",
+            "  writeIOPS: \"-300\"",
+        ),
+        (
+            "manifests/examples/volumeattributesclasses.yaml",
+            "driverName: loopvol.csi.dev\nparameters:\n  readIOPS: \"20000\"",
+            "driverName: loopvol.example\nparameters:\n  readIOPS: \"20000\"\n  iops: \"5\"",
+        ),
+    ]);
+    assert_exactly(
+        &findings,
+        &[
+            "manifests/examples/volumeattributesclasses.yaml VolumeAttributesClass/loopvol-bronze: \
+             parameter writeIOPS: \"-300\" is not a whole number of operations per second \
+             (\"0\" or \"unlimited\" removes the limit)",
+            "manifests/examples/volumeattributesclasses.yaml VolumeAttributesClass/loopvol-gold: \
+             unknown mutable parameter \"iops\": loopvol accepts readIOPS, writeIOPS, readBPS, \
+             writeBPS",
+            "manifests/examples/volumeattributesclasses.yaml VolumeAttributesClass/loopvol-gold: \
+             driverName loopvol.example but the CSIDriver is named loopvol.csi.dev",
         ],
     );
 }

@@ -7,7 +7,7 @@ use k8s_openapi::api::core::v1::{
     Namespace, PersistentVolume, PersistentVolumeClaim, Pod, ServiceAccount,
 };
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
-use k8s_openapi::api::storage::v1::{CSIDriver, StorageClass};
+use k8s_openapi::api::storage::v1::{CSIDriver, StorageClass, VolumeAttributesClass};
 use manifest_check::kinds::{Kustomization, Pick, VolumeSnapshot, VolumeSnapshotClass};
 use manifest_check::{check_files, Inventory, Origin};
 
@@ -96,6 +96,11 @@ fn real_manifests_contain_the_whole_install() {
             "VolumeSnapshot",
             count::<VolumeSnapshot>(&inv, Origin::Example),
             1,
+        ),
+        (
+            "VolumeAttributesClass",
+            count::<VolumeAttributesClass>(&inv, Origin::Example),
+            2,
         ),
     ];
     for (kind, found, expected) in install.iter().chain(examples.iter()) {

@@ -7,7 +7,7 @@ use crate::inventory::{Doc, Inventory, Origin};
 use crate::kinds::VolumeSnapshotClass;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{PersistentVolume, Pod};
-use k8s_openapi::api::storage::v1::{CSIDriver, StorageClass};
+use k8s_openapi::api::storage::v1::{CSIDriver, StorageClass, VolumeAttributesClass};
 use k8s_openapi::Resource as _;
 
 pub fn check(inv: &Inventory) -> Vec<Finding> {
@@ -30,6 +30,7 @@ pub fn check(inv: &Inventory) -> Vec<Finding> {
         .collect();
     out.extend(driver_name_flags(inv, name));
     out.extend(storage_class_provisioners(inv, name));
+    out.extend(attribute_class_drivers(inv, name));
     out.extend(snapshot_class_drivers(inv, name));
     out.extend(persistent_volume_drivers(inv, name));
     out.extend(features(inv, doc, driver));
@@ -48,6 +49,18 @@ fn driver_name_flags(inv: &Inventory, name: &str) -> Vec<Finding> {
                 None => format!("no --driver-name; it must be {name}, the CSIDriver's name"),
             };
             Some(pod.finding(driver, message))
+        })
+        .collect()
+}
+
+fn attribute_class_drivers(inv: &Inventory, name: &str) -> Vec<Finding> {
+    inv.all::<VolumeAttributesClass>()
+        .filter(|(_, vac)| vac.driver_name != name)
+        .map(|(doc, vac)| {
+            doc.finding(format!(
+                "driverName {} but the CSIDriver is named {name}",
+                vac.driver_name
+            ))
         })
         .collect()
 }

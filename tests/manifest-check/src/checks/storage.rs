@@ -9,8 +9,9 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{
     NodeSelectorRequirement, PersistentVolume, PersistentVolumeClaim, PersistentVolumeSpec,
 };
-use k8s_openapi::api::storage::v1::StorageClass;
+use k8s_openapi::api::storage::v1::{StorageClass, VolumeAttributesClass};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use provisioner::io_limits::{self, IoLimitsChange};
 
 const PARAM_FS_TYPE: &str = "fsType";
 const PARAM_ALLOCATION: &str = "allocation";
@@ -30,6 +31,14 @@ pub fn check(inv: &Inventory) -> Vec<Finding> {
     let mut out = Vec::new();
     for (doc, sc) in inv.all::<StorageClass>() {
         out.extend(storage_class(sc).into_iter().map(|m| doc.finding(m)));
+    }
+    for (doc, vac) in inv.all::<VolumeAttributesClass>() {
+        // What ControllerModifyVolume would refuse (INVALID_ARGUMENT) for every PVC using it.
+        let params = vac.parameters.iter().flatten();
+        if let Err(e) = IoLimitsChange::parse_mutable(params.map(|(k, v)| (k.as_str(), v.as_str())))
+        {
+            out.push(doc.finding(e.to_string()));
+        }
     }
     for (doc, pv) in inv.all::<PersistentVolume>() {
         let problems = pv.spec.as_ref().map(persistent_volume).unwrap_or_default();
@@ -61,9 +70,16 @@ fn storage_class(sc: &StorageClass) -> Vec<String> {
             )),
             PARAM_FS_TYPE | SIDECAR_FS_TYPE | PARAM_ALLOCATION => {}
             k if k.starts_with(SIDECAR_PREFIX) => {}
+            k if io_limits::KEYS.contains(&k) => {
+                if let Err(e) = IoLimitsChange::default().parse_key(k, value) {
+                    out.push(e.to_string());
+                }
+            }
             k => out.push(format!(
-                "unknown parameter {k}: loopvol refuses it at CreateVolume; it accepts {PARAM_FS_TYPE} \
-                 and {PARAM_ALLOCATION} (keys under {SIDECAR_PREFIX} are for the sidecars)"
+                "unknown parameter {k}: loopvol refuses it at CreateVolume; it accepts {PARAM_FS_TYPE}, \
+                 {PARAM_ALLOCATION} and the IO limits {} (keys under {SIDECAR_PREFIX} are for the \
+                 sidecars)",
+                io_limits::KEYS.join(", ")
             )),
         }
     }
