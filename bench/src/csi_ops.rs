@@ -110,6 +110,20 @@ impl Csi {
         Ok(vol.volume_id)
     }
 
+    /// ControllerModifyVolume with these mutable parameters.
+    pub async fn modify(&self, id: &str, params: &[(String, String)]) -> anyhow::Result<()> {
+        self.controller
+            .clone()
+            .controller_modify_volume(ControllerModifyVolumeRequest {
+                volume_id: id.to_string(),
+                mutable_parameters: params.iter().cloned().collect(),
+                ..Default::default()
+            })
+            .await
+            .with_context(|| format!("ControllerModifyVolume {id}"))?;
+        Ok(())
+    }
+
     pub async fn delete(&self, id: &str) -> anyhow::Result<()> {
         self.controller
             .clone()

@@ -120,6 +120,19 @@ pub fn run(
     size_mib: u64,
     runtime_s: u64,
 ) -> anyhow::Result<Figures> {
+    run_in(job, dir, engine, size_mib, runtime_s, None)
+}
+
+/// [`run`], with fio inside `cgroup` (a v1 blkio or v2 directory) when one is given: its IO is
+/// then charged, and throttled, there.
+pub fn run_in(
+    job: &Job,
+    dir: &Path,
+    engine: &str,
+    size_mib: u64,
+    runtime_s: u64,
+    cgroup: Option<&Path>,
+) -> anyhow::Result<Figures> {
     let out = tempfile::NamedTempFile::new()?;
     let mut args = common_args(dir, engine, size_mib);
     args.extend([
@@ -134,7 +147,21 @@ pub fn run(
         "--output-format=json".into(),
         format!("--output={}", out.path().display()),
     ]);
-    tools::run("fio", &args).with_context(|| format!("fio {}", job.name))?;
+    match cgroup {
+        None => tools::run("fio", &args),
+        // The shell only moves itself into the cgroup; the paths are arguments, never code.
+        Some(cg) => tools::run(
+            "sh",
+            [
+                "-c".to_string(),
+                r#"echo $$ > "$0/cgroup.procs" && exec fio "$@""#.to_string(),
+                cg.display().to_string(),
+            ]
+            .into_iter()
+            .chain(args),
+        ),
+    }
+    .with_context(|| format!("fio {}", job.name))?;
     let json = std::fs::read_to_string(out.path())?;
     parse(&json, job.is_read())
 }

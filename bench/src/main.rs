@@ -10,6 +10,7 @@ mod driver;
 mod fio;
 mod floor;
 mod footprint;
+mod iolimits;
 mod load;
 mod machine;
 mod plan;
@@ -33,7 +34,7 @@ use crate::plan::Plan;
 use crate::results::{Footprint, Meta, Results};
 use crate::workspace::Workspace;
 
-const SECTIONS: [&str; 4] = ["provisioning", "attach", "datapath", "scale"];
+const SECTIONS: [&str; 5] = ["provisioning", "attach", "datapath", "scale", "iolimits"];
 
 #[derive(Debug, Parser)]
 #[command(
@@ -50,7 +51,8 @@ struct Args {
     /// Parent of the private temp dir (its filesystem is the pool's).
     #[arg(long, default_value_os_t = std::env::temp_dir())]
     work_dir: PathBuf,
-    /// Run only these sections (comma-separated): provisioning, attach, datapath, scale.
+    /// Run only these sections (comma-separated): provisioning, attach, datapath, scale,
+    /// iolimits.
     #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(SECTIONS))]
     only: Vec<String>,
     /// The loopvol binary; default: `loopvol` next to this binary.
@@ -238,6 +240,13 @@ async fn run(args: &Args, launch: &Launch, ws: &Workspace) -> anyhow::Result<Res
         match scale::run(&plan, ws, &mut drv, &mut csi).await {
             Ok(s) => results.scale = Some(s),
             Err(e) => section_failed(&mut results, ws, "scale", e),
+        }
+    }
+    if wants("iolimits") {
+        eprintln!("IO limits: fio in a cgroup against configured limits");
+        match iolimits::run(&plan, ws, launch).await {
+            Ok(l) => results.io_limits = Some(l),
+            Err(e) => section_failed(&mut results, ws, "IO limits", e),
         }
     }
     // The scale section restarts the driver: the peak is the larger of the two processes'.

@@ -3,7 +3,8 @@
 use std::fmt::Write;
 
 use crate::results::{
-    median_start, Attach, Compared, DataPath, Footprint, Provisioning, Results, Scale, Target,
+    median_start, Attach, Compared, DataPath, Footprint, IoLimits, Provisioning, Results, Scale,
+    Target,
 };
 use crate::stats::Summary;
 
@@ -112,6 +113,9 @@ pub fn render(r: &Results) -> String {
     }
     if let Some(s) = &r.scale {
         scale_section(&mut md, s);
+    }
+    if let Some(l) = &r.io_limits {
+        io_limits_section(&mut md, l);
     }
     if let Some(f) = &r.footprint {
         footprint_section(&mut md, f, r.scale.as_ref());
@@ -541,6 +545,40 @@ fn data_path_section(md: &mut String, d: &DataPath) {
             let _ = writeln!(md, "- {}: {}", r.job, runs.join("; "));
         }
     }
+    md.push('\n');
+}
+
+fn io_limits_section(md: &mut String, l: &IoLimits) {
+    md.push_str(
+        "## IO limits
+
+",
+    );
+    let _ = writeln!(
+        md,
+        "{}. Each row sets one limit with ControllerModifyVolume on the published volume (the          others removed in the same call) and then runs fio in the same cgroup; no remount, no          restart. \"Change in force\" is the ControllerModifyVolume latency: the throttle rules          are rewritten before it answers.\n",
+        l.volume
+    );
+    let mut t = Table::new(&[
+        "limit",
+        "fio job",
+        "configured",
+        "measured",
+        "measured / limit",
+        "change in force",
+    ]);
+    for row in &l.rows {
+        t.row(&[
+            row.key.clone(),
+            row.job.clone(),
+            row.limit
+                .map_or("unlimited".into(), |v| format!("{} {}", num(v), row.metric)),
+            format!("{} {}", num(row.measured), row.metric),
+            row.ratio.map_or("–".into(), |r| format!("{r:.3}×")),
+            ms(row.modify_ms),
+        ]);
+    }
+    md.push_str(&t.render());
     md.push('\n');
 }
 

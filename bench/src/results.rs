@@ -15,6 +15,8 @@ pub struct Results {
     pub attach: Option<Attach>,
     pub data_path: Option<DataPath>,
     pub scale: Option<Scale>,
+    #[serde(default)]
+    pub io_limits: Option<IoLimits>,
     pub footprint: Option<Footprint>,
     /// What could not be measured, or was measured differently than asked, and why.
     pub notes: Vec<String>,
@@ -176,6 +178,30 @@ pub struct AttachRow {
 pub struct Named {
     pub name: String,
     pub summary: Summary,
+}
+
+/// What configured IO limits hold fio to.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct IoLimits {
+    pub volume: String,
+    pub rows: Vec<IoLimitRow>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct IoLimitRow {
+    /// The mutable parameter set for this row (all others unlimited).
+    pub key: String,
+    /// In the row's metric; `None` for the unlimited baseline.
+    pub limit: Option<f64>,
+    pub job: String,
+    /// "IOPS" or "MiB/s".
+    pub metric: String,
+    pub measured: f64,
+    /// measured / limit.
+    pub ratio: Option<f64>,
+    /// ControllerModifyVolume's latency: the rules are rewritten before it answers, so this is
+    /// the time from the request to the limit being in force for the running pod.
+    pub modify_ms: f64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
