@@ -556,7 +556,10 @@ fn io_limits_section(md: &mut String, l: &IoLimits) {
     );
     let _ = writeln!(
         md,
-        "{}. Each row sets one limit with ControllerModifyVolume on the published volume (the          others removed in the same call) and then runs fio in the same cgroup; no remount, no          restart. \"Change in force\" is the ControllerModifyVolume latency: the throttle rules          are rewritten before it answers.\n",
+        "{}. Each row sets one limit with ControllerModifyVolume on the published volume (the \
+         others removed in the same call) and then runs fio in the same cgroup; no remount, no \
+         restart. \"Change in force\" is the ControllerModifyVolume latency: the throttle rules \
+         are rewritten before it answers.\n",
         l.volume
     );
     let mut t = Table::new(&[
