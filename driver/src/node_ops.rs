@@ -781,11 +781,18 @@ pub fn recover(d: &Driver) -> Vec<String> {
         let line = match &s.access {
             StagedAccess::Block => {
                 let binds = paths(mount::device_node_binds(&all, l.dev));
+                let staged = if record_path_visible(&s, l, &all) {
+                    format!("staged at {}", s.staging_path.display())
+                } else {
+                    format!(
+                        "recorded staging path {} not visible to this process",
+                        s.staging_path.display()
+                    )
+                };
                 format!(
-                    "re-adopted {}: block volume on {}, staged at {}, published at {binds:?}",
+                    "re-adopted {}: block volume on {}, {staged}, published at {binds:?}",
                     s.volume_id,
                     l.device.display(),
-                    s.staging_path.display()
                 )
             }
             StagedAccess::Mount { fs_type, .. } => {
