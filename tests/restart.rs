@@ -531,6 +531,45 @@ async fn a_node_plugin_container_restart_leaves_running_volumes_alone() {
         );
     }
     writer.wait_for(20);
+    // The admin tools, run on the host meanwhile, still tie each device to its volume.
+    let loopvol = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_loopvol"))
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let pool = node.host_pool.to_string_lossy().into_owned();
+    let status: serde_json::Value = serde_json::from_str(&loopvol(&[
+        "status",
+        "--pool-dir",
+        &pool,
+        "--output",
+        "json",
+    ]))
+    .unwrap();
+    for v in &vols {
+        let dev = status["loop_devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["volume_id"] == v.id.as_str())
+            .unwrap_or_else(|| panic!("status lost {}'s device: {status}", v.tag));
+        assert_eq!(dev["device"], the_device(&node, v).device.to_str().unwrap());
+        let staged = status["staged"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["volume_id"] == v.id.as_str())
+            .unwrap();
+        assert_eq!(staged["state"], "staged", "{}: {staged}", v.tag);
+    }
+    let kubelet = node.host_kubelet.to_string_lossy().into_owned();
+    let doctor = loopvol(&["doctor", "--pool-dir", &pool, "--kubelet-dir", &kubelet]);
+    assert!(
+        doctor.contains("✔ orphaned loop devices"),
+        "doctor calls the volumes' devices orphans:\n{doctor}"
+    );
 
     // The new pod: a fresh namespace, the pool and kubelet directory bound elsewhere.
     node.start("container-b").await;
@@ -741,6 +780,24 @@ fn a_device_attached_from_a_vanished_namespace_is_found_by_identity() {
         "the path sysfs prints"
     );
     assert_eq!(l.backing, backing::FileId::of(&image));
+    // The kernel's encoding of the backing device, decoded, agrees with losetup's and stat's.
+    let out = Command::new("losetup")
+        .args([
+            "--list",
+            "--noheadings",
+            "--output",
+            "BACK-MAJ:MIN,BACK-INO",
+        ])
+        .arg(&device)
+        .output()
+        .unwrap();
+    let shown = String::from_utf8(out.stdout).unwrap();
+    let id = l.backing.unwrap();
+    assert_eq!(
+        shown.split_whitespace().collect::<Vec<_>>(),
+        [id.dev.to_string(), id.ino.to_string()],
+        "losetup says {shown:?}"
+    );
     assert_eq!(
         backing::loop_if_backed_by(&device, &image).map(|l| l.device),
         Some(device.clone())
