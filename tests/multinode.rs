@@ -18,15 +18,26 @@ use tonic::Code;
 struct Proc {
     child: Option<Child>,
     args: Vec<String>,
+    env: Vec<(String, String)>,
     socket: PathBuf,
     log: PathBuf,
 }
 
 impl Proc {
     fn start(args: Vec<String>, socket: PathBuf, log: PathBuf) -> Proc {
+        Self::start_with_env(args, Vec::new(), socket, log)
+    }
+
+    fn start_with_env(
+        args: Vec<String>,
+        env: Vec<(String, String)>,
+        socket: PathBuf,
+        log: PathBuf,
+    ) -> Proc {
         let mut p = Proc {
             child: None,
             args,
+            env,
             socket,
             log,
         };
@@ -43,6 +54,9 @@ impl Proc {
         self.child = Some(
             Command::new(env!("CARGO_BIN_EXE_loopvol"))
                 .args(&self.args)
+                .env_remove("KUBERNETES_SERVICE_HOST")
+                .env_remove("KUBERNETES_SERVICE_PORT")
+                .envs(self.env.iter().map(|(k, v)| (k, v)))
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(log)
@@ -336,14 +350,8 @@ async fn router_places_routes_paginates_and_survives_a_node_outage() {
             .available_capacity
             > 0
     );
-    assert_eq!(
-        r.get_capacity(cap("n9"))
-            .await
-            .unwrap()
-            .into_inner()
-            .available_capacity,
-        0
-    );
+    // A node the router does not know is not a node without room.
+    assert_eq!(code_of(r.get_capacity(cap("n9")).await), Code::Unavailable);
 
     // Pagination across nodes, with volumes added between pages: nothing lost, nothing twice.
     for i in 0..7u8 {
@@ -511,4 +519,454 @@ async fn the_pool_port_refuses_clients_without_a_valid_certificate() {
     try_with(Some(id_from("certs")))
         .await
         .expect("the router's certificate is accepted");
+}
+
+/// Just enough of the Kubernetes API for the router's pod watch: a pod list (held back for
+/// `list_delay`, as a slow API server or a controller starting before the node plugins are up
+/// would) and a watch stream of the changes the test makes. Every change is kept, so a watch
+/// that starts from a list's resourceVersion misses none.
+struct FakeApi {
+    addr: std::net::SocketAddr,
+    state: std::sync::Arc<std::sync::Mutex<ApiState>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Default)]
+struct ApiState {
+    rv: u64,
+    pods: std::collections::BTreeMap<String, serde_json::Value>,
+    /// (resourceVersion, watch event line)
+    events: Vec<(u64, bytes::Bytes)>,
+    watchers: Vec<tokio::sync::mpsc::UnboundedSender<bytes::Bytes>>,
+}
+
+const POD_NAMESPACE: &str = "loopvol-system";
+const POD_SELECTOR: &str = "app=loopvol-node";
+
+/// A node plugin pod as the API server reports it.
+fn plugin_pod(
+    name: &str,
+    node: &str,
+    ip: Option<&str>,
+    ready: bool,
+    created: &str,
+) -> serde_json::Value {
+    let mut status = serde_json::json!({
+        "phase": if ip.is_some() { "Running" } else { "Pending" },
+        "conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}],
+    });
+    if let Some(ip) = ip {
+        status["podIP"] = ip.into();
+    }
+    serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "namespace": POD_NAMESPACE,
+            "uid": format!("uid-{name}"),
+            "labels": {"app": "loopvol-node"},
+            "creationTimestamp": created,
+        },
+        "spec": {"nodeName": node, "containers": [{"name": "loopvol", "image": "loopvol"}]},
+        "status": status,
+    })
+}
+
+impl FakeApi {
+    async fn start(list_delay: Duration, pods: Vec<serde_json::Value>) -> FakeApi {
+        use http_body_util::BodyExt;
+        let state = std::sync::Arc::new(std::sync::Mutex::new(ApiState::default()));
+        {
+            let mut st = state.lock().unwrap();
+            for p in pods {
+                st.rv += 1;
+                let mut p = p;
+                p["metadata"]["resourceVersion"] = st.rv.to_string().into();
+                st.pods
+                    .insert(p["metadata"]["name"].as_str().unwrap().into(), p);
+            }
+        }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shared = state.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let state = shared.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(
+                        move |req: hyper::Request<hyper::body::Incoming>| {
+                            let state = state.clone();
+                            async move {
+                                type Body = http_body_util::combinators::BoxBody<
+                                    bytes::Bytes,
+                                    std::convert::Infallible,
+                                >;
+                                let query = req.uri().query().unwrap_or("").to_string();
+                                let path = req.uri().path().to_string();
+                                let json = |status: u16, body: Body| {
+                                    hyper::Response::builder()
+                                        .status(status)
+                                        .header("content-type", "application/json")
+                                        .body(body)
+                                        .unwrap()
+                                };
+                                if path != format!("/api/v1/namespaces/{POD_NAMESPACE}/pods") {
+                                    return Ok::<_, std::convert::Infallible>(json(
+                                        404,
+                                        http_body_util::Full::new(bytes::Bytes::from_static(b"{}"))
+                                            .boxed(),
+                                    ));
+                                }
+                                if query.split('&').any(|kv| kv == "watch=true") {
+                                    let from: u64 = query
+                                        .split('&')
+                                        .find_map(|kv| kv.strip_prefix("resourceVersion="))
+                                        .and_then(|v| v.parse().ok())
+                                        .unwrap_or(0);
+                                    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                                    {
+                                        let mut st = state.lock().unwrap();
+                                        for (rv, line) in &st.events {
+                                            if *rv > from {
+                                                let _ = tx.send(line.clone());
+                                            }
+                                        }
+                                        st.watchers.push(tx);
+                                    }
+                                    let frames = futures::StreamExt::map(
+                                        tokio_stream::wrappers::UnboundedReceiverStream::new(rx),
+                                        |b| {
+                                            Ok::<_, std::convert::Infallible>(
+                                                hyper::body::Frame::data(b),
+                                            )
+                                        },
+                                    );
+                                    return Ok(json(
+                                        200,
+                                        http_body_util::StreamBody::new(frames).boxed(),
+                                    ));
+                                }
+                                tokio::time::sleep(list_delay).await;
+                                let body = {
+                                    let st = state.lock().unwrap();
+                                    serde_json::json!({
+                                        "apiVersion": "v1",
+                                        "kind": "PodList",
+                                        "metadata": {"resourceVersion": st.rv.to_string()},
+                                        "items": st.pods.values().collect::<Vec<_>>(),
+                                    })
+                                };
+                                Ok(json(
+                                    200,
+                                    http_body_util::Full::new(bytes::Bytes::from(body.to_string()))
+                                        .boxed(),
+                                ))
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        FakeApi { addr, state, task }
+    }
+
+    fn event(&self, kind: &str, mut pod: serde_json::Value) {
+        let mut st = self.state.lock().unwrap();
+        st.rv += 1;
+        pod["metadata"]["resourceVersion"] = st.rv.to_string().into();
+        let name = pod["metadata"]["name"].as_str().unwrap().to_string();
+        if kind == "DELETED" {
+            st.pods.remove(&name);
+        } else {
+            st.pods.insert(name, pod.clone());
+        }
+        let mut line = serde_json::json!({"type": kind, "object": pod}).to_string();
+        line.push('\n');
+        let line = bytes::Bytes::from(line);
+        let rv = st.rv;
+        st.events.push((rv, line.clone()));
+        st.watchers.retain(|w| w.send(line.clone()).is_ok());
+    }
+
+    fn kubeconfig(&self, path: &Path) {
+        std::fs::write(
+            path,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://{}\n\
+                 users:\n- name: router\n  user:\n    token: fake\ncontexts:\n- name: fake\n  context:\n    \
+                 cluster: fake\n    user: router\ncurrent-context: fake\n",
+                self.addr
+            ),
+        )
+        .unwrap();
+    }
+}
+
+impl Drop for FakeApi {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The router starts before it has seen any node plugin pod (csi-provisioner asks for
+/// capacity about 100 ms after start), and a node plugin is replaced by a rolling update
+/// (its pod terminates, disappears, and a new one takes a moment to become ready). At no
+/// point may a node read as empty: a capacity is real or UNAVAILABLE, a list complete or
+/// UNAVAILABLE.
+#[tokio::test(flavor = "multi_thread")]
+async fn router_waits_for_discovery_and_keeps_a_restarting_node() {
+    if !root_or_skip("multinode discovery") {
+        return;
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("loopvol-discovery-")
+        .tempdir()
+        .unwrap();
+    let certs = dir.path().join("certs");
+    let st = Command::new(env!("CARGO_BIN_EXE_loopvol"))
+        .args(["certs", "--out"])
+        .arg(&certs)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    // Discovery gives one port for every node; the nodes differ by IP.
+    let ips = ["127.0.0.5", "127.0.0.6"];
+    let port = std::net::TcpListener::bind((ips[0], 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut nodes = Vec::new();
+    for (i, ip) in ips.iter().enumerate() {
+        let name = format!("n{}", i + 1);
+        let sock = dir.path().join(format!("{name}.sock"));
+        let args: Vec<String> = vec![
+            "serve".into(),
+            "--mode".into(),
+            "node".into(),
+            "--node-id".into(),
+            name.clone(),
+            "--endpoint".into(),
+            format!("unix://{}", s(&sock)),
+            "--pool-dir".into(),
+            s(&dir.path().join(format!("{name}/pool"))),
+            "--pool-listen".into(),
+            format!("{ip}:{port}"),
+            "--tls-cert".into(),
+            s(&certs.join("server.crt")),
+            "--tls-key".into(),
+            s(&certs.join("server.key")),
+            "--tls-ca".into(),
+            s(&certs.join("ca.crt")),
+        ];
+        nodes.push(Proc::start(
+            args,
+            sock,
+            dir.path().join(format!("{name}.log")),
+        ));
+    }
+    let api = FakeApi::start(
+        Duration::from_millis(1500),
+        vec![
+            plugin_pod(
+                "node-n1-a",
+                "n1",
+                Some(ips[0]),
+                true,
+                "2026-01-01T00:00:00Z",
+            ),
+            plugin_pod(
+                "node-n2-a",
+                "n2",
+                Some(ips[1]),
+                true,
+                "2026-01-01T00:00:00Z",
+            ),
+        ],
+    )
+    .await;
+    let kubeconfig = dir.path().join("kubeconfig");
+    api.kubeconfig(&kubeconfig);
+    let router_socket = dir.path().join("router.sock");
+    let args: Vec<String> = vec![
+        "serve".into(),
+        "--mode".into(),
+        "controller".into(),
+        "--node-id".into(),
+        "router".into(),
+        "--endpoint".into(),
+        format!("unix://{}", s(&router_socket)),
+        "--nodes-from".into(),
+        "kubernetes".into(),
+        "--node-pod-namespace".into(),
+        POD_NAMESPACE.into(),
+        "--node-pod-selector".into(),
+        POD_SELECTOR.into(),
+        "--node-pool-port".into(),
+        port.to_string(),
+        "--tls-cert".into(),
+        s(&certs.join("client.crt")),
+        "--tls-key".into(),
+        s(&certs.join("client.key")),
+        "--tls-ca".into(),
+        s(&certs.join("ca.crt")),
+    ];
+    let started = Instant::now();
+    let _router = Proc::start_with_env(
+        args,
+        vec![("KUBECONFIG".into(), s(&kubeconfig))],
+        router_socket.clone(),
+        dir.path().join("router.log"),
+    );
+    let mut r = ControllerClient::new(
+        Endpoint::from_shared(format!("unix://{}", s(&router_socket)))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+    );
+    let cap = |node: &str| GetCapacityRequest {
+        volume_capabilities: vec![rw_mount("")],
+        accessible_topology: Some(loopvol::controller_service::topology(node)),
+        ..Default::default()
+    };
+
+    // The pod list is still on its way: the router waits for it instead of answering 0.
+    let first = r.get_capacity(cap("n1")).await.unwrap().into_inner();
+    assert!(first.available_capacity > 0, "{first:?}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(1000),
+        "answered before the pod list came: {:?}",
+        started.elapsed()
+    );
+    let mut ids = Vec::new();
+    for node in [1, 2] {
+        ids.push(
+            r.create_volume(on_node(&format!("d{node}"), node))
+                .await
+                .unwrap()
+                .into_inner()
+                .volume
+                .unwrap()
+                .volume_id,
+        );
+    }
+    let listed = |resp: ListVolumesResponse| -> HashSet<String> {
+        resp.entries
+            .into_iter()
+            .map(|e| e.volume.unwrap().volume_id)
+            .collect()
+    };
+    assert_eq!(
+        listed(
+            r.list_volumes(ListVolumesRequest::default())
+                .await
+                .unwrap()
+                .into_inner()
+        ),
+        ids.iter().cloned().collect()
+    );
+
+    // A rolling update replaces n1's plugin pod: terminating, deleted, a new one not ready.
+    let mut old = plugin_pod(
+        "node-n1-a",
+        "n1",
+        Some(ips[0]),
+        true,
+        "2026-01-01T00:00:00Z",
+    );
+    old["metadata"]["deletionTimestamp"] = "2026-01-01T01:00:00Z".into();
+    api.event("MODIFIED", old.clone());
+    api.event("DELETED", old);
+    api.event(
+        "ADDED",
+        plugin_pod("node-n1-b", "n1", None, false, "2026-01-01T01:00:01Z"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match r.get_capacity(cap("n1")).await {
+            Ok(c) => assert!(c.get_ref().available_capacity > 0, "{c:?}"),
+            Err(e) if e.code() == Code::Unavailable => break,
+            Err(e) => panic!("{e}"),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the router never saw n1's plugin go"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        code_of(r.list_volumes(ListVolumesRequest::default()).await),
+        Code::Unavailable,
+        "a list without n1's volumes would be a lie"
+    );
+    assert!(
+        r.get_capacity(cap("n2"))
+            .await
+            .unwrap()
+            .into_inner()
+            .available_capacity
+            > 0
+    );
+    assert_eq!(
+        code_of(
+            r.get_capacity(GetCapacityRequest {
+                volume_capabilities: vec![rw_mount("")],
+                ..Default::default()
+            })
+            .await
+        ),
+        Code::Unavailable,
+        "a total without n1 would be too small"
+    );
+
+    // The new pod becomes ready (the same node, so the same IP here): n1 is back.
+    api.event(
+        "MODIFIED",
+        plugin_pod(
+            "node-n1-b",
+            "n1",
+            Some(ips[0]),
+            true,
+            "2026-01-01T01:00:01Z",
+        ),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match r.get_capacity(cap("n1")).await {
+            Ok(c) => {
+                assert!(c.get_ref().available_capacity > 0, "{c:?}");
+                break;
+            }
+            Err(e) if e.code() == Code::Unavailable => {}
+            Err(e) => panic!("{e}"),
+        }
+        assert!(Instant::now() < deadline, "n1 never came back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        listed(
+            r.list_volumes(ListVolumesRequest::default())
+                .await
+                .unwrap()
+                .into_inner()
+        ),
+        ids.iter().cloned().collect()
+    );
+    for id in ids {
+        r.delete_volume(DeleteVolumeRequest {
+            volume_id: id,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    drop(nodes);
 }

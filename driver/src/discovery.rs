@@ -2,7 +2,7 @@
 //! the Kubernetes API (not polled per request). Each ready pod with an IP serves its node's
 //! pool at `https://<pod IP>:<pool port>`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use futures::StreamExt;
@@ -61,6 +61,16 @@ pub fn endpoints_from_pods<'a>(
     best.into_iter().map(|(n, (_, u))| (n, u)).collect()
 }
 
+/// Nodes that have a node plugin pod in any state: starting, not ready, terminating. During a
+/// rolling update the node's plugin is unavailable for a moment, but the node has not gone
+/// anywhere, and the router must keep it in its node set.
+pub fn nodes_with_pods<'a>(pods: impl IntoIterator<Item = &'a Pod>) -> BTreeSet<String> {
+    pods.into_iter()
+        .filter_map(|p| p.spec.as_ref()?.node_name.clone())
+        .filter(|n| provisioner::ids::validate_node_id(n).is_ok())
+        .collect()
+}
+
 /// Watch the node plugin pods and keep `dir` current until the process exits.
 pub async fn watch(
     dir: Arc<NodeDirectory>,
@@ -75,18 +85,29 @@ pub async fn watch(
         writer,
         watcher(api, watcher::Config::default().labels(&selector)),
     )
-    .default_backoff()
-    .touched_objects();
+    .default_backoff();
     tracing::info!(namespace = %namespace, selector = %selector, "watching node plugin pods");
     tokio::spawn(async move {
         futures::pin_mut!(stream);
         while let Some(event) = stream.next().await {
-            if let Err(e) = event {
-                tracing::warn!(error = %e, "node plugin watch interrupted; retrying");
-                continue;
+            match event {
+                Err(e) => {
+                    tracing::warn!(error = %e, "node plugin watch interrupted; retrying");
+                    continue;
+                }
+                // A (re)list in progress: the store still holds the previous complete state,
+                // and the first complete list is what the router waits for.
+                Ok(watcher::Event::Init) | Ok(watcher::Event::InitApply(_)) => continue,
+                // Deletions too: a pod that is gone must not keep its endpoint.
+                Ok(watcher::Event::InitDone)
+                | Ok(watcher::Event::Apply(_))
+                | Ok(watcher::Event::Delete(_)) => {}
             }
             let pods = reader.state();
-            dir.set(endpoints_from_pods(pods.iter().map(|p| p.as_ref()), port));
+            dir.discovered(
+                endpoints_from_pods(pods.iter().map(|p| p.as_ref()), port),
+                nodes_with_pods(pods.iter().map(|p| p.as_ref())),
+            );
         }
     });
     Ok(())
@@ -111,6 +132,12 @@ mod tests {
                 ("node-a".to_string(), "https://10.244.1.7:9820".to_string()),
                 ("node-b".to_string(), "https://[fd00::b]:9820".to_string()),
             ])
+        );
+        // Starting and terminating plugins keep their nodes known; an unscheduled pod names
+        // no node.
+        assert_eq!(
+            nodes_with_pods(list.items.iter()),
+            BTreeSet::from(["node-a", "node-b", "node-c", "node-d"].map(String::from))
         );
     }
 }

@@ -13,32 +13,14 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use nix::errno::Errno;
-use provisioner::backing;
+use provisioner::backing::{
+    self, DevNum, LoopInfo64, LO_FLAGS_DIRECT_IO, LO_FLAGS_READ_ONLY, LO_NAME_SIZE,
+};
 
 use crate::error::{Error, Result};
 
 const LOOP_CONTROL: &str = "/dev/loop-control";
 const LOOP_MAJOR: u64 = 7;
-const LO_FLAGS_READ_ONLY: u32 = 1;
-const LO_FLAGS_DIRECT_IO: u32 = 16;
-const LO_NAME_SIZE: usize = 64;
-
-#[repr(C)]
-struct LoopInfo64 {
-    lo_device: u64,
-    lo_inode: u64,
-    lo_rdevice: u64,
-    lo_offset: u64,
-    lo_sizelimit: u64,
-    lo_number: u32,
-    lo_encrypt_type: u32,
-    lo_encrypt_key_size: u32,
-    lo_flags: u32,
-    lo_file_name: [u8; LO_NAME_SIZE],
-    lo_crypt_name: [u8; LO_NAME_SIZE],
-    lo_encrypt_key: [u8; 32],
-    lo_init: [u64; 2],
-}
 
 #[repr(C)]
 struct LoopConfig {
@@ -173,21 +155,8 @@ pub fn free_device() -> Result<u32> {
 }
 
 fn configure(dev: &File, backing_file: &File, path: &Path, flags: u32) -> nix::Result<()> {
-    let mut info = LoopInfo64 {
-        lo_device: 0,
-        lo_inode: 0,
-        lo_rdevice: 0,
-        lo_offset: 0,
-        lo_sizelimit: 0,
-        lo_number: 0,
-        lo_encrypt_type: 0,
-        lo_encrypt_key_size: 0,
-        lo_flags: flags,
-        lo_file_name: [0; LO_NAME_SIZE],
-        lo_crypt_name: [0; LO_NAME_SIZE],
-        lo_encrypt_key: [0; 32],
-        lo_init: [0; 2],
-    };
+    let mut info = LoopInfo64::zeroed();
+    info.lo_flags = flags;
     let name = path.as_os_str().as_encoded_bytes();
     let n = name.len().min(LO_NAME_SIZE - 1);
     info.lo_file_name[..n].copy_from_slice(&name[..n]);
@@ -286,11 +255,22 @@ pub fn size_of(device: &Path) -> Result<u64> {
 }
 
 /// The device number of a block device node, to recognise it behind a bind mount.
-pub fn rdev_of(path: &Path) -> Option<u64> {
+pub fn rdev_of(path: &Path) -> Option<DevNum> {
     std::fs::metadata(path)
         .ok()
         .filter(|m| m.file_type().is_block_device())
-        .map(|m| m.rdev())
+        .map(|m| DevNum::from_user(m.rdev()))
+}
+
+/// Is a filesystem (or mkfs, or fsck) holding `device` open exclusively right now? A mount
+/// claims its block device in every mount namespace, so this sees a mount this process cannot
+/// see in its mountinfo: one made by a driver whose container has since restarted.
+pub fn claimed(device: &Path) -> bool {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_CLOEXEC | libc::O_EXCL | libc::O_NONBLOCK)
+        .open(device)
+        .is_err_and(|e| e.raw_os_error() == Some(libc::EBUSY))
 }
 
 #[cfg(test)]

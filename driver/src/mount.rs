@@ -8,6 +8,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
+pub use provisioner::backing::DevNum;
 
 use crate::error::{Error, Result};
 
@@ -35,6 +36,51 @@ impl MountEntry {
     pub fn fs_read_only(&self) -> bool {
         self.super_options.split(',').any(|o| o == "ro")
     }
+
+    /// Is this a mount of the filesystem on block device `dev`? Decided by the device number
+    /// the kernel reports for the mount, which is the same in every mount namespace (mount
+    /// points and the source string are whatever the namespace that mounted it used). btrfs
+    /// reports an anonymous device (major 0) instead; only then is the source looked at, as a
+    /// device node resolved to its number, never compared as a string.
+    pub fn is_from(&self, dev: DevNum) -> bool {
+        if self.major == dev.major && self.minor == dev.minor {
+            return true;
+        }
+        self.major == 0
+            && self.source.starts_with('/')
+            && crate::loop_device::rdev_of(Path::new(&self.source)) == Some(dev)
+    }
+
+    /// Is this mount the filesystem's root (a staging mount, or a bind of one: a publish),
+    /// rather than a bind of a directory inside it?
+    pub fn is_fs_root(&self) -> bool {
+        self.root == Path::new("/")
+    }
+}
+
+/// Mounts of the filesystem on block device `dev`, in mount order.
+pub fn of_device(all: &[MountEntry], dev: DevNum) -> Vec<&MountEntry> {
+    all.iter().filter(|m| m.is_from(dev)).collect()
+}
+
+/// Bind mounts of the device node `dev` itself (raw block publishes). They carry the device
+/// number of the filesystem holding the node (devtmpfs) and a root naming the node, so they
+/// are recognised by what sits at the mount point: a block device node with that number.
+/// Only mounts that can be binds of a loop device node are stat'ed (a stat of an unrelated
+/// mount point, say a dead NFS mount, could hang): ones whose root is a node called `loop*`,
+/// or on devtmpfs.
+pub fn device_node_binds(all: &[MountEntry], dev: DevNum) -> Vec<&MountEntry> {
+    all.iter()
+        .filter(|m| {
+            !m.is_fs_root()
+                && (m.fs_type == "devtmpfs"
+                    || m.root
+                        .file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with("loop")))
+        })
+        .filter(|m| crate::loop_device::rdev_of(&m.mount_point) == Some(dev))
+        .collect()
 }
 
 /// Undo mountinfo's octal escapes (`\040` for space and friends).

@@ -1,10 +1,12 @@
 //! The node-side operations as plain blocking functions over a [`Driver`]: the gRPC layer in
 //! `node_service` validates requests and calls these on a worker thread.
 
+use std::collections::HashMap;
 use std::path::{Component, Path, PathBuf};
 
+use provisioner::backing::{self, FileId, LoopInfo};
 use provisioner::ids::Kind;
-use provisioner::{backing, VolumeId, VolumeRecord};
+use provisioner::{VolumeId, VolumeRecord};
 
 use crate::capability::{self, Access, Checked};
 use crate::csi::volume_usage::Unit;
@@ -76,8 +78,10 @@ fn volume_path(s: &str) -> Result<PathBuf> {
 
 /// Is `path` where this volume is staged or published (its filesystem, or its device node)?
 /// Another volume's path is NOT_FOUND, so stats and expansion never act on the wrong volume.
-/// `record` is the volume's staging record, which the caller has already read.
-fn ensure_volume_at(vol: &Vol, record: Option<&Staged>, path: &Path) -> Result<()> {
+/// Decided by device numbers, so it holds for mounts made by a driver in another mount
+/// namespace (a container that restarted). `hint` is the device the staging record remembers,
+/// asked first.
+fn ensure_volume_at(vol: &Vol, hint: Option<&Path>, path: &Path) -> Result<LoopInfo> {
     let not_here = || {
         Error::NotFound(format!(
             "volume {} is not staged or published at {}",
@@ -85,28 +89,18 @@ fn ensure_volume_at(vol: &Vol, record: Option<&Staged>, path: &Path) -> Result<(
             path.display()
         ))
     };
-    let device = current_loop(vol, record.map(|s| s.device.as_path()))
-        .ok_or_else(not_here)?
-        .device;
+    let l = current_loop(vol, hint).ok_or_else(not_here)?;
     if let Some(rdev) = loop_device::rdev_of(path) {
-        return (loop_device::rdev_of(&device) == Some(rdev))
-            .then_some(())
-            .ok_or_else(not_here);
+        return (rdev == l.dev).then_some(l).ok_or_else(not_here);
     }
     if mount::is_mount_root(path) == Some(false) {
         return Err(not_here());
     }
     // kubelet asks for stats of every volume every minute: one read of the mount table each.
     let all = mount::mounts()?;
-    let Some(at) = mount::topmost_at(&all, path) else {
-        return Err(not_here());
-    };
-    let staged = record
-        .and_then(|s| mount::topmost_at(&all, &s.staging_path))
-        .filter(|m| Path::new(&m.source) == device)
-        .ok_or_else(not_here)?;
-    ((at.major, at.minor) == (staged.major, staged.minor))
-        .then_some(())
+    mount::topmost_at(&all, path)
+        .filter(|m| m.is_from(l.dev))
+        .map(|_| l)
         .ok_or_else(not_here)
 }
 
@@ -129,10 +123,11 @@ fn staged_access(cap: &Checked, record: &VolumeRecord) -> StagedAccess {
     }
 }
 
-/// The loop device currently backed by the volume's image, if any. `hint` is the device the
-/// staging record remembers: checking it is one sysfs read, where a scan reads every loop
-/// device on the machine (thousands of reads on a full node, on every publish and unpublish).
-fn current_loop(vol: &Vol, hint: Option<&Path>) -> Option<backing::LoopInfo> {
+/// The loop device currently backed by the volume's image, if any, found by the image's
+/// identity. `hint` is the device the staging record remembers: checking it is one open and
+/// one ioctl, where a scan asks every attached loop device on the machine (thousands on a full
+/// node, on every publish and unpublish).
+fn current_loop(vol: &Vol, hint: Option<&Path>) -> Option<LoopInfo> {
     hint.and_then(|dev| backing::loop_if_backed_by(dev, &vol.image))
         .or_else(|| backing::loops_backed_by(&vol.image).into_iter().next())
 }
@@ -151,17 +146,67 @@ fn remembered_device(d: &Driver, vol: &Vol) -> Option<PathBuf> {
         .map(|s| s.device)
 }
 
-/// Is the staging described by `s` still real (device attached, filesystem mounted)?
-fn still_staged(vol: &Vol, s: &Staged) -> Result<bool> {
-    let Some(l) = current_loop(vol, Some(&s.device)) else {
-        return Ok(false);
-    };
-    Ok(match s.access {
+fn same_path(a: &Path, b: &Path) -> bool {
+    a == b || mount::canonical(a) == mount::canonical(b)
+}
+
+/// Does the staging path in record `s` still show the staged volume to this process? It may
+/// not: the record was written by whichever driver staged the volume, and a driver in another
+/// mount namespace (a node plugin container that restarted, with the kubelet directory
+/// bind-mounted elsewhere) saw its own paths. Mount access: that path has the volume's
+/// filesystem mounted. Block access (nothing is mounted at staging): the path exists.
+fn record_path_visible(s: &Staged, l: &LoopInfo, all: &[MountEntry]) -> bool {
+    match s.access {
+        StagedAccess::Block => s.staging_path.exists(),
+        StagedAccess::Mount { .. } => {
+            mount::topmost_at(all, &s.staging_path).is_some_and(|m| m.is_from(l.dev))
+        }
+    }
+}
+
+/// Is `path` where the volume of record `s`, attached to `l`, is staged, as this process sees
+/// it? Where the record says, or, when the record's path shows nothing here (see
+/// [`record_path_visible`]), wherever the CO now says, provided the volume's filesystem is
+/// mounted there (mount access).
+fn staged_at(s: &Staged, path: &Path, l: &LoopInfo, all: &[MountEntry]) -> bool {
+    let mounted_here = || match s.access {
         StagedAccess::Block => true,
         StagedAccess::Mount { .. } => {
-            mount::mount_at(&s.staging_path)?.is_some_and(|m| Path::new(&m.source) == l.device)
+            mount::topmost_at(all, path).is_some_and(|m| m.is_from(l.dev) && m.is_fs_root())
         }
-    })
+    };
+    if same_path(&s.staging_path, path) {
+        return mounted_here();
+    }
+    !record_path_visible(s, l, all) && mounted_here()
+}
+
+/// Where this process can reach the volume's filesystem: the recorded staging path if it
+/// shows the volume here, else any mount of the filesystem's root (the kernel has one
+/// superblock per device, so freezing or growing through any of them acts on all).
+fn visible_mount(s: &Staged, l: &LoopInfo, all: &[MountEntry]) -> Option<MountEntry> {
+    mount::topmost_at(all, &s.staging_path)
+        .filter(|m| m.is_from(l.dev))
+        .or_else(|| {
+            mount::of_device(all, l.dev)
+                .into_iter()
+                .find(|m| m.is_fs_root())
+                .cloned()
+        })
+}
+
+/// Point the staging record at `staging`, where the volume was found staged under another
+/// path than the one recorded (the driver that recorded it lived in another mount namespace).
+fn rehome(d: &Driver, vol: &Vol, s: &mut Staged, staging: &Path, l: &LoopInfo) -> Result<()> {
+    if s.staging_path == staging && s.device == l.device {
+        return Ok(());
+    }
+    tracing::info!(volume_id = %s.volume_id, recorded = %s.staging_path.display(),
+        staging = %staging.display(), device = %l.device.display(),
+        "staging record re-adopted: the volume is staged here under another path than recorded");
+    s.staging_path = staging.to_path_buf();
+    s.device = l.device.clone();
+    node_state::save(&d.pool.node_state_dir(), &vol.hex, s)
 }
 
 pub fn stage(d: &Driver, id: &str, staging: &Path, cap: &Checked) -> Result<()> {
@@ -184,31 +229,36 @@ pub fn stage(d: &Driver, id: &str, staging: &Path, cap: &Checked) -> Result<()> 
     let state_dir = d.pool.node_state_dir();
     // A record whose staging is gone (the node rebooted, or the record outlived its unstage
     // through a power cut) describes nothing and must not block a new stage.
-    let prev = node_state::load(&state_dir, &vol.hex)?;
-    let prev = match prev {
-        Some(p) if still_staged(&vol, &p)? => Some(p),
-        Some(p) => {
-            tracing::info!(volume_id = id, staged_at = %p.staging_path.display(), "staging record found but the volume is no longer attached or mounted (reboot?); staging again");
-            None
+    if let Some(mut prev) = node_state::load(&state_dir, &vol.hex)? {
+        match current_loop(&vol, Some(&prev.device)) {
+            None => {
+                tracing::info!(volume_id = id, staged_at = %prev.staging_path.display(), "staging record found but the volume is no longer attached (reboot?); staging again");
+            }
+            Some(l) => {
+                let all = match prev.access {
+                    StagedAccess::Mount { .. } => mount::mounts()?,
+                    StagedAccess::Block => Vec::new(),
+                };
+                if !same_path(&prev.staging_path, staging) && record_path_visible(&prev, &l, &all) {
+                    return Err(Error::FailedPrecondition(format!(
+                        "volume {id} is already staged at {}",
+                        prev.staging_path.display()
+                    )));
+                }
+                if staged_at(&prev, staging, &l, &all) {
+                    if prev.access != want.access || prev.read_only != want.read_only {
+                        return Err(Error::AlreadyExists(format!(
+                            "volume {id} is staged at {} with a different capability ({:?}, read-only {})",
+                            staging.display(),
+                            prev.access,
+                            prev.read_only
+                        )));
+                    }
+                    return rehome(d, &vol, &mut prev, staging, &l);
+                }
+                tracing::info!(volume_id = id, staged_at = %prev.staging_path.display(), device = %l.device.display(), "volume attached but its staging path is not mounted; mounting it again");
+            }
         }
-        None => None,
-    };
-    if let Some(prev) = prev {
-        if prev.staging_path != want.staging_path {
-            return Err(Error::FailedPrecondition(format!(
-                "volume {id} is already staged at {}",
-                prev.staging_path.display()
-            )));
-        }
-        if prev.access != want.access || prev.read_only != want.read_only {
-            return Err(Error::AlreadyExists(format!(
-                "volume {id} is staged at {} with a different capability ({:?}, read-only {})",
-                staging.display(),
-                prev.access,
-                prev.read_only
-            )));
-        }
-        return Ok(());
     }
 
     if let Access::Mount { flags, .. } = &cap.access {
@@ -268,7 +318,7 @@ fn mount_staging(
     never_written: bool,
 ) -> Result<()> {
     if let Some(m) = mount::mount_at(staging)? {
-        if Path::new(&m.source) == device {
+        if loop_device::rdev_of(device).is_some_and(|dev| m.is_from(dev)) {
             return Ok(());
         }
         return Err(Error::FailedPrecondition(format!(
@@ -277,36 +327,15 @@ fn mount_staging(
             m.source
         )));
     }
-    // A backing file with no allocated block has never been written: it is blank without
-    // asking blkid (the common first stage of a thin volume, one exec saved).
-    let found = if never_written {
-        None
+    if loop_device::claimed(device) {
+        // Mounted already, somewhere: publishes left mounted while the staging mount went, or a
+        // mount this process cannot see (made by a driver in a mount namespace that is gone).
+        // That filesystem is live: it is not probed, checked or grown offline, and mounting it
+        // here shares its superblock.
+        tracing::info!(device = %device.display(), staging = %staging.display(),
+            "filesystem already mounted elsewhere; mounting it at the staging path too");
     } else {
-        format::probe(device)?
-    };
-    match found {
-        None if read_only => {
-            return Err(Error::FailedPrecondition(
-                "the volume is blank and cannot be formatted for a read-only stage".into(),
-            ))
-        }
-        None => {
-            let started = std::time::Instant::now();
-            format::mkfs(device, fs)?;
-            crate::metrics::observe_mkfs(fs, started.elapsed());
-            tracing::info!(fs = %fs, ms = started.elapsed().as_millis() as u64, "filesystem created");
-        }
-        Some(found) if found == fs.as_str() => {
-            format::check(device, fs)?;
-            if format::grow_offline_if_needed(device, fs, loop_device::size_of(device)?)? {
-                tracing::info!(device = %device.display(), "filesystem grown offline to its expanded volume");
-            }
-        }
-        Some(found) => {
-            return Err(Error::FailedPrecondition(format!(
-                "the volume already holds {found}, not {fs}; loopvol never reformats existing data"
-            )))
-        }
+        prepare_filesystem(device, fs, read_only, never_written)?;
     }
     std::fs::create_dir_all(staging)
         .map_err(|e| Error::io(format!("create {}", staging.display()), e))?;
@@ -338,23 +367,61 @@ fn mount_staging(
     Ok(())
 }
 
+/// Make the unmounted filesystem on `device` ready to mount: format it when blank, check it
+/// and grow it offline (ext4) when it already holds `fs`, and refuse any other content.
+fn prepare_filesystem(
+    device: &Path,
+    fs: provisioner::FsType,
+    read_only: bool,
+    never_written: bool,
+) -> Result<()> {
+    // A backing file with no allocated block has never been written: it is blank without
+    // asking blkid (the common first stage of a thin volume, one exec saved).
+    let found = if never_written {
+        None
+    } else {
+        format::probe(device)?
+    };
+    match found {
+        None if read_only => {
+            return Err(Error::FailedPrecondition(
+                "the volume is blank and cannot be formatted for a read-only stage".into(),
+            ))
+        }
+        None => {
+            let started = std::time::Instant::now();
+            format::mkfs(device, fs)?;
+            crate::metrics::observe_mkfs(fs, started.elapsed());
+            tracing::info!(fs = %fs, ms = started.elapsed().as_millis() as u64, "filesystem created");
+        }
+        Some(found) if found == fs.as_str() => {
+            format::check(device, fs)?;
+            if format::grow_offline_if_needed(device, fs, loop_device::size_of(device)?)? {
+                tracing::info!(device = %device.display(), "filesystem grown offline to its expanded volume");
+            }
+        }
+        Some(found) => {
+            return Err(Error::FailedPrecondition(format!(
+                "the volume already holds {found}, not {fs}; loopvol never reformats existing data"
+            )))
+        }
+    }
+    Ok(())
+}
+
 /// Mounts sharing the staged filesystem other than the staging mount itself (its publishes).
-fn other_mounts_of(all: &[MountEntry], staged: &MountEntry) -> Vec<PathBuf> {
-    all.iter()
-        .filter(|m| (m.major, m.minor) == (staged.major, staged.minor) && m.id != staged.id)
+fn other_mounts_of(all: &[MountEntry], l: &LoopInfo, staged: &MountEntry) -> Vec<PathBuf> {
+    mount::of_device(all, l.dev)
+        .into_iter()
+        .filter(|m| m.id != staged.id)
         .map(|m| m.mount_point.clone())
         .collect()
 }
 
 /// Bind mounts of a loop device node (raw block publishes).
-fn device_binds(all: &[MountEntry], device: &Path) -> Vec<PathBuf> {
-    let Some(rdev) = loop_device::rdev_of(device) else {
-        return Vec::new();
-    };
-    let name = device.file_name().unwrap_or_default();
-    all.iter()
-        .filter(|m| m.root.file_name() == Some(name))
-        .filter(|m| loop_device::rdev_of(&m.mount_point) == Some(rdev))
+fn device_binds(all: &[MountEntry], l: &LoopInfo) -> Vec<PathBuf> {
+    mount::device_node_binds(all, l.dev)
+        .into_iter()
         .map(|m| m.mount_point.clone())
         .collect()
 }
@@ -363,8 +430,17 @@ pub fn unstage(d: &Driver, id: &str, staging: &Path) -> Result<()> {
     let vol = volume(d, id)?;
     let _g = hold(d, &vol)?;
     let state_dir = d.pool.node_state_dir();
-    if let Some(st) = node_state::load(&state_dir, &vol.hex)? {
-        if mount::canonical(&st.staging_path) != mount::canonical(staging) {
+    let record = node_state::load(&state_dir, &vol.hex)?;
+    // Every device backed by the image (normally one): unstage leaks none, even one attached
+    // by hand.
+    let loops = backing::loops_backed_by(&vol.image);
+    let all = mount::mounts()?;
+    if let Some(st) = &record {
+        // Staged at another path, unless the recorded path shows nothing to this process and
+        // the volume is found at the path asked (see `staged_at`).
+        if !same_path(&st.staging_path, staging)
+            && !loops.iter().any(|l| staged_at(st, staging, l, &all))
+        {
             // Not staged at this path: nothing here is ours to undo (the spec's idempotent OK),
             // and the real staging elsewhere must stay attached.
             tracing::info!(volume_id = id, staged_at = %st.staging_path.display(),
@@ -372,53 +448,48 @@ pub fn unstage(d: &Driver, id: &str, staging: &Path) -> Result<()> {
             return Ok(());
         }
     }
-    let all = mount::mounts()?;
-    let staged_mount = all
-        .iter()
-        .rev()
-        .find(|m| m.mount_point == mount::canonical(staging))
-        .cloned();
-    let loops = backing::loops_backed_by(&vol.image);
+    let staged_mount = mount::topmost_at(&all, staging);
     // Refuse while anything still uses the volume, before changing anything.
     for l in &loops {
-        let binds = device_binds(&all, &l.device);
+        let binds = device_binds(&all, l);
         if !binds.is_empty() {
             return Err(Error::FailedPrecondition(format!(
                 "block volume {id} is still published at {binds:?}; unpublish it first"
             )));
         }
-        let elsewhere: Vec<_> = all
-            .iter()
-            .filter(|m| Path::new(&m.source) == l.device)
+        let elsewhere: Vec<_> = mount::of_device(&all, l.dev)
+            .into_iter()
             .filter(|m| staged_mount.as_ref().is_none_or(|s| s.id != m.id))
             .map(|m| m.mount_point.clone())
             .collect();
         if !elsewhere.is_empty() {
             return Err(Error::FailedPrecondition(format!(
-                "volume {id} is mounted at {elsewhere:?}, not only at {}; not detaching it",
+                "volume {id} is still mounted at {elsewhere:?}, not only at {}; unpublish it \
+                 first (not detaching it)",
                 staging.display()
             )));
         }
     }
     if let Some(m) = &staged_mount {
-        if !loops.iter().any(|l| Path::new(&m.source) == l.device) {
+        if !loops.iter().any(|l| m.is_from(l.dev)) {
             return Err(Error::FailedPrecondition(format!(
                 "{} has {} mounted, which is not volume {id}; not touching it",
                 staging.display(),
                 m.source
             )));
         }
-        let published = other_mounts_of(&all, m);
-        if !published.is_empty() {
-            return Err(Error::FailedPrecondition(format!(
-                "volume {id} is still published at {published:?}; unpublish it first"
-            )));
-        }
         mount::unmount(staging)?;
     }
-    // Every device the scan above found (normally one): unstage leaks none, even one
-    // attached by hand.
     for l in &loops {
+        if loop_device::claimed(&l.device) {
+            // Mounted where this process cannot see it: detaching would pull the device out
+            // from under a live filesystem.
+            return Err(Error::FailedPrecondition(format!(
+                "volume {id} is mounted from {} somewhere this node plugin cannot see (another \
+                 mount namespace); unmount it there first",
+                l.device.display()
+            )));
+        }
         loop_device::detach(&l.device)?;
     }
     node_state::remove(&state_dir, &vol.hex)?;
@@ -436,15 +507,25 @@ pub fn publish(
 ) -> Result<()> {
     let vol = volume(d, id)?;
     let _g = hold(d, &vol)?;
-    let state = node_state::load(&d.pool.node_state_dir(), &vol.hex)?
-        .filter(|s| s.staging_path == staging)
-        .ok_or_else(|| {
-            Error::FailedPrecondition(format!(
-                "volume {id} is not staged at {}; call NodeStageVolume first",
-                staging.display()
-            ))
-        })?;
-    let Some(l) = current_loop(&vol, Some(&state.device)) else {
+    let not_staged = || {
+        Error::FailedPrecondition(format!(
+            "volume {id} is not staged at {}; call NodeStageVolume first",
+            staging.display()
+        ))
+    };
+    let mut state = node_state::load(&d.pool.node_state_dir(), &vol.hex)?.ok_or_else(not_staged)?;
+    let l = current_loop(&vol, Some(&state.device));
+    // One read of the mount table for the whole check.
+    let all = mount::mounts()?;
+    if !same_path(&state.staging_path, staging) {
+        match &l {
+            Some(l) if staged_at(&state, staging, l, &all) => {
+                rehome(d, &vol, &mut state, staging, l)?
+            }
+            _ => return Err(not_staged()),
+        }
+    }
+    let Some(l) = l else {
         return Err(Error::FailedPrecondition(format!(
             "volume {id} is not attached on this node (rebooted?); stage it again"
         )));
@@ -452,14 +533,14 @@ pub fn publish(
     let read_only = readonly || cap.read_only();
     match (&cap.access, &state.access) {
         (Access::Mount { flags, .. }, StagedAccess::Mount { .. }) => {
-            // One read of the mount table for the whole check.
-            let all = mount::mounts()?;
-            let staged = mount::topmost_at(&all, staging).ok_or_else(|| {
-                Error::FailedPrecondition(format!(
-                    "staging path {} is not mounted; stage volume {id} again",
-                    staging.display()
-                ))
-            })?;
+            let staged = mount::topmost_at(&all, staging)
+                .filter(|m| m.is_from(l.dev))
+                .ok_or_else(|| {
+                    Error::FailedPrecondition(format!(
+                        "staging path {} is not mounted; stage volume {id} again",
+                        staging.display()
+                    ))
+                })?;
             if let Some(m) = mount::topmost_at(&all, target) {
                 if (m.major, m.minor) == (staged.major, staged.minor) && m.read_only() == read_only
                 {
@@ -470,7 +551,7 @@ pub fn publish(
                     target.display()
                 )));
             }
-            single_writer_check(cap, id, other_mounts_of(&all, &staged))?;
+            single_writer_check(cap, id, other_mounts_of(&all, &l, &staged))?;
             std::fs::create_dir_all(target)
                 .map_err(|e| Error::io(format!("create {}", target.display()), e))?;
             let (bits, _) = capability::split_flags(flags);
@@ -484,8 +565,8 @@ pub fn publish(
                      does not stop writes to the device"
                 )));
             }
-            if let Some(_m) = mount::mount_at(target)? {
-                if loop_device::rdev_of(target) == loop_device::rdev_of(&l.device) {
+            if mount::topmost_at(&all, target).is_some() {
+                if loop_device::rdev_of(target) == Some(l.dev) {
                     return Ok(());
                 }
                 return Err(Error::AlreadyExists(format!(
@@ -493,7 +574,7 @@ pub fn publish(
                     target.display()
                 )));
             }
-            single_writer_check(cap, id, device_binds(&mount::mounts()?, &l.device))?;
+            single_writer_check(cap, id, device_binds(&all, &l))?;
             if let Some(parent) = target.parent() {
                 std::fs::create_dir_all(parent)
                     .map_err(|e| Error::io(format!("create {}", parent.display()), e))?;
@@ -533,25 +614,15 @@ fn single_writer_check(cap: &Checked, id: &str, published: Vec<PathBuf>) -> Resu
 pub fn unpublish(d: &Driver, id: &str, target: &Path) -> Result<()> {
     let vol = volume(d, id)?;
     let _g = hold(d, &vol)?;
-    let loop_dev = current_loop(&vol, remembered_device(d, &vol).as_deref()).map(|l| l.device);
+    let dev = current_loop(&vol, remembered_device(d, &vol).as_deref()).map(|l| l.dev);
     for _ in 0..8 {
         let Some(m) = mount::mount_at(target)? else {
             break;
         };
-        let ours = Path::new(&m.source) == loop_dev.as_deref().unwrap_or(Path::new("-"))
-            || loop_dev
-                .as_deref()
-                .and_then(loop_device::rdev_of)
-                .is_some_and(|r| loop_device::rdev_of(target) == Some(r))
-            || loop_dev.as_deref().is_some_and(|dev| {
-                mount::mounts()
-                    .map(|all| {
-                        all.iter().any(|x| {
-                            Path::new(&x.source) == dev && (x.major, x.minor) == (m.major, m.minor)
-                        })
-                    })
-                    .unwrap_or(false)
-            });
+        // The volume's filesystem (a bind of its staging mount), or its device node (raw
+        // block), by device number: the mount may have been made from another mount namespace.
+        let ours =
+            dev.is_some_and(|dev| m.is_from(dev) || loop_device::rdev_of(target) == Some(dev));
         if !ours {
             return Err(Error::FailedPrecondition(format!(
                 "{} has a mount that is not volume {id}; not touching it",
@@ -570,7 +641,7 @@ pub fn stats(d: &Driver, id: &str, path: &str) -> Result<Vec<VolumeUsage>> {
     let path = &volume_path(path)?;
     let record = node_state::load(&d.pool.node_state_dir(), &vol.hex)?;
     // Also proves that `path` is a mount point of this volume, or its device node.
-    ensure_volume_at(&vol, record.as_ref(), path)?;
+    ensure_volume_at(&vol, record.as_ref().map(|s| s.device.as_path()), path)?;
     if loop_device::rdev_of(path).is_some() {
         let total = loop_device::size_of(path)? as i64;
         return Ok(vec![VolumeUsage {
@@ -608,11 +679,16 @@ pub fn expand(d: &Driver, id: &str, path: &str, block_hint: bool) -> Result<u64>
     let l = current_loop(&vol, state.as_ref().map(|s| s.device.as_path())).ok_or_else(|| {
         Error::FailedPrecondition(format!("volume {id} is not staged on this node"))
     })?;
-    ensure_volume_at(&vol, state.as_ref(), &path)?;
+    ensure_volume_at(&vol, Some(&l.device), &path)?;
     let size = loop_device::refresh_capacity(&l.device)?;
-    match state.map(|s| (s.access, s.staging_path)) {
-        Some((StagedAccess::Mount { fs_type, .. }, staging)) if !block_hint => {
-            format::grow(fs_type, &l.device, &staging)?;
+    match state {
+        Some(s) if !block_hint => {
+            if let StagedAccess::Mount { fs_type, .. } = s.access {
+                // xfs and btrfs grow through a mount point: one this process can see.
+                let all = mount::mounts()?;
+                let at = visible_mount(&s, &l, &all).map_or(path, |m| m.mount_point);
+                format::grow(fs_type, &l.device, &at)?;
+            }
         }
         _ => {}
     }
@@ -634,8 +710,12 @@ pub fn volume_health(d: &Driver, id: &str) -> Result<VolumeHealth> {
                     s.staging_path.display()
                 ),
             )),
-            Some(_) if matches!(s.access, StagedAccess::Mount { .. }) => {
-                match mount::mount_at(&s.staging_path)? {
+            Some(l) if matches!(s.access, StagedAccess::Mount { .. }) => {
+                let all = mount::mounts()?;
+                match visible_mount(&s, &l, &all) {
+                    // Mounted where this process cannot look (another mount namespace): not
+                    // reported as missing, and its state cannot be read from here.
+                    None if loop_device::claimed(&l.device) => {}
                     None => statuses.push(entry(
                         VolumeHealthErrorType::Inaccessible,
                         "NotMounted",
@@ -677,35 +757,108 @@ pub fn volume_health(d: &Driver, id: &str) -> Result<VolumeHealth> {
     })
 }
 
-/// At start-up: report what is staged, and detach loop devices over pool images that no
-/// longer have a volume record (left by a crash between delete steps) when nothing uses them.
+/// At start-up: find again what each staging record describes, by identity and device number
+/// (a restarted container sees other paths than the one that staged it), and say what was
+/// re-adopted; and detach loop devices over pool images that were deleted (left by a crash
+/// between delete steps) when nothing uses them. Every staging record is kept: one whose
+/// device is gone is restored by the next NodeStageVolume.
 pub fn recover(d: &Driver) -> Vec<String> {
     let mut report = Vec::new();
     let state_dir = d.pool.node_state_dir();
-    // One scan for all records: a scan per record is a million sysfs reads at a thousand.
+    // One scan for all records: a scan per record asks every loop device once per record.
     let pool_loops = backing::loops_under(d.pool.dir());
-    for (hex, s) in node_state::all(&state_dir) {
-        let image = mount::canonical(&d.pool.image_path(&hex));
-        let attached: Vec<_> = pool_loops
-            .iter()
-            .filter(|l| !l.backing_deleted && l.backing_file == image)
-            .collect();
-        match attached.first() {
-            Some(l) => report.push(format!("{} staged at {} on {}", s.volume_id, s.staging_path.display(), l.device.display())),
-            None => report.push(format!(
+    let by_file: HashMap<FileId, &LoopInfo> = pool_loops
+        .iter()
+        .filter_map(|l| l.backing.map(|id| (id, l)))
+        .collect();
+    let all = mount::mounts().unwrap_or_default();
+    let paths = |ms: Vec<&MountEntry>| -> Vec<PathBuf> {
+        ms.into_iter().map(|m| m.mount_point.clone()).collect()
+    };
+    for (hex, mut s) in node_state::all(&state_dir) {
+        let Some(l) = FileId::of(&d.pool.image_path(&hex)).and_then(|id| by_file.get(&id)) else {
+            report.push(format!(
                 "{} was staged at {} but is no longer attached (node rebooted?); the next NodeStageVolume restores it",
                 s.volume_id,
                 s.staging_path.display()
-            )),
+            ));
+            continue;
+        };
+        let line = match &s.access {
+            StagedAccess::Block => {
+                let binds = paths(mount::device_node_binds(&all, l.dev));
+                let staged = if record_path_visible(&s, l, &all) {
+                    format!("staged at {}", s.staging_path.display())
+                } else {
+                    format!(
+                        "recorded staging path {} not visible to this process",
+                        s.staging_path.display()
+                    )
+                };
+                format!(
+                    "re-adopted {}: block volume on {}, {staged}, published at {binds:?}",
+                    s.volume_id,
+                    l.device.display(),
+                )
+            }
+            StagedAccess::Mount { fs_type, .. } => {
+                let mounted = paths(mount::of_device(&all, l.dev));
+                if record_path_visible(&s, l, &all) {
+                    let published: Vec<_> = mounted
+                        .iter()
+                        .filter(|p| !same_path(p, &s.staging_path))
+                        .collect();
+                    format!(
+                        "re-adopted {}: {fs_type} on {}, mounted at {}, published at {published:?}",
+                        s.volume_id,
+                        l.device.display(),
+                        s.staging_path.display()
+                    )
+                } else if !mounted.is_empty() {
+                    format!(
+                        "re-adopted {}: {fs_type} on {}, mounted here at {mounted:?}; the recorded \
+                         staging path {} shows nothing to this process (it was staged by a driver \
+                         that saw other paths), so the next NodeStageVolume or \
+                         NodePublishVolume names the staging path",
+                        s.volume_id,
+                        l.device.display(),
+                        s.staging_path.display()
+                    )
+                } else if loop_device::claimed(&l.device) {
+                    format!(
+                        "re-adopted {}: {fs_type} on {}, mounted only where this process cannot \
+                         see (recorded staging path {})",
+                        s.volume_id,
+                        l.device.display(),
+                        s.staging_path.display()
+                    )
+                } else {
+                    format!(
+                        "{} is attached on {} but not mounted at {}; the next NodeStageVolume \
+                         mounts it again",
+                        s.volume_id,
+                        l.device.display(),
+                        s.staging_path.display()
+                    )
+                }
+            }
+        };
+        report.push(line);
+        if s.device != l.device {
+            // Keep the fast path fast: the next RPC asks this device first.
+            s.device = l.device.clone();
+            if let Err(e) = node_state::save(&state_dir, &hex, &s) {
+                tracing::warn!(volume_id = %s.volume_id, error = %e, "could not update the staging record's device");
+            }
         }
     }
-    let mounts = mount::mounts().unwrap_or_default();
-    for l in pool_loops {
-        let exists = l.backing_file.exists() && !l.backing_deleted;
-        if exists {
+    for l in &pool_loops {
+        if !l.backing_deleted {
             continue;
         }
-        let in_use = mounts.iter().any(|m| Path::new(&m.source) == l.device);
+        let in_use = !mount::of_device(&all, l.dev).is_empty()
+            || !mount::device_node_binds(&all, l.dev).is_empty()
+            || loop_device::claimed(&l.device);
         if in_use {
             report.push(format!(
                 "{} backs a deleted image and is still mounted; left alone",
@@ -723,7 +876,7 @@ pub fn recover(d: &Driver) -> Vec<String> {
 
 /// Freeze `record`'s filesystem if it is staged and mounted where this process can see it; the
 /// pool calls this right before copying a live volume. A volume that is not mounted here (block
-/// access, unstaged, or staged in another mount namespace) is copied crash-consistent.
+/// access, unstaged, or mounted only in another mount namespace) is copied crash-consistent.
 pub fn quiesce(d: &Driver, record: &VolumeRecord) -> Result<Option<crate::freeze::Frozen>> {
     let Some(hex) = VolumeId::parse(Kind::Volume, &record.id).map(|v| v.hex) else {
         return Ok(None);
@@ -734,14 +887,16 @@ pub fn quiesce(d: &Driver, record: &VolumeRecord) -> Result<Option<crate::freeze
     if !matches!(staged.access, StagedAccess::Mount { .. }) {
         return Ok(None);
     }
-    let image = d.pool.image_path(&hex);
-    let Some(l) = backing::loops_backed_by(&image).into_iter().next() else {
+    let vol = Vol {
+        record: record.clone(),
+        image: d.pool.image_path(&hex),
+        hex,
+    };
+    let Some(l) = current_loop(&vol, Some(&staged.device)) else {
         return Ok(None);
     };
-    match mount::mount_at(&staged.staging_path)? {
-        Some(m) if Path::new(&m.source) == l.device => {
-            crate::freeze::freeze(&staged.staging_path).map(Some)
-        }
-        _ => Ok(None),
+    match visible_mount(&staged, &l, &mount::mounts()?) {
+        Some(m) => crate::freeze::freeze(&m.mount_point).map(Some),
+        None => Ok(None),
     }
 }

@@ -1,7 +1,9 @@
 //! What this node staged, one small record per volume inside the pool's `node/` directory.
-//! The kernel (sysfs, mountinfo) remains the truth about what is attached and mounted; the
-//! record adds what the kernel cannot tell us: which capability the volume was staged with,
-//! so repeated or conflicting NodeStage calls can be answered exactly, also after a restart.
+//! The kernel (loop devices, mountinfo) remains the truth about what is attached and mounted;
+//! the record adds what the kernel cannot tell us: which capability the volume was staged
+//! with, so repeated or conflicting NodeStage calls can be answered exactly, also after a
+//! restart. Its staging path is the one the CO gave the driver that staged the volume, which
+//! a restarted container may not see (its bind mounts can differ).
 
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -23,7 +25,9 @@ pub struct Staged {
     pub staging_path: PathBuf,
     pub access: StagedAccess,
     pub read_only: bool,
-    /// The loop device at staging time (informational: devices are found again via sysfs).
+    /// The loop device at staging time: asked first whether it still reads the image (by
+    /// identity), so the common case costs one ioctl instead of a scan. Only a hint; the
+    /// kernel decides.
     pub device: PathBuf,
 }
 

@@ -4,7 +4,7 @@
 //! (the scheduler's choice, with WaitForFirstConsumer) say. An unreachable node is UNAVAILABLE,
 //! which the sidecars retry: nothing is deleted or forgotten because a node was down.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -21,53 +21,151 @@ use crate::csi::controller_server::Controller;
 use crate::csi::*;
 use crate::TOPOLOGY_KEY;
 
-/// Which node plugin serves which node's pool: `node-id → https://ip:port`.
+/// How long the router waits for node discovery's first complete answer before an RPC that
+/// needs the node set answers UNAVAILABLE (csi-provisioner starts asking about capacity a
+/// moment before the first pod list arrives).
+pub const DISCOVERY_WAIT: Duration = Duration::from_secs(5);
+
+/// How long a node whose plugin pod has vanished altogether stays known. A rolling update
+/// deletes a node's pod before the DaemonSet creates the next one; only a node that is gone
+/// for good (removed from the cluster) stays without a pod this long.
+pub const FORGET_AFTER: Duration = Duration::from_secs(300);
+
+/// Which node plugin serves which node's pool: `node-id → https://ip:port`, and which nodes
+/// the router knows at all. A known node whose plugin is not ready (restarting) answers
+/// UNAVAILABLE; it is not left out, so lists are never silently partial and a node's capacity
+/// is never reported as zero because its plugin was restarting.
 pub struct NodeDirectory {
-    nodes: RwLock<BTreeMap<String, String>>,
+    nodes: RwLock<Nodes>,
+    /// False until the first complete answer from discovery (or the static list) came in.
+    synced: tokio::sync::watch::Sender<bool>,
     tls: ClientTlsConfig,
     clients: Mutex<HashMap<String, (String, ControllerClient<Channel>)>>,
+    discovery_wait: Duration,
+    forget_after: Duration,
+}
+
+#[derive(Default)]
+struct Nodes {
+    /// Nodes with a ready plugin, and its pool URL.
+    ready: BTreeMap<String, String>,
+    /// Every known node; `Some(t)`: without any plugin pod since `t`.
+    known: BTreeMap<String, Option<tokio::time::Instant>>,
 }
 
 impl NodeDirectory {
     pub fn new(tls: ClientTlsConfig) -> Self {
         NodeDirectory {
-            nodes: RwLock::new(BTreeMap::new()),
+            nodes: RwLock::new(Nodes::default()),
+            synced: tokio::sync::watch::Sender::new(false),
             tls,
             clients: Mutex::new(HashMap::new()),
+            discovery_wait: DISCOVERY_WAIT,
+            forget_after: FORGET_AFTER,
         }
     }
 
-    /// Replace the whole map (discovery calls this on every change).
+    /// Other waits than [`DISCOVERY_WAIT`] and [`FORGET_AFTER`] (tests).
+    pub fn with_timing(mut self, discovery_wait: Duration, forget_after: Duration) -> Self {
+        self.discovery_wait = discovery_wait;
+        self.forget_after = forget_after;
+        self
+    }
+
+    /// Replace the whole map with a fixed set of nodes (`--node-endpoints`).
     pub fn set(&self, nodes: BTreeMap<String, String>) {
-        let mut cur = self.nodes.write().unwrap_or_else(|e| e.into_inner());
-        if *cur != nodes {
-            tracing::info!(nodes = ?nodes, "node directory updated");
-            *cur = nodes;
-        }
+        let present = nodes.keys().cloned().collect();
+        self.discovered(nodes, present);
     }
 
+    /// What discovery sees now: the nodes with a ready plugin (and its URL), and every node
+    /// that has a plugin pod in any state (starting, not ready, terminating). A node missing
+    /// from both stays known for [`FORGET_AFTER`].
+    pub fn discovered(&self, ready: BTreeMap<String, String>, present: BTreeSet<String>) {
+        let now = tokio::time::Instant::now();
+        let mut cur = self.nodes.write().unwrap_or_else(|e| e.into_inner());
+        let before: Vec<(String, bool)> = cur
+            .known
+            .keys()
+            .map(|n| (n.clone(), cur.ready.contains_key(n)))
+            .collect();
+        for node in ready.keys().chain(present.iter()) {
+            cur.known.insert(node.clone(), None);
+        }
+        cur.known.retain(|node, gone| {
+            if ready.contains_key(node) || present.contains(node) {
+                return true;
+            }
+            let since = *gone.get_or_insert(now);
+            now.duration_since(since) < self.forget_after
+        });
+        let changed = cur.ready != ready
+            || before
+                != cur
+                    .known
+                    .keys()
+                    .map(|n| (n.clone(), ready.contains_key(n)))
+                    .collect::<Vec<_>>();
+        cur.ready = ready;
+        if changed {
+            let waiting: Vec<&String> = cur
+                .known
+                .keys()
+                .filter(|n| !cur.ready.contains_key(*n))
+                .collect();
+            tracing::info!(ready = ?cur.ready, not_ready = ?waiting, "node directory updated");
+        }
+        drop(cur);
+        self.synced.send_replace(true);
+    }
+
+    /// Wait (up to [`DISCOVERY_WAIT`]) until the node set is known: before discovery's first
+    /// answer, an empty node set would read as "no capacity anywhere" and "no volumes".
+    pub async fn wait_synced(&self) -> Result<(), Status> {
+        let mut rx = self.synced.subscribe();
+        let synced = tokio::time::timeout(self.discovery_wait, rx.wait_for(|s| *s))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        if synced {
+            return Ok(());
+        }
+        Err(Status::unavailable(
+            "the router has not discovered the loopvol node plugins yet; retry",
+        ))
+    }
+
+    /// Every node the router knows, ready or not, in name order.
     pub fn names(&self) -> Vec<String> {
+        let now = tokio::time::Instant::now();
         self.nodes
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .keys()
-            .cloned()
+            .known
+            .iter()
+            .filter(|(_, gone)| gone.is_none_or(|t| now.duration_since(t) < self.forget_after))
+            .map(|(n, _)| n.clone())
             .collect()
     }
 
-    fn url(&self, node: &str) -> Option<String> {
-        self.nodes
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(node)
-            .cloned()
+    /// The pool URL of `node`'s plugin: UNAVAILABLE, with why, when there is no ready one.
+    fn url(&self, node: &str) -> Result<String, Status> {
+        let cur = self.nodes.read().unwrap_or_else(|e| e.into_inner());
+        if let Some(url) = cur.ready.get(node) {
+            return Ok(url.clone());
+        }
+        Err(match cur.known.get(node) {
+            Some(_) => Status::unavailable(format!(
+                "the loopvol node plugin on node {node:?} is not ready (restarting?); retry"
+            )),
+            None => {
+                Status::unavailable(format!("no loopvol node plugin is known for node {node:?}"))
+            }
+        })
     }
 
     /// A client for `node`'s pool API; connections are made lazily and reused.
     pub fn client(&self, node: &str) -> Result<ControllerClient<Channel>, Status> {
-        let url = self.url(node).ok_or_else(|| {
-            Status::unavailable(format!("no loopvol node plugin is known for node {node:?}"))
-        })?;
+        let url = self.url(node)?;
         let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((u, c)) = clients.get(node) {
             if *u == url {
@@ -113,22 +211,45 @@ impl Router {
         Router { dir, advertised }
     }
 
-    fn for_volume(&self, id: &str) -> Option<Result<ControllerClient<Channel>, Status>> {
-        VolumeId::parse(Kind::Volume, id).map(|v| self.dir.client(&v.node))
+    /// A client for `node`, once discovery has had its chance to name it.
+    async fn node(&self, node: &str) -> Result<ControllerClient<Channel>, Status> {
+        self.dir.wait_synced().await?;
+        self.dir.client(node)
+    }
+
+    /// Every known node, once discovery has had its chance to name them.
+    async fn names(&self) -> Result<Vec<String>, Status> {
+        self.dir.wait_synced().await?;
+        Ok(self.dir.names())
+    }
+
+    async fn for_volume(&self, id: &str) -> Option<Result<ControllerClient<Channel>, Status>> {
+        match VolumeId::parse(Kind::Volume, id) {
+            Some(v) => Some(self.node(&v.node).await),
+            None => None,
+        }
     }
 
     /// The pool API of the node owning volume `id`: INVALID_ARGUMENT when the ID is missing,
     /// NOT_FOUND when it is not a loopvol ID at all.
-    fn volume_owner(&self, field: &str, id: &str) -> Result<ControllerClient<Channel>, Status> {
+    async fn volume_owner(
+        &self,
+        field: &str,
+        id: &str,
+    ) -> Result<ControllerClient<Channel>, Status> {
         if id.is_empty() {
             return Err(Status::invalid_argument(format!("{field} is required")));
         }
         self.for_volume(id)
+            .await
             .unwrap_or_else(|| Err(unknown_volume(id)))
     }
 
-    fn for_snapshot(&self, id: &str) -> Option<Result<ControllerClient<Channel>, Status>> {
-        VolumeId::parse(Kind::Snapshot, id).map(|v| self.dir.client(&v.node))
+    async fn for_snapshot(&self, id: &str) -> Option<Result<ControllerClient<Channel>, Status>> {
+        match VolumeId::parse(Kind::Snapshot, id) {
+            Some(v) => Some(self.node(&v.node).await),
+            None => None,
+        }
     }
 
     /// Choose the node for a new volume.
@@ -165,7 +286,7 @@ impl Router {
         }
         let wanted: Vec<&String> = preferred.iter().chain(requisite.iter()).collect();
         if !wanted.is_empty() {
-            let known = self.dir.names();
+            let known = self.names().await?;
             return wanted
                 .into_iter()
                 .find(|n| known.contains(n))
@@ -178,8 +299,14 @@ impl Router {
         }
         // No constraint: the node with the most room for this kind of volume.
         let mut best: Option<(i64, String)> = None;
-        for node in self.dir.names() {
-            let mut c = self.dir.client(&node)?;
+        for node in self.names().await? {
+            let mut c = match self.dir.client(&node) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(node = %node, error = %e, "node skipped for placement");
+                    continue;
+                }
+            };
             let cap = c
                 .get_capacity(GetCapacityRequest {
                     volume_capabilities: req.volume_capabilities.clone(),
@@ -219,8 +346,8 @@ impl Router {
         }
         let (start, mut inner) = parse_token(token)?;
         let names: Vec<String> = self
-            .dir
             .names()
+            .await?
             .into_iter()
             .filter(|n| start.as_ref().is_none_or(|s| n >= s))
             .collect();
@@ -300,7 +427,7 @@ impl Controller for Router {
         }
         let node = self.place(&req).await?;
         tracing::info!(node = %node, "routing CreateVolume");
-        self.dir.client(&node)?.create_volume(req).await
+        self.node(&node).await?.create_volume(req).await
     }
 
     #[tracing::instrument(skip_all, name = "DeleteVolume", fields(volume_id = %req.get_ref().volume_id))]
@@ -312,7 +439,7 @@ impl Controller for Router {
         if r.volume_id.is_empty() {
             return Err(Status::invalid_argument("volume_id is required"));
         }
-        match self.for_volume(&r.volume_id) {
+        match self.for_volume(&r.volume_id).await {
             Some(c) => c?.delete_volume(r).await,
             None => Ok(Response::new(DeleteVolumeResponse {})),
         }
@@ -338,7 +465,8 @@ impl Controller for Router {
         req: Request<ValidateVolumeCapabilitiesRequest>,
     ) -> Result<Response<ValidateVolumeCapabilitiesResponse>, Status> {
         let r = req.into_inner();
-        self.volume_owner("volume_id", &r.volume_id)?
+        self.volume_owner("volume_id", &r.volume_id)
+            .await?
             .validate_volume_capabilities(r)
             .await
     }
@@ -406,7 +534,8 @@ impl Controller for Router {
         req: Request<ControllerGetVolumeHealthRequest>,
     ) -> Result<Response<ControllerGetVolumeHealthResponse>, Status> {
         let r = req.into_inner();
-        self.volume_owner("volume_id", &r.volume_id)?
+        self.volume_owner("volume_id", &r.volume_id)
+            .await?
             .controller_get_volume_health(r)
             .await
     }
@@ -422,28 +551,19 @@ impl Controller for Router {
             .as_ref()
             .and_then(|t| t.segments.get(TOPOLOGY_KEY))
         {
-            return match self.dir.client(node) {
-                Ok(mut c) => c.get_capacity(r).await,
-                // A node without a reachable plugin offers nothing right now.
-                Err(_) => Ok(Response::new(GetCapacityResponse {
-                    available_capacity: 0,
-                    maximum_volume_size: Some(0),
-                    minimum_volume_size: None,
-                })),
-            };
+            // A node whose plugin the router does not know (yet), or that is restarting, is
+            // UNAVAILABLE, never 0: csi-provisioner would publish a capacity of 0 for it and
+            // the scheduler would stop placing volumes there. The sidecar retries.
+            return self.node(node).await?.get_capacity(r).await;
         }
         // No segment: what the whole cluster offers; the largest single volume is one node's.
+        // A node that cannot answer makes the total unknown, not smaller.
         let (mut total, mut largest) = (0i64, 0i64);
-        for node in self.dir.names() {
-            match self.dir.client(&node)?.get_capacity(r.clone()).await {
-                Ok(resp) => {
-                    let resp = resp.into_inner();
-                    total = total.saturating_add(resp.available_capacity);
-                    largest =
-                        largest.max(resp.maximum_volume_size.unwrap_or(resp.available_capacity));
-                }
-                Err(e) => tracing::warn!(node = %node, error = %e, "capacity of node unknown"),
-            }
+        for node in self.names().await? {
+            let resp = self.dir.client(&node)?.get_capacity(r.clone()).await?;
+            let resp = resp.into_inner();
+            total = total.saturating_add(resp.available_capacity);
+            largest = largest.max(resp.maximum_volume_size.unwrap_or(resp.available_capacity));
         }
         Ok(Response::new(GetCapacityResponse {
             available_capacity: total,
@@ -468,7 +588,8 @@ impl Controller for Router {
         if r.name.is_empty() {
             return Err(Status::invalid_argument("name is required"));
         }
-        self.volume_owner("source_volume_id", &r.source_volume_id)?
+        self.volume_owner("source_volume_id", &r.source_volume_id)
+            .await?
             .create_snapshot(r)
             .await
     }
@@ -482,7 +603,7 @@ impl Controller for Router {
         if r.snapshot_id.is_empty() {
             return Err(Status::invalid_argument("snapshot_id is required"));
         }
-        match self.for_snapshot(&r.snapshot_id) {
+        match self.for_snapshot(&r.snapshot_id).await {
             Some(c) => c?.delete_snapshot(r).await,
             None => Ok(Response::new(DeleteSnapshotResponse {})),
         }
@@ -504,7 +625,7 @@ impl Controller for Router {
         };
         match pinned {
             Some(None) => return Ok(Response::new(ListSnapshotsResponse::default())),
-            Some(Some(node)) => return self.dir.client(&node)?.list_snapshots(r).await,
+            Some(Some(node)) => return self.node(&node).await?.list_snapshots(r).await,
             None => {}
         }
         let (entries, next_token) = self
@@ -536,7 +657,7 @@ impl Controller for Router {
         req: Request<GetSnapshotRequest>,
     ) -> Result<Response<GetSnapshotResponse>, Status> {
         let r = req.into_inner();
-        match self.for_snapshot(&r.snapshot_id) {
+        match self.for_snapshot(&r.snapshot_id).await {
             Some(c) => c?.get_snapshot(r).await,
             None if r.snapshot_id.is_empty() => {
                 Err(Status::invalid_argument("snapshot_id is required"))
@@ -554,7 +675,8 @@ impl Controller for Router {
         req: Request<ControllerExpandVolumeRequest>,
     ) -> Result<Response<ControllerExpandVolumeResponse>, Status> {
         let r = req.into_inner();
-        self.volume_owner("volume_id", &r.volume_id)?
+        self.volume_owner("volume_id", &r.volume_id)
+            .await?
             .controller_expand_volume(r)
             .await
     }
@@ -565,7 +687,8 @@ impl Controller for Router {
         req: Request<ControllerGetVolumeRequest>,
     ) -> Result<Response<ControllerGetVolumeResponse>, Status> {
         let r = req.into_inner();
-        self.volume_owner("volume_id", &r.volume_id)?
+        self.volume_owner("volume_id", &r.volume_id)
+            .await?
             .controller_get_volume(r)
             .await
     }
@@ -576,7 +699,8 @@ impl Controller for Router {
         req: Request<ControllerModifyVolumeRequest>,
     ) -> Result<Response<ControllerModifyVolumeResponse>, Status> {
         let r = req.into_inner();
-        self.volume_owner("volume_id", &r.volume_id)?
+        self.volume_owner("volume_id", &r.volume_id)
+            .await?
             .controller_modify_volume(r)
             .await
     }
@@ -585,6 +709,112 @@ impl Controller for Router {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn capacity_at(node: &str) -> Request<GetCapacityRequest> {
+        Request::new(GetCapacityRequest {
+            accessible_topology: Some(crate::controller_service::topology(node)),
+            ..Default::default()
+        })
+    }
+
+    fn directory() -> NodeDirectory {
+        NodeDirectory::new(ClientTlsConfig::new())
+            .with_timing(Duration::from_millis(200), Duration::from_millis(300))
+    }
+
+    /// Before discovery's first answer nothing is known, and nothing may read as empty: no
+    /// capacity of 0, no empty list. The router waits a moment for discovery, then answers
+    /// UNAVAILABLE.
+    #[tokio::test]
+    async fn an_undiscovered_node_is_unavailable_not_empty() {
+        let router = Router::new(Arc::new(directory()), Advertised::default());
+        let started = std::time::Instant::now();
+        let e = router.get_capacity(capacity_at("n1")).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
+        assert!(started.elapsed() >= Duration::from_millis(200), "it waited");
+        let whole = Request::new(GetCapacityRequest::default());
+        assert_eq!(
+            router.get_capacity(whole).await.unwrap_err().code(),
+            tonic::Code::Unavailable
+        );
+        let list = router
+            .list_volumes(Request::new(ListVolumesRequest::default()))
+            .await
+            .unwrap_err();
+        assert_eq!(list.code(), tonic::Code::Unavailable);
+
+        // Discovery answers while a call waits: the call goes on with the node set.
+        let dir = Arc::new(directory().with_timing(Duration::from_secs(10), FORGET_AFTER));
+        let router = Router::new(dir.clone(), Advertised::default());
+        let late = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            dir.discovered(BTreeMap::new(), BTreeSet::new());
+        });
+        let list = router
+            .list_volumes(Request::new(ListVolumesRequest::default()))
+            .await
+            .unwrap();
+        assert!(list.into_inner().entries.is_empty());
+        late.await.unwrap();
+        // Discovered, and still not a node of this cluster: UNAVAILABLE, not 0.
+        let e = router.get_capacity(capacity_at("n9")).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
+    }
+
+    /// A plugin restart (pod terminating, gone, new pod not ready yet) keeps the node in the
+    /// set: its calls are UNAVAILABLE and lists are not silently shorter. Only a node without
+    /// any pod for FORGET_AFTER is forgotten.
+    #[tokio::test]
+    async fn a_restarting_plugin_keeps_its_node_known() {
+        let dir = directory();
+        let url = |n: &str| (n.to_string(), format!("https://127.0.0.1:1/{n}"));
+        dir.discovered(
+            BTreeMap::from([url("n1"), url("n2")]),
+            BTreeSet::from(["n1".to_string(), "n2".to_string()]),
+        );
+        assert!(dir.client("n1").is_ok());
+        // n1's pod terminates and is replaced by one that is not ready yet.
+        dir.discovered(
+            BTreeMap::from([url("n2")]),
+            BTreeSet::from(["n1".to_string(), "n2".to_string()]),
+        );
+        assert_eq!(dir.names(), ["n1", "n2"]);
+        let e = dir.client("n1").unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unavailable);
+        assert!(e.message().contains("not ready"), "{e}");
+        // For a moment n1 has no pod at all.
+        dir.discovered(
+            BTreeMap::from([url("n2")]),
+            BTreeSet::from(["n2".to_string()]),
+        );
+        assert_eq!(dir.names(), ["n1", "n2"]);
+        let router = Router::new(Arc::new(dir), Advertised::default());
+        let e = router.get_capacity(capacity_at("n1")).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
+        let dir = router.dir.clone();
+        dir.discovered(
+            BTreeMap::from([url("n1"), url("n2")]),
+            BTreeSet::from(["n1".to_string(), "n2".to_string()]),
+        );
+        assert!(dir.client("n1").is_ok(), "back");
+        // A node that is really gone is forgotten after FORGET_AFTER (300 ms here).
+        dir.discovered(
+            BTreeMap::from([url("n2")]),
+            BTreeSet::from(["n2".to_string()]),
+        );
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        assert_eq!(dir.names(), ["n2"]);
+        dir.discovered(
+            BTreeMap::from([url("n2")]),
+            BTreeSet::from(["n2".to_string()]),
+        );
+        assert_eq!(dir.names(), ["n2"]);
+        assert!(dir
+            .client("n1")
+            .unwrap_err()
+            .message()
+            .contains("no loopvol node plugin"));
+    }
 
     #[test]
     fn endpoints_and_tokens_parse() {

@@ -1,18 +1,140 @@
-//! Which loop devices are backed by a given file, read from sysfs. This is how loopvol avoids
-//! ever attaching one image twice (two loop devices over one ext4 image corrupt it) and how a
-//! restarted driver rediscovers the devices it attached before it died: the kernel is the source
-//! of truth, not our memory.
+//! Which loop devices are backed by a given file. This is how loopvol avoids ever attaching one
+//! image twice (two loop devices over one ext4 image corrupt it) and how a restarted driver
+//! rediscovers the devices it attached before it died: the kernel is the source of truth, not
+//! our memory.
+//!
+//! A backing file is recognised by its identity, the device and inode number the kernel reports
+//! through `LOOP_GET_STATUS64`, compared with `stat` of the image. Never by the path in
+//! `/sys/block/loopN/loop/backing_file`: the kernel prints that path through the mount the file
+//! was opened by, so once the mount namespace that attached the device is gone (a node plugin
+//! container that restarted) it reads relative to that namespace's bind mount (`/volumes/x.img`
+//! instead of `/var/lib/loopvol/volumes/x.img`), and a path comparison misses every device the
+//! old container attached. The path is kept in [`LoopInfo`] for people to read.
 
-use std::fs;
+use std::collections::HashSet;
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 const SYS_BLOCK: &str = "/sys/block";
+pub const LO_NAME_SIZE: usize = 64;
+pub const LO_FLAGS_READ_ONLY: u32 = 1;
+pub const LO_FLAGS_DIRECT_IO: u32 = 16;
 
-/// A loop device as sysfs describes it.
+/// The kernel's `struct loop_info64`, shared by `LOOP_GET_STATUS64` here and `LOOP_CONFIGURE`
+/// in the driver.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct LoopInfo64 {
+    /// The backing file's `st_dev`, in the kernel's `new_encode_dev` encoding.
+    pub lo_device: u64,
+    pub lo_inode: u64,
+    pub lo_rdevice: u64,
+    pub lo_offset: u64,
+    pub lo_sizelimit: u64,
+    pub lo_number: u32,
+    pub lo_encrypt_type: u32,
+    pub lo_encrypt_key_size: u32,
+    pub lo_flags: u32,
+    pub lo_file_name: [u8; LO_NAME_SIZE],
+    pub lo_crypt_name: [u8; LO_NAME_SIZE],
+    pub lo_encrypt_key: [u8; 32],
+    pub lo_init: [u64; 2],
+}
+
+impl LoopInfo64 {
+    pub fn zeroed() -> Self {
+        LoopInfo64 {
+            lo_device: 0,
+            lo_inode: 0,
+            lo_rdevice: 0,
+            lo_offset: 0,
+            lo_sizelimit: 0,
+            lo_number: 0,
+            lo_encrypt_type: 0,
+            lo_encrypt_key_size: 0,
+            lo_flags: 0,
+            lo_file_name: [0; LO_NAME_SIZE],
+            lo_crypt_name: [0; LO_NAME_SIZE],
+            lo_encrypt_key: [0; 32],
+            lo_init: [0; 2],
+        }
+    }
+}
+
+nix::ioctl_read_bad!(loop_get_status64, 0x4C05, LoopInfo64);
+
+/// A device number split into major and minor, so the kernel's and userspace's encodings of
+/// `dev_t` are never compared as raw integers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DevNum {
+    pub major: u32,
+    pub minor: u32,
+}
+
+impl DevNum {
+    /// From a `dev_t` as userspace (`stat`, glibc's `makedev`) encodes it.
+    pub fn from_user(dev: u64) -> DevNum {
+        DevNum {
+            major: libc::major(dev as libc::dev_t),
+            minor: libc::minor(dev as libc::dev_t),
+        }
+    }
+
+    /// From the kernel's `new_encode_dev`/`huge_encode_dev` form, which `loop_info64` uses:
+    /// minor bits 0-7, major bits 8-19, the rest of the minor above.
+    pub fn from_kernel(dev: u64) -> DevNum {
+        DevNum {
+            major: ((dev & 0xfff00) >> 8) as u32,
+            minor: ((dev & 0xff) | ((dev >> 12) & 0xfff00)) as u32,
+        }
+    }
+}
+
+impl std::fmt::Display for DevNum {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.major, self.minor)
+    }
+}
+
+/// Which file a loop device reads: the filesystem it is on and its inode number. Unlike a
+/// path, this is the same in every mount namespace. An inode number is not reused while the
+/// file is open, and a loop device holds its backing file open, so an attached device's
+/// identity names exactly one file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FileId {
+    pub dev: DevNum,
+    pub ino: u64,
+}
+
+impl FileId {
+    /// The identity of the file at `path` (following symlinks), if it exists.
+    pub fn of(path: &Path) -> Option<FileId> {
+        fs::metadata(path).ok().map(|m| FileId::from_metadata(&m))
+    }
+
+    pub fn from_metadata(m: &fs::Metadata) -> FileId {
+        FileId {
+            dev: DevNum::from_user(m.dev()),
+            ino: m.ino(),
+        }
+    }
+}
+
+/// A loop device and the file behind it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoopInfo {
     /// e.g. `/dev/loop3`
     pub device: PathBuf,
+    /// The loop device's own number: what mountinfo shows for a filesystem mounted from it.
+    pub dev: DevNum,
+    /// The backing file, by identity (`None` only when this process may not open the device;
+    /// see [`scan`]).
+    pub backing: Option<FileId>,
+    /// The backing file's path as sysfs prints it to this process. For people only: it is
+    /// relative to a vanished bind mount when another mount namespace attached the device.
     pub backing_file: PathBuf,
     /// The backing file was unlinked while attached (sysfs appends " (deleted)").
     pub backing_deleted: bool,
@@ -22,13 +144,21 @@ pub struct LoopInfo {
 
 /// Every attached loop device on the machine.
 pub fn attached_loops() -> Vec<LoopInfo> {
-    scan(|_, _| true)
+    scan(|_| true)
 }
 
-/// The backing file of the loop device whose sysfs directory is `dir`, if it is attached, and
-/// whether that file was unlinked since (sysfs appends " (deleted)").
-fn read_loop(dir: &Path) -> Option<(PathBuf, bool)> {
-    // Detached devices have no backing_file attribute.
+/// What a scan knows about a device before deciding whether to keep it.
+pub struct Candidate<'a> {
+    pub backing: Option<FileId>,
+    pub backing_file: &'a Path,
+    pub backing_deleted: bool,
+}
+
+/// The backing file of the loop device whose sysfs directory is `dir` as sysfs prints it, if
+/// the device is attached, and whether that file was unlinked since. Detached devices have no
+/// `backing_file` attribute, so this is also the cheap "is it attached?" test that spares the
+/// scan an open and an ioctl on every idle device.
+fn sysfs_backing(dir: &Path) -> Option<(PathBuf, bool)> {
     let raw = fs::read_to_string(dir.join("loop/backing_file")).ok()?;
     let raw = raw.trim_end_matches('\n');
     Some(match raw.strip_suffix(" (deleted)") {
@@ -37,26 +167,106 @@ fn read_loop(dir: &Path) -> Option<(PathBuf, bool)> {
     })
 }
 
-/// The rest of a [`LoopInfo`], read only for the devices a caller wants: with a thousand
-/// volumes attached, reading three attributes of every device on every node RPC was what made
-/// staging slow down as the node filled up.
-fn info(dir: &Path, name: &str, backing_file: PathBuf, backing_deleted: bool) -> LoopInfo {
-    let flag = |attr: &str| {
-        fs::read_to_string(dir.join(attr))
-            .map(|s| s.trim() == "1")
-            .unwrap_or(false)
+/// Open a loop device node just to ask it questions: read-only, so udev sees no change event.
+fn open_device(device: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK)
+        .open(device)
+}
+
+/// What the kernel says about an attached device: its number and its `loop_info64`. `Err`
+/// with `PermissionDenied` when this process may not open it; `Ok(None)` when it is not an
+/// attached loop device (any more).
+fn kernel_status(device: &Path) -> io::Result<Option<(DevNum, LoopInfo64)>> {
+    let f = match open_device(device) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
     };
-    LoopInfo {
-        device: Path::new("/dev").join(name),
-        backing_file,
-        backing_deleted,
-        read_only: flag("ro"),
-        direct_io: flag("loop/dio"),
+    let m = f.metadata()?;
+    if !m.file_type().is_block_device() {
+        return Ok(None);
+    }
+    let mut info = LoopInfo64::zeroed();
+    // SAFETY: `info` is a properly sized, writable loop_info64 that the kernel fills in; the
+    // descriptor is an open loop device. Nothing is retained after the call.
+    match unsafe { loop_get_status64(f.as_raw_fd(), &mut info) } {
+        Ok(_) => Ok(Some((DevNum::from_user(m.rdev()), info))),
+        // ENXIO: not bound to a file (detached since sysfs was read).
+        Err(_) => Ok(None),
     }
 }
 
-/// Attached loop devices whose backing file (and deleted mark) `keep` accepts.
-fn scan(keep: impl Fn(&Path, bool) -> bool) -> Vec<LoopInfo> {
+/// A device, described, once it is known to be kept.
+fn describe(dir: &Path, name: &str, c: &Candidate, dev: DevNum, flags: Option<u32>) -> LoopInfo {
+    let attr = |a: &str| fs::read_to_string(dir.join(a)).is_ok_and(|s| s.trim() == "1");
+    let (read_only, direct_io) = match flags {
+        // The kernel's own flags; `ro` in sysfs also covers a BLKROSET on the device.
+        Some(f) => (
+            f & LO_FLAGS_READ_ONLY != 0 || attr("ro"),
+            f & LO_FLAGS_DIRECT_IO != 0,
+        ),
+        None => (attr("ro"), attr("loop/dio")),
+    };
+    LoopInfo {
+        device: Path::new("/dev").join(name),
+        dev,
+        backing: c.backing,
+        backing_file: c.backing_file.to_path_buf(),
+        backing_deleted: c.backing_deleted,
+        read_only,
+        direct_io,
+    }
+}
+
+/// The device number sysfs gives a block device (`/sys/block/loopN/dev`, "7:3").
+fn sysfs_dev(dir: &Path) -> Option<DevNum> {
+    let s = fs::read_to_string(dir.join("dev")).ok()?;
+    let (ma, mi) = s.trim().split_once(':')?;
+    Some(DevNum {
+        major: ma.parse().ok()?,
+        minor: mi.parse().ok()?,
+    })
+}
+
+/// One device by name (`loop3`): `None` unless attached and accepted by `keep`.
+fn probe(name: &str, keep: &dyn Fn(&Candidate) -> bool) -> Option<LoopInfo> {
+    let dir = Path::new(SYS_BLOCK).join(name);
+    let (backing_file, backing_deleted) = sysfs_backing(&dir)?;
+    let device = Path::new("/dev").join(name);
+    match kernel_status(&device) {
+        Ok(Some((dev, info))) => {
+            let c = Candidate {
+                backing: Some(FileId {
+                    dev: DevNum::from_kernel(info.lo_device),
+                    ino: info.lo_inode,
+                }),
+                backing_file: &backing_file,
+                backing_deleted,
+            };
+            keep(&c).then(|| describe(&dir, name, &c, dev, Some(info.lo_flags)))
+        }
+        Ok(None) => None,
+        // Without the right to open the device (an unprivileged process: `loopvol status` as
+        // a user, a controller without CAP_SYS_ADMIN) only sysfs is readable: the device is
+        // offered without an identity and `keep` decides from what is left.
+        Err(e) => {
+            tracing::debug!(device = %device.display(), error = %e, "cannot ask a loop device for its backing file's identity");
+            let c = Candidate {
+                backing: None,
+                backing_file: &backing_file,
+                backing_deleted,
+            };
+            let dev = sysfs_dev(&dir)?;
+            keep(&c).then(|| describe(&dir, name, &c, dev, None))
+        }
+    }
+}
+
+/// Attached loop devices that `keep` accepts. Idle devices cost one failed sysfs read;
+/// attached ones an open and an ioctl each, and only the kept ones are described further.
+pub fn scan(keep: impl Fn(&Candidate) -> bool) -> Vec<LoopInfo> {
     let Ok(entries) = fs::read_dir(SYS_BLOCK) else {
         return Vec::new();
     };
@@ -67,19 +277,29 @@ fn scan(keep: impl Fn(&Path, bool) -> bool) -> Vec<LoopInfo> {
         if !name.starts_with("loop") {
             continue;
         }
-        let dir = entry.path();
-        let Some((backing, deleted)) = read_loop(&dir) else {
-            continue;
-        };
-        if keep(&backing, deleted) {
-            out.push(info(&dir, name, backing, deleted));
+        if let Some(l) = probe(name, &keep) {
+            out.push(l);
         }
     }
     out.sort_by(|a, b| a.device.cmp(&b.device));
     out
 }
 
-/// `device` (e.g. `/dev/loop3`) if sysfs says it is backed by `file` right now. One sysfs read
+/// Does the scanned device `c` read `file` (whose identity is `want`)? By identity; only a
+/// device this process may not open is matched by its sysfs path, the one thing left to go on,
+/// and then only a path that is the file's own in this mount namespace.
+fn reads(c: &Candidate, want: FileId, file: &Path) -> bool {
+    match c.backing {
+        Some(id) => id == want,
+        None => !c.backing_deleted && c.backing_file == canonical(file),
+    }
+}
+
+fn canonical(p: &Path) -> PathBuf {
+    fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// `device` (e.g. `/dev/loop3`) if it is backed by `file` right now. One open and one ioctl
 /// instead of a scan of every loop device, for callers that remember which device they
 /// attached: the kernel still has the last word, so a stale memory only costs a scan.
 pub fn loop_if_backed_by(device: &Path, file: &Path) -> Option<LoopInfo> {
@@ -87,20 +307,79 @@ pub fn loop_if_backed_by(device: &Path, file: &Path) -> Option<LoopInfo> {
     if !name.starts_with("loop") || name.contains('/') {
         return None;
     }
-    let dir = Path::new(SYS_BLOCK).join(name);
-    let (backing, deleted) = read_loop(&dir)?;
-    let want = fs::canonicalize(file).unwrap_or_else(|_| file.to_path_buf());
-    (!deleted && backing == want).then(|| info(&dir, name, backing, deleted))
+    let want = FileId::of(file)?;
+    probe(name, &|c| reads(c, want, file))
 }
 
 /// Loop devices currently backed by `file` (normally zero or one).
 pub fn loops_backed_by(file: &Path) -> Vec<LoopInfo> {
-    let want = fs::canonicalize(file).unwrap_or_else(|_| file.to_path_buf());
-    scan(|backing, deleted| !deleted && backing == want)
+    let Some(want) = FileId::of(file) else {
+        return Vec::new();
+    };
+    scan(|c| reads(c, want, file))
 }
 
-/// Loop devices backed by any file under `dir` (used to report and clean up a pool).
+/// The identities of the regular files under `dir` (not following symlinks; a pool is two
+/// levels deep, so the walk is bounded).
+pub fn files_under(dir: &Path) -> HashSet<FileId> {
+    fn walk(dir: &Path, depth: u32, out: &mut HashSet<FileId>) {
+        let Ok(entries) = fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let Ok(m) = e.path().symlink_metadata() else {
+                continue;
+            };
+            if m.is_file() {
+                out.insert(FileId::from_metadata(&m));
+            } else if m.is_dir() && depth < 8 {
+                walk(&e.path(), depth + 1, out);
+            }
+        }
+    }
+    let mut out = HashSet::new();
+    walk(dir, 0, &mut out);
+    out
+}
+
+/// Loop devices backed by a file under `dir` (used to report and clean up a pool): every file
+/// there, by identity. A backing file that was deleted while attached has no identity left to
+/// compare with; it is included when it was on `dir`'s filesystem and sysfs still prints it
+/// under `dir` (that is, this mount namespace attached it). One deleted while attached from a
+/// vanished namespace cannot be told apart from any other deleted file and is left out.
 pub fn loops_under(dir: &Path) -> Vec<LoopInfo> {
-    let dir = fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
-    scan(|backing, _| backing.starts_with(&dir))
+    let files = files_under(dir);
+    let canon = canonical(dir);
+    let fs_dev = fs::metadata(&canon)
+        .ok()
+        .map(|m| DevNum::from_user(m.dev()));
+    scan(|c| match c.backing {
+        Some(id) if files.contains(&id) => true,
+        Some(id) => {
+            c.backing_deleted && Some(id.dev) == fs_dev && c.backing_file.starts_with(&canon)
+        }
+        None => c.backing_file.starts_with(&canon),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_and_user_device_numbers_agree() {
+        // new_encode_dev(MKDEV(259, 300)) as the kernel computes it.
+        let (major, minor) = (259u64, 300u64);
+        let kernel = (minor & 0xff) | (major << 8) | ((minor & !0xff) << 12);
+        assert_eq!(
+            DevNum::from_kernel(kernel),
+            DevNum {
+                major: 259,
+                minor: 300
+            }
+        );
+        let user = libc::makedev(259, 300);
+        assert_eq!(DevNum::from_user(user), DevNum::from_kernel(kernel));
+        assert_eq!(DevNum::from_kernel(254 << 8).to_string(), "254:0");
+    }
 }

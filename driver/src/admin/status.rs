@@ -1,10 +1,11 @@
 //! `loopvol status`: what a pool holds and what this node has attached and mounted from it,
 //! read from the pool's files, `/sys/block` and mountinfo without taking any pool lock.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use provisioner::backing::{self, LoopInfo};
+use provisioner::backing::{self, FileId, LoopInfo};
 use provisioner::capacity::Capacity;
 use provisioner::listing::{self, Listing};
 use serde::Serialize;
@@ -72,7 +73,11 @@ pub struct StagedView {
     pub read_only: bool,
     /// The loop device backing the volume now, if any.
     pub device: Option<PathBuf>,
-    /// `staged`; `not attached` (after a reboot: the next NodeStageVolume restores it); or
+    /// Where the volume's filesystem is mounted, as this process sees it (the staging path and
+    /// its publishes; mount access only).
+    pub mounted_at: Vec<PathBuf>,
+    /// `staged`; `not attached` (after a reboot: the next NodeStageVolume restores it);
+    /// `staged, mounted out of sight` (mounted only in another mount namespace); or
     /// `attached, not mounted`.
     pub state: &'static str,
 }
@@ -80,6 +85,8 @@ pub struct StagedView {
 #[derive(Debug, Serialize)]
 pub struct LoopView {
     pub device: PathBuf,
+    /// As the kernel prints it to this process: relative to a vanished bind mount when a
+    /// restarted container attached it. The volume is matched by the file's identity.
     pub backing_file: PathBuf,
     /// The backing file was deleted while attached.
     pub backing_deleted: bool,
@@ -129,7 +136,13 @@ pub fn collect(pool_dir: &Path, overcommit_ratio: f64) -> anyhow::Result<Status>
             .into_iter()
             .map(|(hex, s)| staged_view(&l, &hex, s))
             .collect(),
-        loop_devices: loops.into_iter().map(|li| loop_view(&l, li)).collect(),
+        loop_devices: {
+            let by_file = volumes_by_file(&l);
+            loops
+                .into_iter()
+                .map(|li| loop_view(&by_file, li))
+                .collect()
+        },
         unreadable_records: l.unreadable.clone(),
         io_limits: l
             .volumes
@@ -144,22 +157,31 @@ pub fn collect(pool_dir: &Path, overcommit_ratio: f64) -> anyhow::Result<Status>
     })
 }
 
-/// A staging record next to what the kernel says about it now.
+/// A staging record next to what the kernel says about it now: the device by the image's
+/// identity, the mounts by the device's number (a record written by a driver in another mount
+/// namespace names paths this process may not see).
 pub(crate) fn staged_view(l: &Listing, hex: &str, s: Staged) -> StagedView {
-    let device = l
+    let lo = l
         .volume(hex)
-        .and_then(|v| backing::loops_backed_by(&v.image).into_iter().next())
-        .map(|li| li.device);
-    let mounted = || {
-        mount::mount_at(&s.staging_path)
-            .ok()
-            .flatten()
-            .is_some_and(|m| Some(Path::new(&m.source)) == device.as_deref())
+        .and_then(|v| backing::loops_backed_by(&v.image).into_iter().next());
+    let mounted_at: Vec<PathBuf> = match (&lo, &s.access) {
+        (Some(lo), StagedAccess::Mount { .. }) => mount::mounts()
+            .map(|all| {
+                mount::of_device(&all, lo.dev)
+                    .into_iter()
+                    .map(|m| m.mount_point.clone())
+                    .collect()
+            })
+            .unwrap_or_default(),
+        _ => Vec::new(),
     };
-    let state = match (&device, &s.access) {
+    let state = match (&lo, &s.access) {
         (None, _) => "not attached",
         (Some(_), StagedAccess::Block) => "staged",
-        (Some(_), StagedAccess::Mount { .. }) if mounted() => "staged",
+        (Some(_), StagedAccess::Mount { .. }) if !mounted_at.is_empty() => "staged",
+        (Some(lo), StagedAccess::Mount { .. }) if crate::loop_device::claimed(&lo.device) => {
+            "staged, mounted out of sight"
+        }
         (Some(_), StagedAccess::Mount { .. }) => "attached, not mounted",
     };
     StagedView {
@@ -170,24 +192,28 @@ pub(crate) fn staged_view(l: &Listing, hex: &str, s: Staged) -> StagedView {
             StagedAccess::Block => "block".into(),
         },
         read_only: s.read_only,
-        device,
+        device: lo.map(|li| li.device),
+        mounted_at,
         state,
     }
 }
 
-pub(crate) fn loop_view(l: &Listing, li: LoopInfo) -> LoopView {
-    let volume_id = l
-        .volumes
+/// Volume IDs by the identity of their images, to name the volume behind each loop device.
+pub(crate) fn volumes_by_file(l: &Listing) -> HashMap<FileId, String> {
+    l.volumes
         .iter()
-        .find(|v| mount::canonical(&v.image) == li.backing_file)
-        .map(|v| v.record.id.clone());
+        .filter_map(|v| FileId::of(&v.image).map(|id| (id, v.record.id.clone())))
+        .collect()
+}
+
+pub(crate) fn loop_view(volumes: &HashMap<FileId, String>, li: LoopInfo) -> LoopView {
     LoopView {
+        volume_id: li.backing.and_then(|id| volumes.get(&id).cloned()),
         device: li.device,
         backing_file: li.backing_file,
         backing_deleted: li.backing_deleted,
         direct_io: li.direct_io,
         read_only: li.read_only,
-        volume_id,
     }
 }
 

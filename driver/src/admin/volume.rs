@@ -10,7 +10,7 @@ use provisioner::listing;
 use provisioner::{VolumeId, VolumeRecord};
 use serde::Serialize;
 
-use super::status::{loop_view, staged_view, yes_no, LoopView, StagedView};
+use super::status::{loop_view, staged_view, volumes_by_file, yes_no, LoopView, StagedView};
 use super::units::bytes;
 use super::{print_json, Output};
 use crate::node_state;
@@ -58,10 +58,13 @@ pub fn collect(pool_dir: &Path, id: &str) -> anyhow::Result<Inspection> {
         image_present: v.image.exists(),
         allocated_bytes: v.allocated_bytes(),
         staged,
-        loop_devices: backing::loops_backed_by(&v.image)
-            .into_iter()
-            .map(|li| loop_view(&l, li))
-            .collect(),
+        loop_devices: {
+            let by_file = volumes_by_file(&l);
+            backing::loops_backed_by(&v.image)
+                .into_iter()
+                .map(|li| loop_view(&by_file, li))
+                .collect()
+        },
         snapshots: l
             .snapshots
             .iter()

@@ -3,9 +3,10 @@
 //! and each suspect is checked again, so a volume created or deleted meanwhile by a running
 //! driver is not reported.
 
+use std::collections::HashSet;
 use std::path::Path;
 
-use provisioner::backing;
+use provisioner::backing::{self, FileId};
 use provisioner::listing;
 
 use super::Check;
@@ -27,14 +28,22 @@ pub fn check(pool: &Path) -> Vec<Check> {
 fn loops(pool: &Path) -> Check {
     const NAME: &str = "orphaned loop devices";
     let attached = backing::loops_under(pool);
+    let owned = volume_images(pool);
     let orphans: Vec<String> = attached
         .iter()
-        .filter(|l| !owned_by_a_volume(pool, &l.backing_file) || l.backing_deleted)
-        // Still attached now? (A running driver may have just unstaged it.)
+        .filter(|l| {
+            l.backing_deleted
+                || !match l.backing {
+                    Some(id) => owned.contains(&id),
+                    // Not allowed to ask the device: its path is all there is.
+                    None => owned_by_path(pool, &l.backing_file),
+                }
+        })
+        // Still attached now, to the same file? (A running driver may have just unstaged it.)
         .filter(|l| {
             backing::loops_under(pool)
                 .iter()
-                .any(|now| now.device == l.device)
+                .any(|now| now.device == l.device && now.backing == l.backing)
         })
         .map(|l| {
             format!(
@@ -59,8 +68,30 @@ fn loops(pool: &Path) -> Check {
     )
 }
 
-/// Is `file` the image of a volume that has a record (`<pool>/volumes/<hex>.img` + `.json`)?
-fn owned_by_a_volume(pool: &Path, file: &Path) -> bool {
+/// The identities of the images of volumes that have a record (`<pool>/volumes/<hex>.img` next
+/// to `<hex>.json`). By identity, because sysfs prints a device's backing file relative to a
+/// vanished bind mount when a restarted node plugin container attached it.
+fn volume_images(pool: &Path) -> HashSet<FileId> {
+    let dir = pool.join("volumes");
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return HashSet::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name();
+            let hex = name.to_str()?.strip_suffix(".img")?;
+            dir.join(format!("{hex}.json"))
+                .exists()
+                .then(|| FileId::of(&e.path()))
+                .flatten()
+        })
+        .collect()
+}
+
+/// Is `file` the image of a volume that has a record, by path (`<pool>/volumes/<hex>.img` +
+/// `.json`)? Only for devices this process may not open.
+fn owned_by_path(pool: &Path, file: &Path) -> bool {
     let Ok(rel) = file.strip_prefix(pool.join("volumes")) else {
         return false;
     };
