@@ -215,19 +215,8 @@ async fn limits_are_enforced_changed_live_removed_and_survive_restarts() {
 
     let staging = d.path("staging");
     let target = d.path("pods/p1/mount");
-    let stage = |staging: &Path| NodeStageVolumeRequest {
-        volume_id: id.clone(),
-        staging_target_path: staging.to_string_lossy().into(),
-        volume_capability: Some(cap.clone()),
-        ..Default::default()
-    };
-    let publish = |staging: &Path, target: &Path| NodePublishVolumeRequest {
-        volume_id: id.clone(),
-        staging_target_path: staging.to_string_lossy().into(),
-        target_path: target.to_string_lossy().into(),
-        volume_capability: Some(cap.clone()),
-        ..Default::default()
-    };
+    let stage = |staging: &Path| stage_req(&id, staging, cap.clone());
+    let publish = |staging: &Path, target: &Path| publish_req(&id, staging, target, cap.clone());
     n.node_stage_volume(stage(&staging)).await.unwrap();
     n.node_publish_volume(publish(&staging, &target))
         .await
@@ -301,20 +290,14 @@ async fn limits_are_enforced_changed_live_removed_and_survive_restarts() {
 
     // Unpublish removes the rules; a re-stage and publish puts them on the device the volume
     // has now.
-    n.node_unpublish_volume(NodeUnpublishVolumeRequest {
-        volume_id: id.clone(),
-        target_path: target.to_string_lossy().into(),
-    })
-    .await
-    .unwrap();
+    n.node_unpublish_volume(unpublish_req(&id, &target))
+        .await
+        .unwrap();
     assert!(cg.rules("write_iops_device").is_empty());
     assert!(cg.rules("read_bps_device").is_empty());
-    n.node_unstage_volume(NodeUnstageVolumeRequest {
-        volume_id: id.clone(),
-        staging_target_path: staging.to_string_lossy().into(),
-    })
-    .await
-    .unwrap();
+    n.node_unstage_volume(unstage_req(&id, &staging))
+        .await
+        .unwrap();
     let staging2 = d.path("staging2");
     n.node_stage_volume(stage(&staging2)).await.unwrap();
     n.node_publish_volume(publish(&staging2, &target))
@@ -323,18 +306,12 @@ async fn limits_are_enforced_changed_live_removed_and_survive_restarts() {
     let dev2 = loop_of(&d.image_of(&id));
     assert_eq!(cg.rules("write_iops_device"), vec![format!("{dev2} 400")]);
     assert_eq!(cg.rules("read_bps_device"), vec![format!("{dev2} 8388608")]);
-    n.node_unpublish_volume(NodeUnpublishVolumeRequest {
-        volume_id: id.clone(),
-        target_path: target.to_string_lossy().into(),
-    })
-    .await
-    .unwrap();
-    n.node_unstage_volume(NodeUnstageVolumeRequest {
-        volume_id: id.clone(),
-        staging_target_path: staging2.to_string_lossy().into(),
-    })
-    .await
-    .unwrap();
+    n.node_unpublish_volume(unpublish_req(&id, &target))
+        .await
+        .unwrap();
+    n.node_unstage_volume(unstage_req(&id, &staging2))
+        .await
+        .unwrap();
     assert!(cg.rules("write_iops_device").is_empty());
     d.assert_clean();
 }
@@ -361,21 +338,10 @@ async fn a_limited_volume_is_not_published_where_limits_cannot_be_enforced() {
         .volume_id;
     let staging = d.path("staging");
     let target = d.path("pods/p/mount");
-    n.node_stage_volume(NodeStageVolumeRequest {
-        volume_id: id.clone(),
-        staging_target_path: staging.to_string_lossy().into(),
-        volume_capability: Some(cap.clone()),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let mut publish = NodePublishVolumeRequest {
-        volume_id: id.clone(),
-        staging_target_path: staging.to_string_lossy().into(),
-        target_path: target.to_string_lossy().into(),
-        volume_capability: Some(cap.clone()),
-        ..Default::default()
-    };
+    n.node_stage_volume(stage_req(&id, &staging, cap.clone()))
+        .await
+        .unwrap();
+    let mut publish = publish_req(&id, &staging, &target, cap.clone());
     let e = n.node_publish_volume(publish.clone()).await.unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
     assert!(e.message().contains("readIOPS=100"), "{}", e.message());
@@ -394,18 +360,12 @@ async fn a_limited_volume_is_not_published_where_limits_cannot_be_enforced() {
         .unwrap();
     publish.volume_context.clear();
     n.node_publish_volume(publish).await.unwrap();
-    n.node_unpublish_volume(NodeUnpublishVolumeRequest {
-        volume_id: id.clone(),
-        target_path: target.to_string_lossy().into(),
-    })
-    .await
-    .unwrap();
-    n.node_unstage_volume(NodeUnstageVolumeRequest {
-        volume_id: id.clone(),
-        staging_target_path: staging.to_string_lossy().into(),
-    })
-    .await
-    .unwrap();
+    n.node_unpublish_volume(unpublish_req(&id, &target))
+        .await
+        .unwrap();
+    n.node_unstage_volume(unstage_req(&id, &staging))
+        .await
+        .unwrap();
     d.assert_clean();
 }
 

@@ -73,15 +73,6 @@ fn json_of(o: &Output) -> Value {
     serde_json::from_slice(&o.stdout).expect("JSON on stdout")
 }
 
-fn stage_req(id: &str, staging: &Path) -> NodeStageVolumeRequest {
-    NodeStageVolumeRequest {
-        volume_id: id.into(),
-        staging_target_path: staging.to_string_lossy().into(),
-        volume_capability: Some(rw_mount("ext4")),
-        ..Default::default()
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn metrics_and_health_follow_a_workload() {
     if !root_or_skip("metrics") {
@@ -103,7 +94,9 @@ async fn metrics_and_health_follow_a_workload() {
         .volume_id;
     let staging = d.path("staging");
     let target = d.path("target");
-    n.node_stage_volume(stage_req(&id, &staging)).await.unwrap();
+    n.node_stage_volume(stage_req(&id, &staging, rw_mount("ext4")))
+        .await
+        .unwrap();
     n.node_publish_volume(NodePublishVolumeRequest {
         volume_id: id.clone(),
         staging_target_path: staging.to_string_lossy().into(),
@@ -141,7 +134,7 @@ async fn metrics_and_health_follow_a_workload() {
     .unwrap();
     // The failing call: the volume is gone.
     let err = n
-        .node_stage_volume(stage_req(&id, &staging))
+        .node_stage_volume(stage_req(&id, &staging, rw_mount("ext4")))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
@@ -233,7 +226,7 @@ async fn secrets_never_reach_the_json_log() {
     bad.secrets = secrets.clone();
     bad.parameters = HashMap::from([("nope".to_string(), MARKER.to_string())]);
     assert_eq!(code_of(c.create_volume(bad).await), Code::InvalidArgument);
-    let mut stage = stage_req(&id, &d.path("staging"));
+    let mut stage = stage_req(&id, &d.path("staging"), rw_mount("ext4"));
     stage.secrets = secrets.clone();
     n.node_stage_volume(stage).await.unwrap();
     n.node_unstage_volume(NodeUnstageVolumeRequest {
@@ -352,15 +345,16 @@ async fn missing_tools_are_failed_precondition_naming_the_package() {
         .unwrap()
         .volume_id;
     let staging = d.path("staging-ext4");
-    n.node_stage_volume(stage_req(&id, &staging)).await.unwrap();
+    n.node_stage_volume(stage_req(&id, &staging, rw_mount("ext4")))
+        .await
+        .unwrap();
     std::fs::write(staging.join("kept"), b"data").unwrap();
-    let unstage = |id: &str, staging: &Path| NodeUnstageVolumeRequest {
-        volume_id: id.into(),
-        staging_target_path: staging.to_string_lossy().into(),
-    };
-    n.node_unstage_volume(unstage(&id, &staging)).await.unwrap();
+    n.node_unstage_volume(unstage_req(&id, &staging))
+        .await
+        .unwrap();
     assert_missing(
-        n.node_stage_volume(stage_req(&id, &staging)).await,
+        n.node_stage_volume(stage_req(&id, &staging, rw_mount("ext4")))
+            .await,
         "blkid",
         "util-linux",
     );
@@ -381,9 +375,9 @@ async fn missing_tools_are_failed_precondition_naming_the_package() {
         .unwrap()
         .volume_id;
     let staging = d.path("staging-xfs");
-    let mut req = stage_req(&id, &staging);
-    req.volume_capability = Some(cap.clone());
-    n.node_stage_volume(req).await.unwrap();
+    n.node_stage_volume(stage_req(&id, &staging, cap.clone()))
+        .await
+        .unwrap();
     c.controller_expand_volume(ControllerExpandVolumeRequest {
         volume_id: id.clone(),
         capacity_range: Some(CapacityRange {
@@ -404,7 +398,9 @@ async fn missing_tools_are_failed_precondition_naming_the_package() {
         })
         .await;
     assert_missing(r, "xfs_growfs", "xfsprogs");
-    n.node_unstage_volume(unstage(&id, &staging)).await.unwrap();
+    n.node_unstage_volume(unstage_req(&id, &staging))
+        .await
+        .unwrap();
     d.assert_clean();
 }
 
@@ -438,7 +434,7 @@ async fn doctor_checks_a_served_pool_and_names_each_fix() {
         .volume
         .unwrap()
         .volume_id;
-    n.node_stage_volume(stage_req(&id, &d.path("staging")))
+    n.node_stage_volume(stage_req(&id, &d.path("staging"), rw_mount("ext4")))
         .await
         .unwrap();
 

@@ -348,6 +348,48 @@ pub fn create_req(name: &str, bytes: i64, cap: VolumeCapability) -> CreateVolume
 
 pub const MIB: i64 = 1 << 20;
 
+fn path_string(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+pub fn stage_req(id: &str, staging: &Path, cap: VolumeCapability) -> NodeStageVolumeRequest {
+    NodeStageVolumeRequest {
+        volume_id: id.into(),
+        staging_target_path: path_string(staging),
+        volume_capability: Some(cap),
+        ..Default::default()
+    }
+}
+
+pub fn publish_req(
+    id: &str,
+    staging: &Path,
+    target: &Path,
+    cap: VolumeCapability,
+) -> NodePublishVolumeRequest {
+    NodePublishVolumeRequest {
+        volume_id: id.into(),
+        staging_target_path: path_string(staging),
+        target_path: path_string(target),
+        volume_capability: Some(cap),
+        ..Default::default()
+    }
+}
+
+pub fn unpublish_req(id: &str, target: &Path) -> NodeUnpublishVolumeRequest {
+    NodeUnpublishVolumeRequest {
+        volume_id: id.into(),
+        target_path: path_string(target),
+    }
+}
+
+pub fn unstage_req(id: &str, staging: &Path) -> NodeUnstageVolumeRequest {
+    NodeUnstageVolumeRequest {
+        volume_id: id.into(),
+        staging_target_path: path_string(staging),
+    }
+}
+
 /// sha256 of a file's content, hex.
 pub fn sha256_file(path: &Path) -> String {
     use sha2::{Digest, Sha256};
