@@ -6,8 +6,10 @@
 pub mod atomic;
 pub mod backing;
 pub mod capacity;
+pub mod chunk_digest;
 pub mod copy;
 pub mod error;
+pub mod extents;
 pub mod ids;
 pub mod keyed_lock;
 pub mod listing;
@@ -16,6 +18,7 @@ pub mod pool;
 pub mod record;
 pub mod size;
 pub mod snapshot;
+pub mod snapshot_metadata;
 
 pub use error::PoolError;
 pub use ids::{validate_name, VolumeId};
