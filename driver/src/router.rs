@@ -25,7 +25,7 @@ use crate::TOPOLOGY_KEY;
 pub struct NodeDirectory {
     nodes: RwLock<BTreeMap<String, String>>,
     tls: ClientTlsConfig,
-    clients: Mutex<HashMap<String, (String, ControllerClient<Channel>)>>,
+    channels: Mutex<HashMap<String, (String, Channel)>>,
 }
 
 impl NodeDirectory {
@@ -33,7 +33,7 @@ impl NodeDirectory {
         NodeDirectory {
             nodes: RwLock::new(BTreeMap::new()),
             tls,
-            clients: Mutex::new(HashMap::new()),
+            channels: Mutex::new(HashMap::new()),
         }
     }
 
@@ -63,13 +63,19 @@ impl NodeDirectory {
             .cloned()
     }
 
-    /// A client for `node`'s pool API; connections are made lazily and reused.
+    /// A Controller client for `node`'s pool API.
     pub fn client(&self, node: &str) -> Result<ControllerClient<Channel>, Status> {
+        self.channel(node).map(ControllerClient::new)
+    }
+
+    /// The channel to `node`'s pool API (every service on it shares it); connections are made
+    /// lazily and reused.
+    pub fn channel(&self, node: &str) -> Result<Channel, Status> {
         let url = self.url(node).ok_or_else(|| {
             Status::unavailable(format!("no loopvol node plugin is known for node {node:?}"))
         })?;
-        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((u, c)) = clients.get(node) {
+        let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((u, c)) = channels.get(node) {
             if *u == url {
                 return Ok(c.clone());
             }
@@ -81,9 +87,8 @@ impl NodeDirectory {
             .connect_timeout(Duration::from_secs(3))
             .timeout(Duration::from_secs(300))
             .connect_lazy();
-        let client = ControllerClient::new(channel);
-        clients.insert(node.to_string(), (url, client.clone()));
-        Ok(client)
+        channels.insert(node.to_string(), (url, channel.clone()));
+        Ok(channel)
     }
 }
 
