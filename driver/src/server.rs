@@ -18,10 +18,10 @@ use crate::controller_service::ControllerService;
 use crate::csi::controller_server::ControllerServer;
 use crate::csi::identity_server::IdentityServer;
 use crate::csi::node_server::NodeServer;
+use crate::csi::snapshot_metadata_server::SnapshotMetadataServer;
 use crate::error::{Error, Result};
 use crate::identity_service::IdentityService;
 use crate::node_service::NodeService;
-use crate::csi::snapshot_metadata_server::SnapshotMetadataServer;
 use crate::snapshot_metadata_service::SnapshotMetadataService;
 
 /// What every service needs: the pool, who we are, and the gate on concurrent kernel work.

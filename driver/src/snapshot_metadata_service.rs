@@ -89,7 +89,12 @@ impl SnapshotMetadata for SnapshotMetadataService {
             .driver
             .blocking(move |d| Ok(d.pool.snapshot_allocated(&id)?))
             .await?;
-        let pages = paginate(map.capacity, &map.ranges, req.starting_offset, req.max_results)?;
+        let pages = paginate(
+            map.capacity,
+            &map.ranges,
+            req.starting_offset,
+            req.max_results,
+        )?;
         let capacity = map.capacity as i64;
         Ok(Response::new(stream(
             pages
@@ -118,9 +123,20 @@ impl SnapshotMetadata for SnapshotMetadataService {
             .blocking(move |d| Ok(d.pool.snapshot_delta(&base, &target)?))
             .await?;
         let changed: u64 = map.ranges.iter().map(|r| r.len).sum();
-        tracing::info!(method = method.as_str(), ranges = map.ranges.len(), changed_bytes = changed,
-            capacity = map.capacity, ms = started.elapsed().as_millis() as u64, "delta computed");
-        let pages = paginate(map.capacity, &map.ranges, req.starting_offset, req.max_results)?;
+        tracing::info!(
+            method = method.as_str(),
+            ranges = map.ranges.len(),
+            changed_bytes = changed,
+            capacity = map.capacity,
+            ms = started.elapsed().as_millis() as u64,
+            "delta computed"
+        );
+        let pages = paginate(
+            map.capacity,
+            &map.ranges,
+            req.starting_offset,
+            req.max_results,
+        )?;
         let capacity = map.capacity as i64;
         Ok(Response::new(stream(
             pages
@@ -161,8 +177,17 @@ mod tests {
         assert_eq!(p[0][0].size_bytes, 5);
         assert!(paginate(100, &r, 100, 0).unwrap()[0].is_empty());
         let code = |e: Error| Status::from(e).code();
-        assert_eq!(code(paginate(100, &r, 101, 0).unwrap_err()), Code::OutOfRange);
-        assert_eq!(code(paginate(100, &r, -1, 0).unwrap_err()), Code::OutOfRange);
-        assert_eq!(code(paginate(100, &r, 0, -1).unwrap_err()), Code::InvalidArgument);
+        assert_eq!(
+            code(paginate(100, &r, 101, 0).unwrap_err()),
+            Code::OutOfRange
+        );
+        assert_eq!(
+            code(paginate(100, &r, -1, 0).unwrap_err()),
+            Code::OutOfRange
+        );
+        assert_eq!(
+            code(paginate(100, &r, 0, -1).unwrap_err()),
+            Code::InvalidArgument
+        );
     }
 }
