@@ -619,7 +619,13 @@ async fn router_streams_snapshot_metadata_from_the_owning_node() {
             target_snapshot_id: target.into(),
             ..Default::default()
         };
-        async move { m.get_metadata_delta(req).await.map(|_| ()).unwrap_err().code() }
+        async move {
+            m.get_metadata_delta(req)
+                .await
+                .map(|_| ())
+                .unwrap_err()
+                .code()
+        }
     };
     assert_eq!(delta_code(&s1, &other).await, Code::FailedPrecondition);
     assert_eq!(delta_code("", &s2).await, Code::InvalidArgument);
@@ -629,9 +635,21 @@ async fn router_streams_snapshot_metadata_from_the_owning_node() {
             snapshot_id: id.into(),
             ..Default::default()
         };
-        async move { m.get_metadata_allocated(req).await.map(|_| ()).unwrap_err().code() }
+        async move {
+            m.get_metadata_allocated(req)
+                .await
+                .map(|_| ())
+                .unwrap_err()
+                .code()
+        }
     };
-    assert_eq!(alloc_code("snap-0123456789abcdef0123@n9").await, Code::Unavailable);
+    assert_eq!(
+        alloc_code("snap-0123456789abcdef0123@n9").await,
+        Code::Unavailable
+    );
     assert_eq!(alloc_code("vol-x").await, Code::NotFound);
-    assert_eq!(alloc_code("snap-0123456789abcdef0123@n3").await, Code::NotFound);
+    assert_eq!(
+        alloc_code("snap-0123456789abcdef0123@n3").await,
+        Code::NotFound
+    );
 }

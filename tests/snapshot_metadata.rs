@@ -568,3 +568,54 @@ async fn every_error_code() {
     assert_eq!(cap as u64, VOL);
     assert!(none.is_empty(), "{none:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_cli_prints_what_a_backup_would_read() {
+    let d = Driver::start().await;
+    let mut t = Ctx::connect(d).await;
+    let vol = t.volume("cli", rw_mount("ext4")).await;
+    let image = t.d.image_of(&vol);
+    let write = |off: u64, seed: u64| {
+        let f = File::options().write(true).open(&image).unwrap();
+        f.write_all_at(&pattern(CHUNK as usize, seed), off).unwrap();
+        f.sync_all().unwrap();
+    };
+    write(4 * CHUNK, 1);
+    let s1 = t.snapshot("cli-1", &vol).await;
+    write(20 * CHUNK, 2);
+    let s2 = t.snapshot("cli-2", &vol).await;
+    let endpoint = format!("unix://{}", t.d.socket.display());
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_loopvol"))
+            .args(["snapshot", "--endpoint", &endpoint])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = run(&["--output", "json", "allocated", &s2]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["volume_capacity_bytes"], VOL);
+    assert_eq!(doc["total_bytes"], 2 * CHUNK);
+    let out = run(&["--output", "json", "diff", &s1, &s2]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        doc["ranges"],
+        serde_json::json!([{"byte_offset": 20 * CHUNK, "size_bytes": CHUNK}])
+    );
+    let out = run(&["diff", &s1, &s2]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("1 ranges, 1.0 MiB of 64.0 MiB"), "{text}");
+    let out = run(&["diff", &s2, &s1]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).starts_with("FAILED_PRECONDITION: "));
+}

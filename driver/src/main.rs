@@ -56,5 +56,9 @@ fn main() -> anyhow::Result<()> {
             init_logging(LogFormat::Text, "warn");
             std::process::exit(loopvol::admin::csi::main(a))
         }
+        Command::Snapshot(a) => {
+            init_logging(LogFormat::Text, "warn");
+            std::process::exit(loopvol::admin::snapshot::main(a))
+        }
     }
 }
