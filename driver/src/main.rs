@@ -28,8 +28,11 @@ fn main() -> anyhow::Result<()> {
         Command::Certs { out, namespace } => {
             loopvol::certs::write(&out, &namespace)?;
             println!(
-                "wrote ca.crt, server.crt, server.key, client.crt, client.key and secret.yaml to {}",
-                out.display()
+                "wrote ca.crt, server.crt, server.key, client.crt, client.key and secret.yaml to {}, \
+                 and the snapshot-metadata sidecar's tls.crt, tls.key and \
+                 snapshotmetadataservice.yaml to {}",
+                out.display(),
+                out.join("snapshot-metadata").display()
             );
             Ok(())
         }
