@@ -261,7 +261,7 @@ mod tests {
         f.sync_all().unwrap();
         let r = data_ranges(&f, 16 << 20).unwrap();
         let total: u64 = r.iter().map(|r| r.len).sum();
-        assert!(total >= 1 << 20 && total <= 2 << 20, "{r:?}");
+        assert!((1 << 20..=2 << 20).contains(&total), "{r:?}");
         assert!(r.iter().all(|r| r.offset < 6 << 20 && r.end() > 3 << 20));
         let ext = fiemap(&f, 16 << 20).unwrap();
         assert!(!ext.is_empty());
