@@ -57,6 +57,34 @@ pub fn from_offset(ranges: &[Range], start: u64) -> Vec<Range> {
         .collect()
 }
 
+/// The union of two ascending range lists, ascending and merged.
+pub fn union(a: &[Range], b: &[Range]) -> Vec<Range> {
+    let mut all: Vec<Range> = a.iter().chain(b).copied().collect();
+    all.sort_unstable_by_key(|r| r.offset);
+    let mut out = Vec::with_capacity(all.len());
+    for r in all {
+        push_merged(&mut out, r.offset, r.end());
+    }
+    out
+}
+
+/// The intersection of two ascending, non-overlapping range lists.
+pub fn intersect(a: &[Range], b: &[Range]) -> Vec<Range> {
+    let (mut i, mut j) = (0, 0);
+    let mut out = Vec::new();
+    while i < a.len() && j < b.len() {
+        let start = a[i].offset.max(b[j].offset);
+        let end = a[i].end().min(b[j].end());
+        push_merged(&mut out, start, end);
+        if a[i].end() < b[j].end() {
+            i += 1;
+        } else {
+            j += 1;
+        }
+    }
+    out
+}
+
 /// The ranges of the first `len` bytes of `f` that hold data (everything else reads as zeros).
 /// Unwritten (preallocated) extents count as data here: SEEK_DATA reports them on some
 /// filesystems, and over-reporting is always safe.
@@ -306,5 +334,11 @@ mod tests {
         ];
         assert_eq!(from_offset(&r, 25), vec![Range { offset: 25, len: 5 }]);
         assert!(from_offset(&r, 30).is_empty());
+        let b = [Range { offset: 5, len: 20 }];
+        assert_eq!(
+            intersect(&r, &b),
+            vec![Range { offset: 5, len: 5 }, Range { offset: 20, len: 5 }]
+        );
+        assert_eq!(union(&r, &b), vec![Range { offset: 0, len: 30 }]);
     }
 }
