@@ -288,9 +288,16 @@ async fn router_places_routes_paginates_and_survives_a_node_outage() {
         .snapshot
         .unwrap();
     assert!(snap.snapshot_id.ends_with("@n3"));
+    // Its image and record (and, on a pool without reflink, its chunk digests).
     assert_eq!(
         std::fs::read_dir(cl.pool(3).join("snapshots"))
             .unwrap()
+            .filter(|e| !e
+                .as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .ends_with(".chunks"))
             .count(),
         2
     );
@@ -969,4 +976,145 @@ async fn router_waits_for_discovery_and_keeps_a_restarting_node() {
         .unwrap();
     }
     drop(nodes);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn router_streams_snapshot_metadata_from_the_owning_node() {
+    use loopvol::csi::snapshot_metadata_client::SnapshotMetadataClient;
+    use std::os::unix::fs::FileExt;
+    if !root_or_skip("multinode snapshot metadata") {
+        return;
+    }
+    let cl = Cluster::start();
+    let mut r = cl.router().await;
+    let mut vols = Vec::new();
+    for node in [1u8, 2] {
+        let v = r
+            .create_volume(on_node(&format!("cbt-n{node}"), node))
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap()
+            .volume_id;
+        vols.push(v);
+    }
+    let snap = |r: &mut ControllerClient<Channel>, name: &str, vol: &str| {
+        let mut r = r.clone();
+        let (name, vol) = (name.to_string(), vol.to_string());
+        async move {
+            r.create_snapshot(CreateSnapshotRequest {
+                source_volume_id: vol,
+                name,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .snapshot
+            .unwrap()
+            .snapshot_id
+        }
+    };
+    let write = |node: u8, vol: &str, off: u64, seed: u64| {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(cl.image(node, vol))
+            .unwrap();
+        f.write_all_at(&pattern(1 << 20, seed), off).unwrap();
+        f.sync_all().unwrap();
+    };
+    write(1, &vols[0], 2 << 20, 1);
+    let s1 = snap(&mut r, "cbt-1", &vols[0]).await;
+    write(1, &vols[0], 9 << 20, 2);
+    let s2 = snap(&mut r, "cbt-2", &vols[0]).await;
+    let other = snap(&mut r, "cbt-other", &vols[1]).await;
+
+    let ch = Endpoint::from_shared(format!("unix://{}", s(&cl.router_socket)))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut m = SnapshotMetadataClient::new(ch);
+    // Allocated, one range per message, passed through message by message.
+    let mut st = m
+        .get_metadata_allocated(GetMetadataAllocatedRequest {
+            snapshot_id: s2.clone(),
+            max_results: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut ranges = Vec::new();
+    while let Some(msg) = st.message().await.unwrap() {
+        assert_eq!(msg.volume_capacity_bytes, 16 * MIB);
+        assert!(msg.block_metadata.len() <= 1);
+        ranges.extend(
+            msg.block_metadata
+                .iter()
+                .map(|b| (b.byte_offset, b.size_bytes)),
+        );
+    }
+    assert_eq!(ranges, vec![(2 * MIB, MIB), (9 * MIB, MIB)]);
+    // Delta on one node: only the second write.
+    let mut st = m
+        .get_metadata_delta(GetMetadataDeltaRequest {
+            base_snapshot_id: s1.clone(),
+            target_snapshot_id: s2.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut delta = Vec::new();
+    while let Some(msg) = st.message().await.unwrap() {
+        delta.extend(
+            msg.block_metadata
+                .iter()
+                .map(|b| (b.byte_offset, b.size_bytes)),
+        );
+    }
+    assert_eq!(delta, vec![(9 * MIB, MIB)]);
+    // Across nodes: not comparable. Unknown node: UNAVAILABLE. Not an ID: NOT_FOUND.
+    let delta_code = |base: &str, target: &str| {
+        let mut m = m.clone();
+        let req = GetMetadataDeltaRequest {
+            base_snapshot_id: base.into(),
+            target_snapshot_id: target.into(),
+            ..Default::default()
+        };
+        async move {
+            m.get_metadata_delta(req)
+                .await
+                .map(|_| ())
+                .unwrap_err()
+                .code()
+        }
+    };
+    assert_eq!(delta_code(&s1, &other).await, Code::FailedPrecondition);
+    assert_eq!(delta_code("", &s2).await, Code::InvalidArgument);
+    let alloc_code = |id: &str| {
+        let mut m = m.clone();
+        let req = GetMetadataAllocatedRequest {
+            snapshot_id: id.into(),
+            ..Default::default()
+        };
+        async move {
+            m.get_metadata_allocated(req)
+                .await
+                .map(|_| ())
+                .unwrap_err()
+                .code()
+        }
+    };
+    assert_eq!(
+        alloc_code("snap-0123456789abcdef0123@n9").await,
+        Code::Unavailable
+    );
+    assert_eq!(alloc_code("vol-x").await, Code::NotFound);
+    assert_eq!(
+        alloc_code("snap-0123456789abcdef0123@n3").await,
+        Code::NotFound
+    );
 }

@@ -216,16 +216,21 @@ fn assert_records_match_images(dir: &Path, when: &str) -> BTreeSet<String> {
             .filter_map(|f| f.strip_suffix(ext).map(str::to_string))
             .collect()
     };
-    let (records, images) = (with(".json"), with(".img"));
+    let (records, images, digests) = (with(".json"), with(".img"), with(".chunks"));
     assert_eq!(
         records,
         images,
         "{when}: records and images disagree in {}: {files:?}",
         dir.display()
     );
+    assert!(
+        digests.is_subset(&records),
+        "{when}: chunk digests without a record in {}: {files:?}",
+        dir.display()
+    );
     assert_eq!(
         files.len(),
-        records.len() * 2,
+        records.len() * 2 + digests.len(),
         "{when}: stray files in {}: {files:?}",
         dir.display()
     );

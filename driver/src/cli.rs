@@ -31,6 +31,9 @@ pub enum Command {
     Doctor(crate::admin::doctor::DoctorArgs),
     /// A CSI client, to drive a running driver by hand (create, stage, publish...).
     Csi(crate::admin::csi::CsiArgs),
+    /// Changed-block tracking of snapshots, asked of a running driver: the ranges a full
+    /// (`allocated`) or incremental (`diff`) backup would read.
+    Snapshot(crate::admin::snapshot::SnapshotArgs),
     /// Generate the CA, node and router certificates for the pool API's mTLS, plus a
     /// Kubernetes Secret (secret.yaml) holding them.
     Certs {

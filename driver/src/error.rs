@@ -24,6 +24,9 @@ pub enum Error {
     ResourceExhausted(String),
     #[error("{0}")]
     Unimplemented(String),
+    /// An offset or size outside what the object has (a stream resumed past its end).
+    #[error("{0}")]
+    OutOfRange(String),
     /// A kernel call failed; `context` says which and on what.
     #[error("{context}: {source}")]
     Io {
@@ -76,6 +79,7 @@ impl Error {
             Error::Aborted(_) => Code::Aborted,
             Error::ResourceExhausted(_) => Code::ResourceExhausted,
             Error::Unimplemented(_) => Code::Unimplemented,
+            Error::OutOfRange(_) => Code::OutOfRange,
             Error::Io { .. } | Error::Command { .. } | Error::Internal(_) => Code::Internal,
         }
     }

@@ -68,6 +68,9 @@ impl Identity for IdentityService {
         let mut capabilities = vec![service_cap(service::Type::VolumeAccessibilityConstraints)];
         if self.controller {
             capabilities.push(service_cap(service::Type::ControllerService));
+            // Served wherever the Controller is (the sidecar shares the controller's socket);
+            // csi-test v5.4 names this value, so it is advertised by default.
+            capabilities.push(service_cap(service::Type::SnapshotMetadataService));
         }
         capabilities.push(PluginCapability {
             r#type: Some(plugin_capability::Type::VolumeExpansion(

@@ -24,6 +24,8 @@ pub mod node_service;
 pub mod node_state;
 pub mod router;
 pub mod server;
+pub mod snapshot_metadata_router;
+pub mod snapshot_metadata_service;
 pub mod static_volume;
 pub mod tls;
 pub mod tools;

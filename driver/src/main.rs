@@ -28,8 +28,11 @@ fn main() -> anyhow::Result<()> {
         Command::Certs { out, namespace } => {
             loopvol::certs::write(&out, &namespace)?;
             println!(
-                "wrote ca.crt, server.crt, server.key, client.crt, client.key and secret.yaml to {}",
-                out.display()
+                "wrote ca.crt, server.crt, server.key, client.crt, client.key and secret.yaml to {}, \
+                 and the snapshot-metadata sidecar's tls.crt, tls.key and \
+                 snapshotmetadataservice.yaml to {}",
+                out.display(),
+                out.join("snapshot-metadata").display()
             );
             Ok(())
         }
@@ -55,6 +58,10 @@ fn main() -> anyhow::Result<()> {
         Command::Csi(a) => {
             init_logging(LogFormat::Text, "warn");
             std::process::exit(loopvol::admin::csi::main(a))
+        }
+        Command::Snapshot(a) => {
+            init_logging(LogFormat::Text, "warn");
+            std::process::exit(loopvol::admin::snapshot::main(a))
         }
     }
 }

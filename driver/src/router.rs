@@ -40,7 +40,7 @@ pub struct NodeDirectory {
     /// False until the first complete answer from discovery (or the static list) came in.
     synced: tokio::sync::watch::Sender<bool>,
     tls: ClientTlsConfig,
-    clients: Mutex<HashMap<String, (String, ControllerClient<Channel>)>>,
+    channels: Mutex<HashMap<String, (String, Channel)>>,
     discovery_wait: Duration,
     forget_after: Duration,
 }
@@ -59,7 +59,7 @@ impl NodeDirectory {
             nodes: RwLock::new(Nodes::default()),
             synced: tokio::sync::watch::Sender::new(false),
             tls,
-            clients: Mutex::new(HashMap::new()),
+            channels: Mutex::new(HashMap::new()),
             discovery_wait: DISCOVERY_WAIT,
             forget_after: FORGET_AFTER,
         }
@@ -163,11 +163,17 @@ impl NodeDirectory {
         })
     }
 
-    /// A client for `node`'s pool API; connections are made lazily and reused.
+    /// A Controller client for `node`'s pool API.
     pub fn client(&self, node: &str) -> Result<ControllerClient<Channel>, Status> {
+        self.channel(node).map(ControllerClient::new)
+    }
+
+    /// The channel to `node`'s pool API (every service on it shares it); connections are made
+    /// lazily and reused.
+    pub fn channel(&self, node: &str) -> Result<Channel, Status> {
         let url = self.url(node)?;
-        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((u, c)) = clients.get(node) {
+        let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((u, c)) = channels.get(node) {
             if *u == url {
                 return Ok(c.clone());
             }
@@ -179,9 +185,8 @@ impl NodeDirectory {
             .connect_timeout(Duration::from_secs(3))
             .timeout(Duration::from_secs(300))
             .connect_lazy();
-        let client = ControllerClient::new(channel);
-        clients.insert(node.to_string(), (url, client.clone()));
-        Ok(client)
+        channels.insert(node.to_string(), (url, channel.clone()));
+        Ok(channel)
     }
 }
 

@@ -18,9 +18,11 @@ use crate::controller_service::ControllerService;
 use crate::csi::controller_server::ControllerServer;
 use crate::csi::identity_server::IdentityServer;
 use crate::csi::node_server::NodeServer;
+use crate::csi::snapshot_metadata_server::SnapshotMetadataServer;
 use crate::error::{Error, Result};
 use crate::identity_service::IdentityService;
 use crate::node_service::NodeService;
+use crate::snapshot_metadata_service::SnapshotMetadataService;
 
 /// What every service needs: the pool, who we are, and the gate on concurrent kernel work.
 pub struct Driver {
@@ -181,9 +183,12 @@ where
             None,
         )))
         .add_service(ControllerServer::new(crate::router::Router::new(
-            dir,
+            dir.clone(),
             Advertised::new(&args.advertise_capabilities),
-        )));
+        )))
+        .add_service(SnapshotMetadataServer::new(
+            crate::snapshot_metadata_router::SnapshotMetadataRouter::new(dir),
+        ));
     let metrics = crate::metrics::http::Sources::without_pool();
     let _metrics = crate::metrics::http::start_if(args.metrics_address, metrics).await?;
     serve_socket(&args.endpoint, routes.routes(), stopped()).await
@@ -254,6 +259,9 @@ where
                 .add_service(ControllerServer::new(ControllerService::new(
                     driver.clone(),
                 )))
+                .add_service(SnapshotMetadataServer::new(SnapshotMetadataService::new(
+                    driver.clone(),
+                )))
                 .serve_with_incoming_shutdown(
                     tokio_stream::wrappers::TcpListenerStream::new(listener),
                     stopped(),
@@ -266,6 +274,10 @@ where
     routes.add_service(identity(matches!(args.mode, Mode::Controller | Mode::All)));
     if matches!(args.mode, Mode::Controller | Mode::All) {
         routes.add_service(ControllerServer::new(ControllerService::new(
+            driver.clone(),
+        )));
+        // The external-snapshot-metadata sidecar shares the controller's socket.
+        routes.add_service(SnapshotMetadataServer::new(SnapshotMetadataService::new(
             driver.clone(),
         )));
     }

@@ -6,8 +6,10 @@
 pub mod atomic;
 pub mod backing;
 pub mod capacity;
+pub mod chunk_digest;
 pub mod copy;
 pub mod error;
+pub mod extents;
 pub mod ids;
 pub mod io_limits;
 pub mod keyed_lock;
@@ -18,6 +20,7 @@ pub mod quantity;
 pub mod record;
 pub mod size;
 pub mod snapshot;
+pub mod snapshot_metadata;
 
 pub use error::PoolError;
 pub use ids::{validate_name, VolumeId};

@@ -823,6 +823,7 @@ fn load_dir<T: serde::de::DeserializeOwned>(
 ) -> Result<BTreeMap<String, T>, PoolError> {
     let mut records = BTreeMap::new();
     let mut images = Vec::new();
+    let mut digests = Vec::new();
     for e in fs::read_dir(dir)
         .ctx(|| format!("read {}", dir.display()))?
         .flatten()
@@ -857,7 +858,18 @@ fn load_dir<T: serde::de::DeserializeOwned>(
             }
         } else if let Some(stem) = name.strip_suffix(".img").filter(|s| is_hex_name(s)) {
             images.push(stem.to_string());
+        } else if let Some(stem) = name.strip_suffix(".chunks").filter(|s| is_hex_name(s)) {
+            digests.push(stem.to_string());
         }
+    }
+    // Chunk digests (snapshot_metadata.rs) are written before their snapshot's record.
+    for hex in digests.iter().filter(|h| !records.contains_key(*h)) {
+        let p = dir.join(format!("{hex}.chunks"));
+        fs::remove_file(&p).ctx(|| format!("remove orphan {}", p.display()))?;
+        repairs.push(format!(
+            "removed orphan chunk digests {} (no record: interrupted snapshot or delete)",
+            p.display()
+        ));
     }
     for hex in images {
         if !records.contains_key(&hex) {
@@ -1045,8 +1057,11 @@ mod tests {
             b"{",
         )
         .unwrap();
+        // Chunk digests of a snapshot whose record was never written.
+        fs::write(t.path().join("snapshots/cccccccccccccccccccc.chunks"), b"x").unwrap();
         let (pool, repairs) = Pool::open(PoolOptions::all(t.path(), "node-a")).unwrap();
-        assert_eq!(repairs.len(), 3, "{repairs:?}");
+        assert_eq!(repairs.len(), 4, "{repairs:?}");
+        assert!(files(&t.path().join("snapshots")).is_empty());
         assert_eq!(pool.get(&id).unwrap().name, "keep");
         assert!(files(&t.path().join("tmp")).is_empty());
         assert_eq!(files(&t.path().join("volumes")).len(), 2);

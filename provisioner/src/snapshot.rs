@@ -105,6 +105,8 @@ impl Pool {
                     .map_err(|e| space_error("copy the volume into a snapshot", e))?
             };
             dst.sync_all().ctx(|| format!("fsync {}", tmp.display()))?;
+            // After the thaw: digesting must not lengthen the freeze (snapshot_metadata.rs).
+            self.record_chunk_digests(&id.hex, method, &dst, volume.size_bytes)?;
             std::fs::rename(&tmp, &dest)
                 .ctx(|| format!("move snapshot into {}", dest.display()))?;
             atomic::sync_dir(&self.dir.join("snapshots")).ctx(|| "fsync snapshots dir".into())?;
@@ -168,6 +170,7 @@ impl Pool {
             .remove(&sid.hex);
         atomic::remove_file(&self.snapshot_image_path(&sid.hex))
             .ctx(|| format!("remove image of {id}"))?;
+        self.remove_chunk_digests(&sid.hex);
         tracing::info!(snapshot_id = %id, "snapshot deleted");
         Ok(true)
     }
