@@ -31,6 +31,9 @@ pub enum Command {
     Doctor(crate::admin::doctor::DoctorArgs),
     /// A CSI client, to drive a running driver by hand (create, stage, publish...).
     Csi(crate::admin::csi::CsiArgs),
+    /// Internal: the process that guards one filesystem freeze (started by the driver).
+    #[command(hide = true)]
+    FreezeGuard(crate::freeze::GuardArgs),
     /// Generate the CA, node and router certificates for the pool API's mTLS, plus a
     /// Kubernetes Secret (secret.yaml) holding them.
     Certs {
@@ -160,6 +163,13 @@ pub struct ServeArgs {
     pub metrics_address: Option<std::net::SocketAddr>,
     #[command(flatten)]
     pub multi: MultiNodeArgs,
+    /// The longest a snapshot or clone may keep a mounted source filesystem frozen; a freeze
+    /// that lasts longer is lifted, and the copy fails instead of being torn.
+    #[arg(long, value_name = "SECONDS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    pub freeze_timeout: u64,
+    /// Test hook: keep each freeze this many milliseconds before copying.
+    #[arg(long, hide = true, default_value_t = 0)]
+    pub test_freeze_hold_ms: u64,
 }
 
 #[derive(Debug, Subcommand)]

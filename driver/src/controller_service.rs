@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use provisioner::ids::Kind;
 use provisioner::params::VolumeParams;
-use provisioner::pool::CreateRequest;
+use provisioner::pool::{CreateRequest, Quiesced};
 use provisioner::record::VolumeRecord;
 use provisioner::record::{ContentSource, SnapshotRecord};
 use provisioner::size::MAX_SIZE;
@@ -126,15 +126,11 @@ fn to_snapshot(s: &SnapshotRecord) -> Snapshot {
 }
 
 /// The pool's quiesce hook: freeze a live source volume's filesystem while it is copied.
-fn quiesce(d: &Driver, r: &VolumeRecord) -> Result<Box<dyn std::any::Any>, PoolError> {
-    node_ops::quiesce(d, r)
-        .map(|g| Box::new(g) as Box<dyn std::any::Any>)
-        .map_err(|e| {
-            PoolError::io(
-                "freeze the source filesystem",
-                std::io::Error::other(e.to_string()),
-            )
-        })
+fn quiesce(d: &Driver, r: &VolumeRecord) -> Result<Box<dyn Quiesced>, PoolError> {
+    match node_ops::quiesce(d, r).map_err(crate::error::to_pool_error)? {
+        Some(frozen) => Ok(Box::new(frozen)),
+        None => Ok(Box::new(())),
+    }
 }
 
 /// Snapshot classes carry no loopvol parameters yet; refuse typos like StorageClasses do.
@@ -485,9 +481,10 @@ impl Controller for ControllerService {
         let after = page_token(req.max_entries, &req.starting_token)?;
         let (page, next) = self.driver.pool.list_page(after, req.max_entries as usize);
         // Only volumes with something to report are listed, as the spec asks.
+        let inspector = health::Inspector::new(&self.driver.pool);
         let entries = page
             .iter()
-            .map(|r| health::of_volume(&self.driver.pool, r))
+            .map(|r| inspector.of_volume(r))
             .filter(|h| !h.health_statuses.is_empty())
             .collect();
         Ok(Response::new(ControllerListVolumeHealthResponse {

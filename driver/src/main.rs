@@ -25,6 +25,10 @@ fn main() -> anyhow::Result<()> {
                 .build()?;
             rt.block_on(server::serve(args, server::shutdown_signal()))
         }
+        Command::FreezeGuard(a) => {
+            init_logging(LogFormat::Text, "info");
+            std::process::exit(loopvol::freeze::guard_main(&a))
+        }
         Command::Certs { out, namespace } => {
             loopvol::certs::write(&out, &namespace)?;
             println!(

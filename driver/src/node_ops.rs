@@ -618,6 +618,7 @@ pub fn expand(d: &Driver, id: &str, path: &str, block_hint: bool) -> Result<u64>
 pub fn volume_health(d: &Driver, id: &str) -> Result<VolumeHealth> {
     let vol = volume(d, id)?;
     let mut statuses = health::pool_findings(&d.pool, &vol.record);
+    statuses.extend(health::freeze_findings(&d.pool.node_state_dir(), &vol.hex));
     if let Some(s) = node_state::load(&d.pool.node_state_dir(), &vol.hex)? {
         match current_loop(&vol, Some(&s.device)) {
             None => statuses.push(entry(
@@ -734,7 +735,8 @@ pub fn quiesce(d: &Driver, record: &VolumeRecord) -> Result<Option<crate::freeze
     };
     match mount::mount_at(&staged.staging_path)? {
         Some(m) if Path::new(&m.source) == l.device => {
-            crate::freeze::freeze(&staged.staging_path).map(Some)
+            crate::freeze::freeze(&d.freeze, &record.id, &hex, &image, &staged.staging_path)
+                .map(Some)
         }
         _ => Ok(None),
     }

@@ -26,6 +26,8 @@ pub struct Driver {
     pub driver_name: String,
     pub mode: Mode,
     pub max_volumes_per_node: i64,
+    /// How snapshots and clones freeze mounted sources.
+    pub freeze: crate::freeze::Settings,
     ops: Semaphore,
 }
 
@@ -201,11 +203,30 @@ where
     if args.max_concurrent_ops == 0 {
         bail!("--max-concurrent-ops must be at least 1");
     }
+    let freeze = crate::freeze::Settings {
+        node_dir: pool.node_state_dir(),
+        pool_dir: pool.dir().to_path_buf(),
+        timeout: std::time::Duration::from_secs(args.freeze_timeout),
+        hold: std::time::Duration::from_millis(args.test_freeze_hold_ms),
+    };
+    // Before anything is served: no filesystem stays frozen by a loopvol that was killed
+    // (in any mode: whichever process took a snapshot may have been the one killed).
+    let image_of = {
+        let pool_dir = pool.dir().to_path_buf();
+        move |hex: &str| pool_dir.join("volumes").join(format!("{hex}.img"))
+    };
+    let node_dir = freeze.node_dir.clone();
+    for line in
+        tokio::task::spawn_blocking(move || crate::freeze::recover(&node_dir, image_of)).await?
+    {
+        tracing::warn!(recovery = %line, "abandoned filesystem freeze cleared at start-up");
+    }
     let driver = Arc::new(Driver {
         pool,
         driver_name: args.driver_name.clone(),
         mode: args.mode,
         max_volumes_per_node: args.max_volumes_per_node,
+        freeze,
         ops: Semaphore::new(args.max_concurrent_ops),
     });
     if matches!(args.mode, Mode::Node | Mode::All) {

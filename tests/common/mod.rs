@@ -87,6 +87,11 @@ impl Driver {
         d
     }
 
+    /// Replace the extra flags the next [`Driver::spawn`] passes.
+    pub fn set_args(&mut self, extra: &[&str]) {
+        self.extra_args = extra.iter().map(|s| s.to_string()).collect();
+    }
+
     /// Start (again) on the same pool and socket.
     pub async fn spawn(&mut self) {
         assert!(self.child.is_none(), "already running");

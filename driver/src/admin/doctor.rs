@@ -5,6 +5,7 @@
 //! the only writes are two small scratch files (O_DIRECT and reflink probes) that are removed
 //! again, named so that nothing in the pool ever mistakes them for a volume.
 
+mod frozen;
 mod kernel;
 mod orphans;
 mod pool_fs;
@@ -111,6 +112,7 @@ pub fn run(args: &DoctorArgs) -> Vec<Check> {
     ));
     checks.push(propagation::kubelet_dir(&args.kubelet_dir));
     checks.extend(orphans::check(&args.pool_dir));
+    checks.push(frozen::check(&args.pool_dir));
     checks
 }
 

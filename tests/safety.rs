@@ -1,0 +1,541 @@
+//! Node-side safety under faults and hostile input (issue 17), against the real binary:
+//!
+//! - a driver killed at any point of a snapshot or clone never leaves the source filesystem
+//!   frozen, and the retry succeeds; health and `doctor` report a freeze left behind;
+//! - NodeUnpublishVolume removes only a target loopvol made for that volume;
+//! - staging and target paths are confined to the allowed roots: no pool, no symlinks;
+//! - health sees a filesystem the kernel forced read-only or that recorded errors;
+//! - request text cannot forge or bloat log lines;
+//! - the offline CLI finds the pool's own node ID.
+
+mod common;
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use loopvol::csi::controller_client::ControllerClient;
+use loopvol::csi::node_client::NodeClient;
+use loopvol::csi::*;
+use rand::{Rng, SeedableRng};
+use tonic::transport::Channel;
+use tonic::Code;
+
+type Ctl = ControllerClient<Channel>;
+type Nod = NodeClient<Channel>;
+
+fn s(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+async fn create(c: &mut Ctl, req: CreateVolumeRequest) -> Result<String, tonic::Status> {
+    c.create_volume(req)
+        .await
+        .map(|r| r.into_inner().volume.unwrap().volume_id)
+}
+
+async fn delete(c: &mut Ctl, id: &str) {
+    c.delete_volume(DeleteVolumeRequest {
+        volume_id: id.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+}
+
+fn snapshot_req(name: &str, source: &str) -> CreateSnapshotRequest {
+    CreateSnapshotRequest {
+        source_volume_id: source.into(),
+        name: name.into(),
+        ..Default::default()
+    }
+}
+
+fn clone_req(name: &str, source: &str) -> CreateVolumeRequest {
+    let mut r = create_req(name, 0, rw_mount("ext4"));
+    r.capacity_range = None;
+    r.volume_content_source = Some(VolumeContentSource {
+        r#type: Some(volume_content_source::Type::Volume(
+            volume_content_source::VolumeSource {
+                volume_id: source.into(),
+            },
+        )),
+    });
+    r
+}
+
+fn stage_req(id: &str, staging: &Path, cap: VolumeCapability) -> NodeStageVolumeRequest {
+    NodeStageVolumeRequest {
+        volume_id: id.into(),
+        staging_target_path: s(staging),
+        volume_capability: Some(cap),
+        ..Default::default()
+    }
+}
+
+fn publish_req(
+    id: &str,
+    staging: &Path,
+    target: &Path,
+    cap: VolumeCapability,
+) -> NodePublishVolumeRequest {
+    NodePublishVolumeRequest {
+        volume_id: id.into(),
+        staging_target_path: s(staging),
+        target_path: s(target),
+        volume_capability: Some(cap),
+        ..Default::default()
+    }
+}
+
+fn unpublish_req(id: &str, target: &Path) -> NodeUnpublishVolumeRequest {
+    NodeUnpublishVolumeRequest {
+        volume_id: id.into(),
+        target_path: s(target),
+    }
+}
+
+fn unstage_req(id: &str, staging: &Path) -> NodeUnstageVolumeRequest {
+    NodeUnstageVolumeRequest {
+        volume_id: id.into(),
+        staging_target_path: s(staging),
+    }
+}
+
+/// A volume staged and published with ext4 under the test's temp dir.
+struct Staged {
+    id: String,
+    staging: PathBuf,
+    target: PathBuf,
+}
+
+async fn staged(d: &Driver, c: &mut Ctl, n: &mut Nod, name: &str, bytes: i64) -> Staged {
+    let id = create(c, create_req(name, bytes, rw_mount("ext4")))
+        .await
+        .unwrap();
+    let staging = d.path(&format!("plugins/{name}/globalmount"));
+    let target = d.path(&format!("pods/{name}/mount"));
+    n.node_stage_volume(stage_req(&id, &staging, rw_mount("ext4")))
+        .await
+        .unwrap();
+    n.node_publish_volume(publish_req(&id, &staging, &target, rw_mount("ext4")))
+        .await
+        .unwrap();
+    Staged {
+        id,
+        staging,
+        target,
+    }
+}
+
+async fn take_down(c: &mut Ctl, n: &mut Nod, v: &Staged) {
+    n.node_unpublish_volume(unpublish_req(&v.id, &v.target))
+        .await
+        .unwrap();
+    n.node_unstage_volume(unstage_req(&v.id, &v.staging))
+        .await
+        .unwrap();
+    delete(c, &v.id).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Finding 1: freezes never outlive the driver.
+
+/// Thaws `mount` on drop, so a test that fails while its volume is frozen still lets its
+/// writer finish and its cleanup unmount (errors ignored: normally it is not frozen).
+struct ThawOnDrop(PathBuf);
+
+impl Drop for ThawOnDrop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("fsfreeze")
+            .arg("-u")
+            .arg(&self.0)
+            .output();
+    }
+}
+
+/// A process writing through a published volume, 4 KiB and an fdatasync at a time, recording
+/// when each write completed. A frozen filesystem stops it in D state until thawed.
+struct Writer {
+    /// Milliseconds since `epoch` of the last completed write.
+    last: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    epoch: Instant,
+    thread: Option<std::thread::JoinHandle<u64>>,
+}
+
+impl Writer {
+    fn start(dir: &Path) -> Writer {
+        let file = std::fs::File::create(dir.join("writer.dat")).unwrap();
+        let last = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let epoch = Instant::now();
+        let (l, st) = (last.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let block = pattern(4096, 7);
+            let mut n = 0u64;
+            while !st.load(SeqCst) {
+                file.write_at(&block, (n % 256) * 4096).unwrap();
+                file.sync_data().unwrap();
+                n += 1;
+                l.store(epoch.elapsed().as_millis() as u64, SeqCst);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            n
+        });
+        Writer {
+            last,
+            stop,
+            epoch,
+            thread: Some(thread),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Wait until a write completes after `since` (ms since epoch); how long that took.
+    async fn progress_after(&self, since: u64, within: Duration) -> Option<Duration> {
+        let start = Instant::now();
+        while start.elapsed() < within {
+            if self.last.load(SeqCst) > since {
+                return Some(start.elapsed());
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        None
+    }
+
+    fn finish(mut self) -> u64 {
+        self.stop.store(true, SeqCst);
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.stop.store(true, SeqCst);
+    }
+}
+
+fn markers(pool: &Path) -> Vec<String> {
+    std::fs::read_dir(pool.join("node"))
+        .map(|r| {
+            r.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.contains(".frozen"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The driver's `freeze-guard` children.
+fn guardians_of(pid: u32) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(p) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+        let ppid = stat
+            .rsplit_once(") ")
+            .and_then(|(_, rest)| rest.split(' ').nth(1))
+            .and_then(|v| v.parse::<u32>().ok());
+        let cmd = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+        if ppid == Some(pid) && String::from_utf8_lossy(&cmd).contains("freeze-guard") {
+            out.push(p);
+        }
+    }
+    out
+}
+
+enum Copy {
+    Snapshot(String),
+    Clone(String),
+}
+
+async fn send_copy(c: &mut Ctl, op: &Copy, source: &str) -> Result<(), tonic::Status> {
+    match op {
+        Copy::Snapshot(name) => c
+            .create_snapshot(snapshot_req(name, source))
+            .await
+            .map(drop),
+        Copy::Clone(name) => create(c, clone_req(name, source)).await.map(drop),
+    }
+}
+
+/// Undo a copy that succeeded (or that a kill may have completed): delete it by name.
+async fn remove_copy(c: &mut Ctl, op: &Copy, source: &str) {
+    match op {
+        Copy::Snapshot(name) => {
+            let snap = c
+                .create_snapshot(snapshot_req(name, source))
+                .await
+                .unwrap()
+                .into_inner()
+                .snapshot
+                .unwrap();
+            c.delete_snapshot(DeleteSnapshotRequest {
+                snapshot_id: snap.snapshot_id,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        }
+        Copy::Clone(name) => {
+            let id = create(c, clone_req(name, source)).await.unwrap();
+            delete(c, &id).await;
+        }
+    }
+}
+
+/// kill -9 at random points of snapshots and clones of a staged volume that a writer keeps
+/// writing to: before the freeze, while frozen, after. After every kill the writer moves again
+/// within a bound (the guardian thaws when the driver dies; the restart would too), no marker
+/// is left once the driver is back, and the same request then succeeds.
+#[tokio::test(flavor = "multi_thread")]
+async fn kill9_during_a_freeze_never_leaves_the_source_frozen() {
+    if !root_or_skip("kill9_freeze") {
+        return;
+    }
+    let rounds: u64 = std::env::var("LOOPVOL_FREEZE_KILLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50);
+    let seed: u64 = rand::random();
+    println!("kill9_freeze seed {seed}");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    // Each freeze lasts at least 300 ms, so random kills land inside it often.
+    let mut d = Driver::start_with(&["--test-freeze-hold-ms", "300"]).await;
+    let (mut c, mut n) = (d.controller().await, d.node().await);
+    let v = staged(&d, &mut c, &mut n, "frozen-src", 16 * MIB).await;
+    let _thaw = ThawOnDrop(v.staging.clone());
+    let writer = Writer::start(&v.target);
+    let bound = Duration::from_secs(5);
+    let (mut killed_frozen, mut worst) = (0, Duration::ZERO);
+    for round in 0..rounds {
+        let op = if round % 2 == 0 {
+            Copy::Snapshot(format!("snap-{round}"))
+        } else {
+            Copy::Clone(format!("clone-{round}"))
+        };
+        let mut cl = c.clone();
+        let source = v.id.clone();
+        let call = tokio::spawn(async move {
+            let r = send_copy(&mut cl, &op, &source).await;
+            (op, r)
+        });
+        tokio::time::sleep(Duration::from_millis(rng.random_range(0..450))).await;
+        let frozen_now = !markers(&d.pool).is_empty();
+        d.kill9();
+        let (killed, killed_at) = (Instant::now(), writer.now());
+        let (op, _) = call.await.unwrap();
+        killed_frozen += frozen_now as u32;
+        d.spawn().await;
+        c = d.controller().await;
+        // Measured from the kill, across the restart.
+        if writer.progress_after(killed_at, bound).await.is_none() {
+            panic!(
+                "round {round}: the writer is still blocked {bound:?} after the kill; markers \
+                 {:?}\n{}",
+                markers(&d.pool),
+                d.log()
+            );
+        }
+        worst = worst.max(killed.elapsed());
+        assert!(
+            markers(&d.pool).is_empty(),
+            "round {round}: freeze markers left after the restart: {:?}",
+            markers(&d.pool)
+        );
+        // The retry succeeds (before: INTERNAL "freeze ... Device or resource busy" forever).
+        send_copy(&mut c, &op, &v.id)
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: retry after the kill: {e}"));
+        remove_copy(&mut c, &op, &v.id).await;
+    }
+    let writes = writer.finish();
+    println!(
+        "kill9_freeze: {rounds} kills, {killed_frozen} with a freeze under way, {writes} writes, \
+         longest stall of the writer from a kill (restart included) {worst:?}"
+    );
+    n = d.node().await;
+    take_down(&mut c, &mut n, &v).await;
+    d.assert_clean();
+}
+
+async fn volume_health(n: &mut Nod, id: &str) -> Vec<volume_health::VolumeHealthEntry> {
+    n.node_get_volume_health(NodeGetVolumeHealthRequest {
+        volume_id: id.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .volume_health
+    .unwrap()
+    .health_statuses
+}
+
+async fn controller_health(c: &mut Ctl, id: &str) -> Vec<volume_health::VolumeHealthEntry> {
+    c.controller_get_volume_health(ControllerGetVolumeHealthRequest {
+        volume_id: id.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .volume_health
+    .unwrap()
+    .health_statuses
+}
+
+fn reasons(h: &[volume_health::VolumeHealthEntry]) -> Vec<&str> {
+    h.iter().map(|e| e.reason.as_str()).collect()
+}
+
+/// `loopvol doctor` on the driver's pool: (passed, output).
+fn doctor(d: &Driver) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_loopvol"))
+        .arg("doctor")
+        .arg("--pool-dir")
+        .arg(&d.pool)
+        .arg("--kubelet-dir")
+        .arg(d.path("no-kubelet-here"))
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+async fn wait_for_marker(pool: &Path) {
+    let t = Instant::now();
+    while markers(pool).is_empty() {
+        assert!(t.elapsed() < Duration::from_secs(10), "no freeze began");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// When the guardian dies with the driver (a container's whole process tree killed), the
+/// filesystem stays frozen: `doctor` says so, and the restarted driver thaws it before serving.
+/// A long freeze in progress shows in node and controller health, and one that outlasts
+/// --freeze-timeout is lifted, with the copy failing instead of being kept torn.
+#[tokio::test(flavor = "multi_thread")]
+async fn freezes_are_reported_bounded_and_thawed_at_start_when_everything_died() {
+    if !root_or_skip("freeze_tree_killed") {
+        return;
+    }
+    let mut d = Driver::start_with(&["--test-freeze-hold-ms", "8000"]).await;
+    let (mut c, mut n) = (d.controller().await, d.node().await);
+    let v = staged(&d, &mut c, &mut n, "tree", 16 * MIB).await;
+    let _thaw = ThawOnDrop(v.staging.clone());
+    let writer = Writer::start(&v.target);
+    assert!(volume_health(&mut n, &v.id).await.is_empty());
+
+    let mut cl = c.clone();
+    let id = v.id.clone();
+    let snap = tokio::spawn(async move { cl.create_snapshot(snapshot_req("held", &id)).await });
+    wait_for_marker(&d.pool).await;
+    tokio::time::sleep(Duration::from_millis(5500)).await;
+    // A freeze of more than 5 s is news for whoever watches health.
+    let h = volume_health(&mut n, &v.id).await;
+    assert_eq!(reasons(&h), ["FilesystemFrozen"], "{h:?}");
+    assert_eq!(h[0].status, VolumeHealthErrorType::Degraded as i32);
+    let h = controller_health(&mut c, &v.id).await;
+    assert_eq!(reasons(&h), ["FilesystemFrozen"], "{h:?}");
+
+    // The whole tree dies: guardian first, so that it cannot thaw.
+    let guardians = guardians_of(d.pid());
+    assert_eq!(guardians.len(), 1, "one guardian per freeze");
+    for g in guardians {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(g),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+    }
+    d.kill9();
+    let _ = snap.await;
+    let killed_at = writer.now();
+    assert!(
+        writer
+            .progress_after(killed_at, Duration::from_millis(1500))
+            .await
+            .is_none(),
+        "the filesystem should still be frozen with no loopvol process left"
+    );
+    let (ok, out) = doctor(&d);
+    assert!(!ok, "{out}");
+    assert!(out.contains("✘ frozen filesystems"), "{out}");
+    assert!(out.contains(&*v.staging.to_string_lossy()), "{out}");
+    assert!(out.contains("fsfreeze -u"), "{out}");
+
+    // The restart thaws before serving.
+    d.set_args(&["--freeze-timeout", "1", "--test-freeze-hold-ms", "2500"]);
+    d.spawn().await;
+    assert!(
+        writer
+            .progress_after(killed_at, Duration::from_secs(5))
+            .await
+            .is_some(),
+        "the restarted driver did not thaw the filesystem"
+    );
+    assert!(markers(&d.pool).is_empty(), "{:?}", markers(&d.pool));
+    assert!(
+        d.log().contains("left frozen by a killed loopvol"),
+        "{}",
+        d.log()
+    );
+    let (ok, out) = doctor(&d);
+    assert!(!out.contains("✘ frozen filesystems"), "{out}");
+    let _ = ok;
+
+    // The watchdog: a 2.5 s hold outlasts the 1 s bound. The freeze is lifted after 1 s and the
+    // snapshot is refused rather than kept as a copy of a moving filesystem.
+    c = d.controller().await;
+    let started = Instant::now();
+    let e = c
+        .create_snapshot(snapshot_req("held", &v.id))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Aborted, "{e:?}");
+    assert!(e.message().contains("freeze-timeout"), "{}", e.message());
+    assert!(started.elapsed() >= Duration::from_millis(2500));
+    assert!(markers(&d.pool).is_empty(), "{:?}", markers(&d.pool));
+    assert!(d.log().contains("freeze watchdog"), "{}", d.log());
+    let listed = c
+        .list_snapshots(ListSnapshotsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.entries.is_empty(), "{listed:?}");
+
+    // And with time enough, the same snapshot succeeds.
+    d.stop();
+    d.set_args(&[]);
+    d.spawn().await;
+    c = d.controller().await;
+    n = d.node().await;
+    let snap = c
+        .create_snapshot(snapshot_req("held", &v.id))
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    c.delete_snapshot(DeleteSnapshotRequest {
+        snapshot_id: snap.snapshot_id,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    writer.finish();
+    take_down(&mut c, &mut n, &v).await;
+    d.assert_clean();
+}
