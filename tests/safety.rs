@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use loopvol::csi::controller_client::ControllerClient;
 use loopvol::csi::node_client::NodeClient;
+use loopvol::csi::volume_capability::access_mode::Mode;
 use loopvol::csi::*;
 use rand::{Rng, SeedableRng};
 use tonic::transport::Channel;
@@ -536,6 +537,302 @@ async fn freezes_are_reported_bounded_and_thawed_at_start_when_everything_died()
     .await
     .unwrap();
     writer.finish();
+    take_down(&mut c, &mut n, &v).await;
+    d.assert_clean();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Finding 2: unpublish removes only what loopvol made.
+
+/// `loopvol csi` against the driver; returns (success, stdout+stderr).
+fn csi_cli(d: &Driver, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_loopvol"))
+        .args(["csi", "--endpoint", &format!("unix://{}", s(&d.socket))])
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unpublish_removes_only_targets_loopvol_made_for_that_volume() {
+    if !root_or_skip("unpublish_foreign") {
+        return;
+    }
+    let d = Driver::start().await;
+    let (mut c, mut n) = (d.controller().await, d.node().await);
+    let v = staged(&d, &mut c, &mut n, "owner", 16 * MIB).await;
+
+    // A file and an empty directory nobody published: unpublish answers OK (idempotent) and
+    // leaves both, through the CLI as in the report and through the RPC.
+    let victim = d.path("victim.conf");
+    std::fs::write(&victim, b"x\n").unwrap();
+    let (ok, out) = csi_cli(&d, &["unpublish", &v.id, "--target-path", &s(&victim)]);
+    assert!(ok, "{out}");
+    assert_eq!(std::fs::read(&victim).unwrap(), b"x\n");
+    let empty = d.path("pods/other/mount");
+    std::fs::create_dir_all(&empty).unwrap();
+    n.node_unpublish_volume(unpublish_req(&v.id, &empty))
+        .await
+        .unwrap();
+    assert!(
+        empty.is_dir(),
+        "an empty directory loopvol never made was removed"
+    );
+    // An empty file where a block publish would be.
+    let file = d.path("pods/other/dev");
+    std::fs::File::create(&file).unwrap();
+    n.node_unpublish_volume(unpublish_req(&v.id, &file))
+        .await
+        .unwrap();
+    assert!(file.is_file());
+
+    // A target that existed before the publish (made by the kubelet) stays after unpublish.
+    n.node_publish_volume(publish_req(&v.id, &v.staging, &empty, rw_mount("ext4")))
+        .await
+        .unwrap();
+    n.node_unpublish_volume(unpublish_req(&v.id, &empty))
+        .await
+        .unwrap();
+    assert!(empty.is_dir(), "a target the kubelet made was removed");
+    // The target loopvol made is removed, but only by an unpublish of its own volume.
+    let other = staged(&d, &mut c, &mut n, "other", 16 * MIB).await;
+    n.node_unpublish_volume(unpublish_req(&other.id, &v.target))
+        .await
+        .unwrap_err(); // v is mounted there: not other's, refused
+    n.node_unpublish_volume(unpublish_req(&v.id, &v.target))
+        .await
+        .unwrap();
+    assert!(!v.target.exists(), "the target loopvol made stayed");
+    // Made again by the next publish, removed again by its unpublish.
+    n.node_publish_volume(publish_req(&v.id, &v.staging, &v.target, rw_mount("ext4")))
+        .await
+        .unwrap();
+    let m = v.target.clone();
+    n.node_unpublish_volume(unpublish_req(&v.id, &m))
+        .await
+        .unwrap();
+    assert!(!m.exists());
+
+    // Raw block: the file loopvol made for the publish is removed; a foreign one is not.
+    let blk = create(
+        &mut c,
+        create_req("blk", 16 * MIB, block_cap(Mode::SingleNodeWriter)),
+    )
+    .await
+    .unwrap();
+    let bstage = d.path("plugins/blk");
+    let btarget = d.path("pods/blk/dev");
+    n.node_stage_volume(stage_req(&blk, &bstage, block_cap(Mode::SingleNodeWriter)))
+        .await
+        .unwrap();
+    n.node_publish_volume(publish_req(
+        &blk,
+        &bstage,
+        &btarget,
+        block_cap(Mode::SingleNodeWriter),
+    ))
+    .await
+    .unwrap();
+    n.node_unpublish_volume(unpublish_req(&blk, &btarget))
+        .await
+        .unwrap();
+    assert!(!btarget.exists(), "the block target loopvol made stayed");
+    n.node_unstage_volume(unstage_req(&blk, &bstage))
+        .await
+        .unwrap();
+    delete(&mut c, &blk).await;
+
+    take_down(&mut c, &mut n, &other).await;
+    take_down(&mut c, &mut n, &v).await;
+    assert_eq!(std::fs::read(&victim).unwrap(), b"x\n");
+    assert!(empty.is_dir() && file.is_file());
+    let node_dir: Vec<_> = std::fs::read_dir(d.pool.join("node")).unwrap().collect();
+    assert!(
+        node_dir.is_empty(),
+        "records left in pool/node: {node_dir:?}"
+    );
+    d.assert_clean();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Finding 3: staging and target paths are confined.
+
+/// Mounts anywhere under the test's temp dir.
+fn mounts_under(d: &Driver) -> Vec<PathBuf> {
+    d.leftovers().0
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hostile_staging_and_target_paths_are_refused_without_touching_anything() {
+    if !root_or_skip("confinement") {
+        return;
+    }
+    // Only <tmp>/kubelet is allowed; <tmp>/etc plays /etc.
+    let d = Driver::start_confined(&[]).await;
+    let (mut c, mut n) = (d.controller().await, d.node().await);
+    let kubelet = d.path("kubelet");
+    let etc = d.path("etc");
+    std::fs::create_dir_all(&etc).unwrap();
+    std::fs::write(etc.join("passwd"), b"root:x:0:0\n").unwrap();
+    std::fs::create_dir_all(kubelet.join("pods")).unwrap();
+    std::os::unix::fs::symlink(&etc, kubelet.join("etc-link")).unwrap();
+    std::os::unix::fs::symlink(&etc, kubelet.join("pods/dir-link")).unwrap();
+
+    let id = create(&mut c, create_req("conf", 16 * MIB, rw_mount("ext4")))
+        .await
+        .unwrap();
+    let good_staging = kubelet.join("plugins/conf/globalmount");
+    let hostile = [
+        etc.clone(),
+        etc.join("sub"),
+        PathBuf::from("/etc"),
+        kubelet.clone(),
+        kubelet.join("etc-link"),
+        kubelet.join("pods/dir-link/globalmount"),
+        d.pool.clone(),
+        d.pool.join("volumes"),
+    ];
+    for p in &hostile {
+        let e = n
+            .node_stage_volume(stage_req(&id, p, rw_mount("ext4")))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "stage at {p:?}: {e:?}");
+    }
+    assert!(mounts_under(&d).is_empty(), "{:?}", mounts_under(&d));
+    assert!(
+        provisioner::backing::loops_under(&d.pool).is_empty(),
+        "a refused stage attached a loop device"
+    );
+
+    // Staged where it should be, the volume cannot be published onto hostile targets, nor
+    // from its staging path through a symlink.
+    n.node_stage_volume(stage_req(&id, &good_staging, rw_mount("ext4")))
+        .await
+        .unwrap();
+    std::os::unix::fs::symlink(&good_staging, kubelet.join("staging-link")).unwrap();
+    for p in hostile.iter().chain([&kubelet.join("pods/dir-link")]) {
+        let e = n
+            .node_publish_volume(publish_req(&id, &good_staging, p, rw_mount("ext4")))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "publish at {p:?}: {e:?}");
+        let e = n
+            .node_get_volume_stats(NodeGetVolumeStatsRequest {
+                volume_id: id.clone(),
+                volume_path: s(p),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "stats at {p:?}: {e:?}");
+        let e = n
+            .node_expand_volume(NodeExpandVolumeRequest {
+                volume_id: id.clone(),
+                volume_path: s(p),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "expand at {p:?}: {e:?}");
+        let e = n
+            .node_unpublish_volume(unpublish_req(&id, p))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "unpublish at {p:?}: {e:?}");
+    }
+    let target = kubelet.join("pods/conf/mount");
+    let e = n
+        .node_publish_volume(publish_req(
+            &id,
+            &kubelet.join("staging-link"),
+            &target,
+            rw_mount("ext4"),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let e = n
+        .node_unstage_volume(unstage_req(&id, &kubelet.join("staging-link")))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert_eq!(
+        mounts_under(&d),
+        [std::fs::canonicalize(&good_staging).unwrap()],
+        "only the real staging is mounted"
+    );
+
+    // The real paths work end to end.
+    n.node_publish_volume(publish_req(&id, &good_staging, &target, rw_mount("ext4")))
+        .await
+        .unwrap();
+    std::fs::write(target.join("f"), b"data").unwrap();
+    let stats = n
+        .node_get_volume_stats(NodeGetVolumeStatsRequest {
+            volume_id: id.clone(),
+            volume_path: s(&target),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(!stats.into_inner().usage.is_empty());
+    n.node_unpublish_volume(unpublish_req(&id, &target))
+        .await
+        .unwrap();
+    n.node_unstage_volume(unstage_req(&id, &good_staging))
+        .await
+        .unwrap();
+    delete(&mut c, &id).await;
+    let etc_now: Vec<_> = std::fs::read_dir(&etc)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        etc_now,
+        ["passwd"],
+        "something was made in the /etc stand-in"
+    );
+    assert_eq!(std::fs::read(etc.join("passwd")).unwrap(), b"root:x:0:0\n");
+    d.assert_clean();
+}
+
+/// The pool inside an allowed root (the harness allows its whole temp dir, pool included):
+/// the pool, its directories and its parent stay off limits.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_pool_is_never_a_staging_or_target_path() {
+    if !root_or_skip("pool_confinement") {
+        return;
+    }
+    let d = Driver::start().await;
+    let (mut c, mut n) = (d.controller().await, d.node().await);
+    let v = staged(&d, &mut c, &mut n, "pooled", 16 * MIB).await;
+    for p in [
+        d.pool.clone(),
+        d.pool.join("volumes"),
+        d.pool.join("node/x"),
+        d.dir.path().to_path_buf(),
+    ] {
+        let e = n
+            .node_publish_volume(publish_req(&v.id, &v.staging, &p, rw_mount("ext4")))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "publish at {p:?}: {e:?}");
+        let e = n
+            .node_stage_volume(stage_req(&v.id, &p, rw_mount("ext4")))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "stage at {p:?}: {e:?}");
+    }
+    assert!(!d.pool.join("node/x").exists());
     take_down(&mut c, &mut n, &v).await;
     d.assert_clean();
 }

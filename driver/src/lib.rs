@@ -20,9 +20,11 @@ pub mod mount;
 pub mod node_ops;
 pub mod node_service;
 pub mod node_state;
+pub mod paths;
 pub mod router;
 pub mod server;
 pub mod static_volume;
+pub mod targets;
 pub mod tls;
 
 /// The CSI v1 API generated from `proto/csi.proto`.

@@ -20,6 +20,14 @@ impl NodeService {
     pub fn new(driver: Arc<Driver>) -> Self {
         Self { driver }
     }
+
+    /// A staging or target path: well-formed, inside an allowed root, not the pool, no
+    /// symlink on the way (see `paths`).
+    fn confined(&self, field: &str, s: &str) -> Result<std::path::PathBuf, Error> {
+        let p = check_path(field, s)?;
+        self.driver.paths.check(field, &p)?;
+        Ok(p)
+    }
 }
 
 const CAPABILITIES: &[rpc::Type] = &[
@@ -46,7 +54,7 @@ impl Node for NodeService {
     ) -> Result<Response<NodeStageVolumeResponse>, Status> {
         let req = req.into_inner();
         let id = required("volume_id", &req.volume_id)?.to_string();
-        let staging = check_path("staging_target_path", &req.staging_target_path)?;
+        let staging = self.confined("staging_target_path", &req.staging_target_path)?;
         let cap = capability_of(req.volume_capability.as_ref())?;
         self.driver
             .blocking(move |d| node_ops::stage(d, &id, &staging, &cap))
@@ -61,7 +69,7 @@ impl Node for NodeService {
     ) -> Result<Response<NodeUnstageVolumeResponse>, Status> {
         let req = req.into_inner();
         let id = required("volume_id", &req.volume_id)?.to_string();
-        let staging = check_path("staging_target_path", &req.staging_target_path)?;
+        let staging = self.confined("staging_target_path", &req.staging_target_path)?;
         self.driver
             .blocking(move |d| node_ops::unstage(d, &id, &staging))
             .await?;
@@ -75,7 +83,7 @@ impl Node for NodeService {
     ) -> Result<Response<NodePublishVolumeResponse>, Status> {
         let req = req.into_inner();
         let id = required("volume_id", &req.volume_id)?.to_string();
-        let target = check_path("target_path", &req.target_path)?;
+        let target = self.confined("target_path", &req.target_path)?;
         let cap = capability_of(req.volume_capability.as_ref())?;
         if req.staging_target_path.is_empty() {
             return Err(Error::FailedPrecondition(
@@ -84,7 +92,7 @@ impl Node for NodeService {
             )
             .into());
         }
-        let staging = check_path("staging_target_path", &req.staging_target_path)?;
+        let staging = self.confined("staging_target_path", &req.staging_target_path)?;
         let readonly = req.readonly;
         self.driver
             .blocking(move |d| node_ops::publish(d, &id, &staging, &target, &cap, readonly))
@@ -99,7 +107,7 @@ impl Node for NodeService {
     ) -> Result<Response<NodeUnpublishVolumeResponse>, Status> {
         let req = req.into_inner();
         let id = required("volume_id", &req.volume_id)?.to_string();
-        let target = check_path("target_path", &req.target_path)?;
+        let target = self.confined("target_path", &req.target_path)?;
         self.driver
             .blocking(move |d| node_ops::unpublish(d, &id, &target))
             .await?;

@@ -28,6 +28,8 @@ pub struct Driver {
     pub max_volumes_per_node: i64,
     /// How snapshots and clones freeze mounted sources.
     pub freeze: crate::freeze::Settings,
+    /// Where the node plugin may stage and publish.
+    pub paths: crate::paths::Confinement,
     ops: Semaphore,
 }
 
@@ -221,8 +223,19 @@ where
     {
         tracing::warn!(recovery = %line, "abandoned filesystem freeze cleared at start-up");
     }
+    let roots: Vec<PathBuf> = std::iter::once(args.kubelet_dir.clone())
+        .chain(args.allowed_root.iter().cloned())
+        .collect();
+    if let Some(r) = roots.iter().find(|r| !r.is_absolute()) {
+        bail!(
+            "--kubelet-dir and --allowed-root take absolute paths, not {}",
+            r.display()
+        );
+    }
+    let paths = crate::paths::Confinement::new(roots, pool.dir());
     let driver = Arc::new(Driver {
         pool,
+        paths,
         driver_name: args.driver_name.clone(),
         mode: args.mode,
         max_volumes_per_node: args.max_volumes_per_node,
@@ -281,6 +294,7 @@ where
         mode = ?args.mode,
         node_id = %node_id,
         pool = %args.pool.pool_dir.display(),
+        allowed_roots = ?driver.paths.roots(),
         volumes = driver.pool.len(),
         "loopvol serving"
     );
