@@ -836,3 +836,96 @@ async fn the_pool_is_never_a_staging_or_target_path() {
     take_down(&mut c, &mut n, &v).await;
     d.assert_clean();
 }
+
+// ---------------------------------------------------------------------------------------------
+// Finding 5: request text cannot forge, corrupt or bloat log lines.
+
+#[tokio::test(flavor = "multi_thread")]
+async fn request_text_cannot_forge_or_bloat_text_log_lines() {
+    if !root_or_skip("log_injection") {
+        return;
+    }
+    let d = Driver::start().await;
+    let (mut c, mut n) = (d.controller().await, d.node().await);
+    let forged = "FORGED level=ERROR admin logged in";
+    for name in [
+        format!("evil\n{forged}"),
+        format!("nul\0{forged}"),
+        format!("esc\u{1b}[2K\r{forged}"),
+        "n".repeat(10_000),
+    ] {
+        let e = create(&mut c, create_req(&name, 16 * MIB, rw_mount("ext4")))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+        let e = n
+            .node_get_volume_stats(NodeGetVolumeStatsRequest {
+                volume_id: name.clone(),
+                volume_path: s(&d.path("x")),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+    }
+    // A valid path with a newline reaches the driver's own log lines (stage, unstage).
+    let id = create(&mut c, create_req("pathy", 16 * MIB, rw_mount("ext4")))
+        .await
+        .unwrap();
+    let staging = d.path(&format!("plugins/a\n{forged}"));
+    n.node_stage_volume(stage_req(&id, &staging, rw_mount("ext4")))
+        .await
+        .unwrap();
+    n.node_unstage_volume(unstage_req(&id, &staging))
+        .await
+        .unwrap();
+    delete(&mut c, &id).await;
+
+    let log = std::fs::read(d.path("driver.log")).unwrap();
+    assert!(!log.contains(&0), "a NUL byte reached the log");
+    assert!(!log.contains(&0x1b), "an escape sequence reached the log");
+    let text = String::from_utf8_lossy(&log);
+    for line in text.lines() {
+        assert!(!line.starts_with("FORGED"), "forged line: {line:?}");
+        assert!(!line.contains('\r'), "{line:?}");
+        assert!(line.len() < 2048, "a {} byte line: {line:.200}", line.len());
+    }
+    assert!(text.contains("evil\\nFORGED"), "{text}");
+    assert!(text.contains("…(+9744 bytes)"), "{text}");
+    d.assert_clean();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn json_logs_keep_the_volume_name_apart_from_the_span_name() {
+    if !root_or_skip("json_log_fields") {
+        return;
+    }
+    let d = Driver::start_with(&["--log-format", "json"]).await;
+    let mut c = d.controller().await;
+    let id = create(&mut c, create_req("xfs1", 300 * MIB, rw_mount("xfs")))
+        .await
+        .unwrap();
+    delete(&mut c, &id).await;
+    let _ = create(&mut c, create_req("bad\nname", MIB, rw_mount("xfs"))).await;
+    let log = d.log();
+    let mut seen = false;
+    for line in log.lines() {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not one JSON event: {e}: {line}"));
+        // serde_json keeps the last of duplicate keys, so check the raw text too.
+        assert!(
+            !line.contains(r#""name":"xfs1","name""#),
+            "duplicate keys: {line}"
+        );
+        if let Some(span) = v.get("span").filter(|s| s["name"] == "CreateVolume") {
+            if span["volume_name"] == "xfs1" {
+                seen = true;
+            }
+        }
+    }
+    assert!(
+        seen,
+        "no CreateVolume span carries volume_name=xfs1:\n{log}"
+    );
+    assert!(log.contains(r#""volume_name":"bad\\nname""#), "{log}");
+}

@@ -194,7 +194,7 @@ fn params_of(
 
 #[tonic::async_trait]
 impl Controller for ControllerService {
-    #[tracing::instrument(skip_all, name = "CreateVolume", fields(name = %req.get_ref().name, volume_id = tracing::field::Empty))]
+    #[tracing::instrument(skip_all, name = "CreateVolume", fields(volume_name = %crate::logsafe::text(&req.get_ref().name), volume_id = tracing::field::Empty))]
     async fn create_volume(
         &self,
         req: Request<CreateVolumeRequest>,
@@ -240,7 +240,7 @@ impl Controller for ControllerService {
         }))
     }
 
-    #[tracing::instrument(skip_all, name = "DeleteVolume", fields(volume_id = %req.get_ref().volume_id))]
+    #[tracing::instrument(skip_all, name = "DeleteVolume", fields(volume_id = %crate::logsafe::text(&req.get_ref().volume_id)))]
     async fn delete_volume(
         &self,
         req: Request<DeleteVolumeRequest>,
@@ -252,7 +252,7 @@ impl Controller for ControllerService {
         Ok(Response::new(DeleteVolumeResponse {}))
     }
 
-    #[tracing::instrument(skip_all, name = "ControllerPublishVolume", fields(volume_id = %_req.get_ref().volume_id))]
+    #[tracing::instrument(skip_all, name = "ControllerPublishVolume", fields(volume_id = %crate::logsafe::text(&_req.get_ref().volume_id)))]
     async fn controller_publish_volume(
         &self,
         _req: Request<ControllerPublishVolumeRequest>,
@@ -262,7 +262,7 @@ impl Controller for ControllerService {
         ))
     }
 
-    #[tracing::instrument(skip_all, name = "ControllerUnpublishVolume", fields(volume_id = %_req.get_ref().volume_id))]
+    #[tracing::instrument(skip_all, name = "ControllerUnpublishVolume", fields(volume_id = %crate::logsafe::text(&_req.get_ref().volume_id)))]
     async fn controller_unpublish_volume(
         &self,
         _req: Request<ControllerUnpublishVolumeRequest>,
@@ -272,7 +272,7 @@ impl Controller for ControllerService {
         ))
     }
 
-    #[tracing::instrument(skip_all, name = "ValidateVolumeCapabilities", fields(volume_id = %req.get_ref().volume_id))]
+    #[tracing::instrument(skip_all, name = "ValidateVolumeCapabilities", fields(volume_id = %crate::logsafe::text(&req.get_ref().volume_id)))]
     async fn validate_volume_capabilities(
         &self,
         req: Request<ValidateVolumeCapabilitiesRequest>,
@@ -382,7 +382,7 @@ impl Controller for ControllerService {
         Ok(Response::new(capabilities()))
     }
 
-    #[tracing::instrument(skip_all, name = "CreateSnapshot", fields(name = %req.get_ref().name, volume_id = %req.get_ref().source_volume_id))]
+    #[tracing::instrument(skip_all, name = "CreateSnapshot", fields(snapshot_name = %crate::logsafe::text(&req.get_ref().name), volume_id = %crate::logsafe::text(&req.get_ref().source_volume_id)))]
     async fn create_snapshot(
         &self,
         req: Request<CreateSnapshotRequest>,
@@ -401,7 +401,7 @@ impl Controller for ControllerService {
         }))
     }
 
-    #[tracing::instrument(skip_all, name = "DeleteSnapshot", fields(snapshot_id = %req.get_ref().snapshot_id))]
+    #[tracing::instrument(skip_all, name = "DeleteSnapshot", fields(snapshot_id = %crate::logsafe::text(&req.get_ref().snapshot_id)))]
     async fn delete_snapshot(
         &self,
         req: Request<DeleteSnapshotRequest>,
@@ -448,7 +448,7 @@ impl Controller for ControllerService {
         }))
     }
 
-    #[tracing::instrument(skip_all, name = "GetSnapshot", fields(snapshot_id = %req.get_ref().snapshot_id))]
+    #[tracing::instrument(skip_all, name = "GetSnapshot", fields(snapshot_id = %crate::logsafe::text(&req.get_ref().snapshot_id)))]
     async fn get_snapshot(
         &self,
         req: Request<GetSnapshotRequest>,
@@ -460,7 +460,7 @@ impl Controller for ControllerService {
         }))
     }
 
-    #[tracing::instrument(skip_all, name = "ControllerGetVolumeHealth", fields(volume_id = %req.get_ref().volume_id))]
+    #[tracing::instrument(skip_all, name = "ControllerGetVolumeHealth", fields(volume_id = %crate::logsafe::text(&req.get_ref().volume_id)))]
     async fn controller_get_volume_health(
         &self,
         req: Request<ControllerGetVolumeHealthRequest>,
@@ -493,7 +493,7 @@ impl Controller for ControllerService {
         }))
     }
 
-    #[tracing::instrument(skip_all, name = "ControllerExpandVolume", fields(volume_id = %req.get_ref().volume_id))]
+    #[tracing::instrument(skip_all, name = "ControllerExpandVolume", fields(volume_id = %crate::logsafe::text(&req.get_ref().volume_id)))]
     async fn controller_expand_volume(
         &self,
         req: Request<ControllerExpandVolumeRequest>,
@@ -521,7 +521,7 @@ impl Controller for ControllerService {
         }))
     }
 
-    #[tracing::instrument(skip_all, name = "ControllerGetVolume", fields(volume_id = %req.get_ref().volume_id))]
+    #[tracing::instrument(skip_all, name = "ControllerGetVolume", fields(volume_id = %crate::logsafe::text(&req.get_ref().volume_id)))]
     async fn controller_get_volume(
         &self,
         req: Request<ControllerGetVolumeRequest>,
@@ -536,7 +536,7 @@ impl Controller for ControllerService {
         }))
     }
 
-    #[tracing::instrument(skip_all, name = "ControllerModifyVolume", fields(volume_id = %_req.get_ref().volume_id))]
+    #[tracing::instrument(skip_all, name = "ControllerModifyVolume", fields(volume_id = %crate::logsafe::text(&_req.get_ref().volume_id)))]
     async fn controller_modify_volume(
         &self,
         _req: Request<ControllerModifyVolumeRequest>,

@@ -14,6 +14,7 @@ pub mod freeze;
 pub mod health;
 pub mod identity_service;
 pub mod kernel;
+pub mod logsafe;
 pub mod loop_device;
 pub mod metrics;
 pub mod mount;

@@ -47,7 +47,7 @@ fn capability_of(cap: Option<&VolumeCapability>) -> Result<capability::Checked, 
 
 #[tonic::async_trait]
 impl Node for NodeService {
-    #[tracing::instrument(skip_all, name = "NodeStageVolume", fields(volume_id = %req.get_ref().volume_id))]
+    #[tracing::instrument(skip_all, name = "NodeStageVolume", fields(volume_id = %crate::logsafe::text(&req.get_ref().volume_id)))]
     async fn node_stage_volume(
         &self,
         req: Request<NodeStageVolumeRequest>,
@@ -62,7 +62,7 @@ impl Node for NodeService {
         Ok(Response::new(NodeStageVolumeResponse {}))
     }
 
-    #[tracing::instrument(skip_all, name = "NodeUnstageVolume", fields(volume_id = %req.get_ref().volume_id))]
+    #[tracing::instrument(skip_all, name = "NodeUnstageVolume", fields(volume_id = %crate::logsafe::text(&req.get_ref().volume_id)))]
     async fn node_unstage_volume(
         &self,
         req: Request<NodeUnstageVolumeRequest>,
@@ -76,7 +76,7 @@ impl Node for NodeService {
         Ok(Response::new(NodeUnstageVolumeResponse {}))
     }
 
-    #[tracing::instrument(skip_all, name = "NodePublishVolume", fields(volume_id = %req.get_ref().volume_id))]
+    #[tracing::instrument(skip_all, name = "NodePublishVolume", fields(volume_id = %crate::logsafe::text(&req.get_ref().volume_id)))]
     async fn node_publish_volume(
         &self,
         req: Request<NodePublishVolumeRequest>,
@@ -100,7 +100,7 @@ impl Node for NodeService {
         Ok(Response::new(NodePublishVolumeResponse {}))
     }
 
-    #[tracing::instrument(skip_all, name = "NodeUnpublishVolume", fields(volume_id = %req.get_ref().volume_id))]
+    #[tracing::instrument(skip_all, name = "NodeUnpublishVolume", fields(volume_id = %crate::logsafe::text(&req.get_ref().volume_id)))]
     async fn node_unpublish_volume(
         &self,
         req: Request<NodeUnpublishVolumeRequest>,
@@ -114,7 +114,7 @@ impl Node for NodeService {
         Ok(Response::new(NodeUnpublishVolumeResponse {}))
     }
 
-    #[tracing::instrument(skip_all, name = "NodeGetVolumeStats", fields(volume_id = %req.get_ref().volume_id))]
+    #[tracing::instrument(skip_all, name = "NodeGetVolumeStats", fields(volume_id = %crate::logsafe::text(&req.get_ref().volume_id)))]
     async fn node_get_volume_stats(
         &self,
         req: Request<NodeGetVolumeStatsRequest>,
@@ -129,7 +129,7 @@ impl Node for NodeService {
         Ok(Response::new(NodeGetVolumeStatsResponse { usage }))
     }
 
-    #[tracing::instrument(skip_all, name = "NodeGetVolumeHealth", fields(volume_id = %req.get_ref().volume_id))]
+    #[tracing::instrument(skip_all, name = "NodeGetVolumeHealth", fields(volume_id = %crate::logsafe::text(&req.get_ref().volume_id)))]
     async fn node_get_volume_health(
         &self,
         req: Request<NodeGetVolumeHealthRequest>,
@@ -188,7 +188,7 @@ impl Node for NodeService {
         }))
     }
 
-    #[tracing::instrument(skip_all, name = "NodeExpandVolume", fields(volume_id = %req.get_ref().volume_id))]
+    #[tracing::instrument(skip_all, name = "NodeExpandVolume", fields(volume_id = %crate::logsafe::text(&req.get_ref().volume_id)))]
     async fn node_expand_volume(
         &self,
         req: Request<NodeExpandVolumeRequest>,

@@ -363,7 +363,7 @@ impl Pool {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .insert(id.hex.clone(), record.clone());
-        tracing::info!(volume_id = %record.id, name = %record.name, size = size,
+        tracing::info!(volume_id = %record.id, volume_name = %record.name, size = size,
             allocation = record.allocation.as_str(), "volume created");
         Ok(record)
     }
@@ -501,7 +501,7 @@ impl Pool {
         {
             *v = v.saturating_sub(released);
         }
-        tracing::info!(volume_id = %record.id, name = %record.name, "volume deleted");
+        tracing::info!(volume_id = %record.id, volume_name = %record.name, "volume deleted");
         Ok(true)
     }
 
