@@ -929,3 +929,65 @@ async fn json_logs_keep_the_volume_name_apart_from_the_span_name() {
     );
     assert!(log.contains(r#""volume_name":"bad\\nname""#), "{log}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Finding 6: the offline CLI works on the pool's own node ID.
+
+fn cli(args: &[&str], pool: &Path) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_loopvol"))
+        .args(args)
+        .arg("--pool-dir")
+        .arg(pool)
+        .env_remove("LOOPVOL_NODE_ID")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn offline_volume_commands_use_the_pools_own_node_id() {
+    if !root_or_skip("cli_node_id") {
+        return;
+    }
+    let mut d = Driver::start().await;
+    let mut c = d.controller().await;
+    let id = create(&mut c, create_req("offline", 16 * MIB, rw_mount("ext4")))
+        .await
+        .unwrap();
+    d.stop();
+    let record = d.pool.join("volumes").join(format!(
+        "{}.json",
+        id.strip_prefix("vol-").unwrap().split_once('@').unwrap().0
+    ));
+    // No --node-id (the pool's node is test-node, not this host's name).
+    let (ok, out) = cli(
+        &["volume", "delete", "vol-0123456789abcdef0123@elsewhere"],
+        &d.pool,
+    );
+    assert!(!ok, "a volume of another node: {out}");
+    assert!(out.contains("node \"elsewhere\""), "{out}");
+    let (ok, out) = cli(&["volume", "delete", &id], &d.pool);
+    assert!(ok, "{out}");
+    assert!(out.contains(&format!("deleted {id}")), "{out}");
+    assert!(!record.exists() && !d.image_of(&id).exists());
+    let (ok, out) = cli(&["volume", "delete", &id], &d.pool);
+    assert!(!ok, "deleting it again must fail: {out}");
+    assert!(out.contains("does not exist"), "{out}");
+    // A new static volume belongs to the same node.
+    let (ok, out) = cli(
+        &["volume", "create", "--name", "static-2", "--size", "16Mi"],
+        &d.pool,
+    );
+    assert!(ok, "{out}");
+    assert!(
+        out.contains(&format!("@{NODE}")) && out.contains(&format!("values: [\"{NODE}\"]")),
+        "{out}"
+    );
+}
