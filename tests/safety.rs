@@ -991,3 +991,99 @@ async fn offline_volume_commands_use_the_pools_own_node_id() {
         "{out}"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Finding 4: health sees a filesystem the kernel stopped writing.
+
+/// The loop device under a staging mount, e.g. `loop3`.
+fn device_name_at(path: &Path) -> String {
+    let m = loopvol::mount::mount_at(path).unwrap().expect("mounted");
+    Path::new(&m.source)
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn health_and_doctor_report_filesystems_forced_read_only_or_shut_down() {
+    if !root_or_skip("fs_health") {
+        return;
+    }
+    let d = Driver::start().await;
+    let (mut c, mut n) = (d.controller().await, d.node().await);
+    // errors=remount-ro, as production mounts often say (mke2fs defaults to continue).
+    let mut cap = rw_mount("ext4");
+    if let Some(volume_capability::AccessType::Mount(m)) = cap.access_type.as_mut() {
+        m.mount_flags = vec!["errors=remount-ro".into()];
+    }
+    let id = create(&mut c, create_req("errs", 16 * MIB, cap.clone()))
+        .await
+        .unwrap();
+    let v = Staged {
+        id,
+        staging: d.path("plugins/errs/globalmount"),
+        target: d.path("pods/errs/mount"),
+    };
+    n.node_stage_volume(stage_req(&v.id, &v.staging, cap.clone()))
+        .await
+        .unwrap();
+    n.node_publish_volume(publish_req(&v.id, &v.staging, &v.target, cap))
+        .await
+        .unwrap();
+    assert!(volume_health(&mut n, &v.id).await.is_empty());
+    let (ok, out) = doctor(&d);
+    assert!(out.contains("✔ staged filesystems: 1 mounted"), "{out}");
+    let _ = ok;
+
+    // ext4 records an error and stops writing: mountinfo says `rw,...,emergency_ro` on 6.x.
+    let dev = device_name_at(&v.staging);
+    let trigger = format!("/sys/fs/ext4/{dev}/trigger_fs_error");
+    std::fs::write(&trigger, "loopvol test error").unwrap();
+    assert!(
+        std::fs::write(v.target.join("after"), b"x").is_err(),
+        "still writable"
+    );
+    let h = volume_health(&mut n, &v.id).await;
+    let r = reasons(&h);
+    assert!(r.contains(&"FilesystemReadOnly"), "{h:?}");
+    assert!(r.contains(&"FilesystemErrors"), "{h:?}");
+    let h = controller_health(&mut c, &v.id).await;
+    assert!(reasons(&h).contains(&"FilesystemReadOnly"), "{h:?}");
+    let listed = c
+        .controller_list_volume_health(ControllerListVolumeHealthRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        listed.entries.iter().any(|e| e.volume_id == v.id),
+        "{listed:?}"
+    );
+    let (ok, out) = doctor(&d);
+    assert!(!ok, "{out}");
+    assert!(out.contains("✘ staged filesystems"), "{out}");
+    assert!(out.contains("FilesystemReadOnly"), "{out}");
+
+    // A shut-down xfs shows nothing in mountinfo; its root answers stat with EIO.
+    let x = create(&mut c, create_req("shut", 300 * MIB, rw_mount("xfs")))
+        .await
+        .unwrap();
+    let xs = d.path("plugins/shut/globalmount");
+    n.node_stage_volume(stage_req(&x, &xs, rw_mount("xfs")))
+        .await
+        .unwrap();
+    let st = std::process::Command::new("xfs_io")
+        .args(["-x", "-c", "shutdown"])
+        .arg(&xs)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let h = volume_health(&mut n, &x).await;
+    assert_eq!(reasons(&h), ["FilesystemShutdown"], "{h:?}");
+    assert_eq!(h[0].status, VolumeHealthErrorType::Inaccessible as i32);
+
+    n.node_unstage_volume(unstage_req(&x, &xs)).await.unwrap();
+    delete(&mut c, &x).await;
+    take_down(&mut c, &mut n, &v).await;
+    d.assert_clean();
+}

@@ -82,6 +82,68 @@ pub fn freeze_findings(node_dir: &Path, hex: &str) -> Vec<VolumeHealthEntry> {
     }
 }
 
+/// An option of the superblock (mountinfo's last field).
+fn super_option(m: &MountEntry, name: &str) -> bool {
+    m.super_options.split(',').any(|o| o == name)
+}
+
+/// What the kernel says about a mounted filesystem of a volume. ext4 on Linux 6.x marks a
+/// filesystem it stopped writing after an error `emergency_ro` while it still reads `rw`
+/// (older kernels remount it `ro`), and a shut-down one `shutdown`; ext4 counts errors in
+/// `/sys/fs/ext4/<dev>/errors_count`. A shut-down xfs shows nothing in mountinfo, but stat of
+/// its root fails with EIO.
+pub fn filesystem_findings(m: &MountEntry, staged_read_only: bool) -> Vec<VolumeHealthEntry> {
+    let mut out = Vec::new();
+    let shutdown = super_option(m, "shutdown")
+        || (m.fs_type == "xfs"
+            && std::fs::metadata(&m.mount_point)
+                .is_err_and(|e| e.raw_os_error() == Some(libc::EIO)));
+    if shutdown {
+        out.push(entry(
+            VolumeHealthErrorType::Inaccessible,
+            "FilesystemShutdown",
+            format!(
+                "the {} filesystem at {} was shut down by the kernel after errors; every                  access fails: unstage the volume and repair it (fsck / xfs_repair)",
+                m.fs_type,
+                m.mount_point.display()
+            ),
+        ));
+    } else if super_option(m, "emergency_ro") || (m.fs_read_only() && !staged_read_only) {
+        out.push(entry(
+            VolumeHealthErrorType::Degraded,
+            "FilesystemReadOnly",
+            format!(
+                "the kernel forced the filesystem at {} read-only, usually after I/O errors                  (a full pool, a failing disk); check the kernel log and run fsck after                  unstaging",
+                m.mount_point.display()
+            ),
+        ));
+    }
+    if m.fs_type == "ext4" {
+        if let Some(n) = ext4_errors(&m.source).filter(|n| *n > 0) {
+            out.push(entry(
+                VolumeHealthErrorType::Degraded,
+                "FilesystemErrors",
+                format!(
+                    "ext4 on {} has recorded {n} error(s) (first in {}); run e2fsck after                      unstaging",
+                    m.source,
+                    ext4_attr(&m.source, "first_error_func").unwrap_or_else(|| "?".into())
+                ),
+            ));
+        }
+    }
+    out
+}
+
+fn ext4_attr(source: &str, attr: &str) -> Option<String> {
+    let dev = Path::new(source).file_name()?.to_str()?;
+    let v = std::fs::read_to_string(format!("/sys/fs/ext4/{dev}/{attr}")).ok()?;
+    Some(v.trim().to_string())
+}
+
+fn ext4_errors(source: &str) -> Option<u64> {
+    ext4_attr(source, "errors_count")?.parse().ok()
+}
+
 /// Controller-side health of the volumes of one request: the pool's findings, plus what this
 /// process can see of the node (the `all` and `node` modes share the staging mounts). The
 /// mount table is read once, and only if some volume is staged with a filesystem.
@@ -124,18 +186,10 @@ impl<'a> Inspector<'a> {
         let image = self.pool.image_path(hex);
         match mount::topmost_at(all, &s.staging_path) {
             Some(m)
-                if m.fs_read_only()
-                    && !s.read_only
-                    && provisioner::backing::loop_if_backed_by(Path::new(&m.source), &image)
-                        .is_some() =>
+                if provisioner::backing::loop_if_backed_by(Path::new(&m.source), &image)
+                    .is_some() =>
             {
-                vec![entry(
-                    VolumeHealthErrorType::Degraded,
-                    "FilesystemReadOnly",
-                    "the filesystem went read-only, usually after I/O errors; check the \
-                     kernel log and run fsck after unstaging"
-                        .into(),
-                )]
+                filesystem_findings(&m, s.read_only)
             }
             _ => vec![],
         }

@@ -636,14 +636,7 @@ pub fn volume_health(d: &Driver, id: &str) -> Result<VolumeHealth> {
                             s.staging_path.display()
                         ),
                     )),
-                    Some(m) if m.fs_read_only() && !s.read_only => statuses.push(entry(
-                        VolumeHealthErrorType::Degraded,
-                        "FilesystemReadOnly",
-                        "the filesystem went read-only, usually after I/O errors; check the \
-                         kernel log and run fsck after unstaging"
-                            .into(),
-                    )),
-                    Some(_) => {}
+                    Some(m) => statuses.extend(health::filesystem_findings(&m, s.read_only)),
                 }
             }
             Some(_) => {}

@@ -11,6 +11,7 @@ mod orphans;
 mod pool_fs;
 mod propagation;
 mod space;
+mod staged;
 mod tools;
 
 use std::path::{Path, PathBuf};
@@ -113,6 +114,7 @@ pub fn run(args: &DoctorArgs) -> Vec<Check> {
     checks.push(propagation::kubelet_dir(&args.kubelet_dir));
     checks.extend(orphans::check(&args.pool_dir));
     checks.push(frozen::check(&args.pool_dir));
+    checks.push(staged::check(&args.pool_dir));
     checks
 }
 
