@@ -1087,3 +1087,87 @@ async fn health_and_doctor_report_filesystems_forced_read_only_or_shut_down() {
     take_down(&mut c, &mut n, &v).await;
     d.assert_clean();
 }
+
+// ---------------------------------------------------------------------------------------------
+// Finding 7: the smaller ones.
+
+/// Fill the filesystem holding `dir` with `dir/filler` until it is full.
+fn fill(dir: &Path) -> PathBuf {
+    use std::io::Write;
+    let path = dir.join("filler");
+    let mut f = std::fs::File::create(&path).unwrap();
+    for size in [MIB as usize, 4096] {
+        let block = vec![0x5a; size];
+        while f.write_all(&block).and_then(|_| f.sync_data()).is_ok() {}
+    }
+    path
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_pool_refuses_copies_before_freezing_and_doctor_says_full() {
+    if !root_or_skip("full_pool_copies") {
+        return;
+    }
+    let d = Driver::start_on_small_fs(160 * MIB as u64, &[]).await;
+    let (mut c, mut n) = (d.controller().await, d.node().await);
+    let v = staged(&d, &mut c, &mut n, "full", 32 * MIB).await;
+    std::fs::write(v.target.join("data"), pattern(4 * MIB as usize, 3)).unwrap();
+    let filler = fill(d.pool.parent().unwrap());
+
+    // Before: INTERNAL "freeze ...: Input/output error" (the volume could not flush).
+    let e = c
+        .create_snapshot(snapshot_req("full-snap", &v.id))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    let e = create(&mut c, clone_req("full-clone", &v.id))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(markers(&d.pool).is_empty());
+    assert!(
+        !d.log().contains("filesystem frozen"),
+        "froze although the copy could not fit"
+    );
+    let (ok, out) = doctor(&d);
+    assert!(!ok, "{out}");
+    assert!(!out.contains("refuses O_DIRECT"), "{out}");
+    assert!(
+        out.contains("✘ direct I/O (O_DIRECT): cannot be tested"),
+        "{out}"
+    );
+    assert!(out.contains("✘ free space"), "{out}");
+
+    // With room again, the snapshot works, and its image is as private as a volume's.
+    std::fs::remove_file(&filler).unwrap();
+    let snap = c
+        .create_snapshot(snapshot_req("full-snap", &v.id))
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    let hex = snap
+        .snapshot_id
+        .strip_prefix("snap-")
+        .unwrap()
+        .split_once('@')
+        .unwrap()
+        .0
+        .to_string();
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: PathBuf| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(
+        mode(d.pool.join("snapshots").join(format!("{hex}.img"))),
+        0o600
+    );
+    assert_eq!(mode(d.image_of(&v.id)), 0o600);
+    c.delete_snapshot(DeleteSnapshotRequest {
+        snapshot_id: snap.snapshot_id,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    take_down(&mut c, &mut n, &v).await;
+    d.assert_clean();
+}
