@@ -1171,3 +1171,49 @@ async fn a_full_pool_refuses_copies_before_freezing_and_doctor_says_full() {
     take_down(&mut c, &mut n, &v).await;
     d.assert_clean();
 }
+
+/// A read-only publish is never visible writable, even for an instant a kill could freeze:
+/// the bind is made read-only (and nosuid, noexec... as asked) before it is attached.
+#[tokio::test(flavor = "multi_thread")]
+async fn publishes_carry_their_restrictions_from_the_start() {
+    if !root_or_skip("restricted_publish") {
+        return;
+    }
+    let d = Driver::start().await;
+    let (mut c, mut n) = (d.controller().await, d.node().await);
+    let mut cap = rw_mount("ext4");
+    if let Some(volume_capability::AccessType::Mount(m)) = cap.access_type.as_mut() {
+        m.mount_flags = vec!["nosuid".into(), "noexec".into(), "noatime".into()];
+    }
+    let id = create(&mut c, create_req("restricted", 16 * MIB, cap.clone()))
+        .await
+        .unwrap();
+    let staging = d.path("plugins/restricted");
+    let target = d.path("pods/restricted/mount");
+    n.node_stage_volume(stage_req(&id, &staging, cap.clone()))
+        .await
+        .unwrap();
+    let mut req = publish_req(&id, &staging, &target, cap);
+    req.readonly = true;
+    n.node_publish_volume(req.clone()).await.unwrap();
+    let m = loopvol::mount::mount_at(&target)
+        .unwrap()
+        .expect("published");
+    for flag in ["ro", "nosuid", "noexec", "noatime"] {
+        assert!(
+            m.options.split(',').any(|o| o == flag),
+            "{flag} missing: {m:?}"
+        );
+    }
+    let e = std::fs::write(target.join("x"), b"x").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EROFS));
+    n.node_publish_volume(req).await.unwrap(); // idempotent
+    n.node_unpublish_volume(unpublish_req(&id, &target))
+        .await
+        .unwrap();
+    n.node_unstage_volume(unstage_req(&id, &staging))
+        .await
+        .unwrap();
+    delete(&mut c, &id).await;
+    d.assert_clean();
+}
