@@ -130,12 +130,23 @@ pub fn freeze(
     if let Some(line) = sweep(&s.node_dir, hex, image) {
         tracing::warn!(volume_id, recovery = %line, "abandoned freeze cleared before a new one");
     }
-    let dir = File::open(mount_point)
+    let dir = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+        .open(mount_point)
         .map_err(|e| Error::io(format!("open {}", mount_point.display()), e))?;
     let dev = dir
         .metadata()
         .map_err(|e| Error::io(format!("stat {}", mount_point.display()), e))?
         .dev();
+    // What is opened must be the volume's own filesystem: freezing anything else (the root
+    // filesystem, behind a path swapped since it was checked) would hang the node.
+    if !volume_devices(image).contains(&dev) {
+        return Err(Error::FailedPrecondition(format!(
+            "{} is not the filesystem of volume {volume_id}; not freezing it",
+            mount_point.display()
+        )));
+    }
     let marker = Marker {
         volume_id: volume_id.to_string(),
         mount: mount_point.to_path_buf(),
