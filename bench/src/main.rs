@@ -185,7 +185,15 @@ async fn run(args: &Args, launch: &Launch, ws: &Workspace) -> anyhow::Result<Res
             mode: if args.quick { "quick" } else { "full" }.into(),
             machine: machine::describe(ws.root()),
             loopvol_binary: launch.bin.display().to_string(),
-            loopvol_args: launch.extra_args.clone(),
+            // The flags that shape the figures; the workspace's --allowed-root (like its
+            // socket and pool) is plumbing and differs on every run.
+            loopvol_args: launch
+                .extra_args
+                .chunks(2)
+                .filter(|pair| pair[0] != "--allowed-root")
+                .flatten()
+                .cloned()
+                .collect(),
             tools: machine::tool_versions(),
             sections: sections.clone(),
             ..Default::default()
