@@ -322,13 +322,10 @@ async fn stage_and_publish_are_idempotent_and_detect_conflicts() {
     let id = t.create("idem", 32 * MIB, cap.clone()).await;
     let staging = t.d.path("staging");
     t.stage(&id, &staging, cap.clone()).await.unwrap();
-    let before = loopvol::mount::mounts().unwrap().len();
+    // Only this test's mounts: other tests mount and unmount in the same namespace meanwhile.
+    let before = t.d.leftovers().0;
     t.stage(&id, &staging, cap.clone()).await.unwrap();
-    assert_eq!(
-        loopvol::mount::mounts().unwrap().len(),
-        before,
-        "no second mount"
-    );
+    assert_eq!(t.d.leftovers().0, before, "no second mount");
     assert_eq!(t.loops_of(&id).len(), 1, "no second loop device");
     let e = t
         .stage(&id, &staging, block_cap(Mode::SingleNodeWriter))

@@ -1,7 +1,9 @@
 //! Reliability suite against the real binary on real loop devices and mounts:
 //!
-//! 1. kill -9 chaos: the driver is killed at random moments under mixed concurrent traffic and
-//!    restarted; the pool's crash invariants, acknowledged volumes and written data must survive.
+//! 1. kill -9 chaos: the driver is killed at random moments under mixed concurrent traffic
+//!    (snapshots and clones of staged volumes included) and restarted; the pool's crash
+//!    invariants, acknowledged volumes and written data must survive, and no filesystem may
+//!    stay frozen.
 //! 2. A full pool: thick volumes are refused cleanly, thin volumes that fill the pool get write
 //!    errors while the driver stays healthy and says so.
 //! 3. Races: parallel calls on one volume or one name never attach or mount twice and never
@@ -383,9 +385,21 @@ enum Op {
     Unstage(Vol),
     ControllerExpand(Vol, i64),
     NodeExpand(Vol),
-    // SNAPSHOTS: CreateSnapshot / DeleteSnapshot / CreateVolume from a snapshot belong here
-    // (and in `Chaos::volume_cycle`) once the driver implements them; today CreateSnapshot
-    // answers UNIMPLEMENTED.
+    /// CreateSnapshot named `name` of a (staged, published, written) volume.
+    Snapshot {
+        source: Vol,
+        name: String,
+    },
+    DeleteSnapshot(String),
+    /// CreateVolume `vol` as a clone of the (staged) volume `source`.
+    Clone {
+        vol: Vol,
+        source: Vol,
+    },
+}
+
+fn snapshot_id_for(name: &str) -> String {
+    provisioner::VolumeId::from_name(provisioner::ids::Kind::Snapshot, name, NODE).to_string()
 }
 
 impl Op {
@@ -399,6 +413,9 @@ impl Op {
             Op::Unstage(_) => "NodeUnstageVolume",
             Op::ControllerExpand(..) => "ControllerExpandVolume",
             Op::NodeExpand(_) => "NodeExpandVolume",
+            Op::Snapshot { .. } => "CreateSnapshot",
+            Op::DeleteSnapshot(_) => "DeleteSnapshot",
+            Op::Clone { .. } => "CreateVolume (clone)",
         }
     }
 
@@ -451,6 +468,33 @@ impl Op {
                 .controller_expand_volume(expand_req(&v.id, *bytes))
                 .await
                 .map(drop),
+            Op::Snapshot { source, name } => c
+                .create_snapshot(CreateSnapshotRequest {
+                    source_volume_id: source.id.clone(),
+                    name: name.clone(),
+                    ..Default::default()
+                })
+                .await
+                .map(drop),
+            Op::DeleteSnapshot(name) => c
+                .delete_snapshot(DeleteSnapshotRequest {
+                    snapshot_id: snapshot_id_for(name),
+                    ..Default::default()
+                })
+                .await
+                .map(drop),
+            Op::Clone { vol, source } => {
+                let mut r = create_req(&vol.name, 0, vol.cap());
+                r.capacity_range = None;
+                r.volume_content_source = Some(VolumeContentSource {
+                    r#type: Some(volume_content_source::Type::Volume(
+                        volume_content_source::VolumeSource {
+                            volume_id: source.id.clone(),
+                        },
+                    )),
+                });
+                c.create_volume(r).await.map(drop)
+            }
             Op::NodeExpand(v) => {
                 let req = NodeExpandVolumeRequest {
                     volume_id: v.id.clone(),
@@ -691,6 +735,30 @@ impl Chaos {
             ];
             self.run_all(grow).await?;
         }
+        // Copies of the live volume: its filesystem is frozen while copied, and a kill during
+        // the freeze must never leave it frozen (the writes below would hang).
+        if rng.random_bool(0.5) {
+            let snap = format!("{name}-snap");
+            self.run(Op::Snapshot {
+                source: v.clone(),
+                name: snap.clone(),
+            })
+            .await?;
+            self.run(Op::DeleteSnapshot(snap)).await?;
+        }
+        if rng.random_bool(0.4) {
+            let copy = Vol::new(&self.root, &format!("{name}-clone"), v.fs);
+            // Known before it is asked for, so a stop at any point leaves no stranger.
+            self.set_must_exist(&copy, false);
+            self.run(Op::Clone {
+                vol: copy.clone(),
+                source: v.clone(),
+            })
+            .await?;
+            self.run(Op::Delete(copy.clone())).await?;
+            self.known.lock().unwrap().remove(&copy.name);
+        }
+        self.write_file(&v, rng).await;
         self.run_all(v.down()).await?;
         self.run_all(v.up()).await?;
         self.verify_files(&v);
@@ -771,6 +839,12 @@ impl Chaos {
             doubled.is_empty(),
             "{when}: images on two loop devices: {doubled:?}"
         );
+        // The restart thawed whatever a killed snapshot or clone had frozen.
+        let frozen: Vec<_> = names_in(&d.pool.join("node"))
+            .into_iter()
+            .filter(|n| n.contains(".frozen"))
+            .collect();
+        assert!(frozen.is_empty(), "{when}: freeze markers left: {frozen:?}");
     }
 
     /// The kubelet's view after the chaos: every surviving volume is unpublished and unstaged
@@ -2353,7 +2427,10 @@ async fn unstage_at_a_path_where_the_volume_is_not_staged_leaves_it_alone() {
         !autoclear_pending(&image),
         "the loop device under the mounted staging was told to detach"
     );
-    let records = names_in(&d.pool.join("node"));
+    let records: Vec<_> = names_in(&d.pool.join("node"))
+        .into_iter()
+        .filter(|n| n.ends_with(".json"))
+        .collect();
     assert_eq!(records.len(), 1, "the staging record was deleted");
     // Being staged (mounted) at one path, the volume may not be staged again elsewhere, least
     // of all as a raw device under its mounted filesystem.

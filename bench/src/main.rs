@@ -113,15 +113,19 @@ async fn main() -> anyhow::Result<()> {
         nix::unistd::geteuid().is_root(),
         "the benchmark needs root (loop devices, mounts)"
     );
-    let launch = Launch {
-        bin: driver::locate_binary(args.loopvol.clone(), !args.no_build)?,
-        extra_args: args
-            .max_concurrent_ops
-            .map(|n| vec!["--max-concurrent-ops".to_string(), n.to_string()])
-            .unwrap_or_default(),
-    };
+    let bin = driver::locate_binary(args.loopvol.clone(), !args.no_build)?;
     // Declared before everything that mounts, so it is dropped (and sweeps) last.
     let ws = Workspace::new(&args.work_dir)?;
+    // Every staging and target path of the run lies in the workspace, which is therefore the
+    // driver's allowed root (it never sees the kubelet's directory).
+    let mut extra_args = vec![
+        "--allowed-root".to_string(),
+        ws.root().to_string_lossy().into_owned(),
+    ];
+    if let Some(n) = args.max_concurrent_ops {
+        extra_args.extend(["--max-concurrent-ops".to_string(), n.to_string()]);
+    }
+    let launch = Launch { bin, extra_args };
     eprintln!("working in {}", ws.root().display());
     let outcome = tokio::select! {
         r = run(&args, &launch, &ws) => r,
@@ -183,7 +187,15 @@ async fn run(args: &Args, launch: &Launch, ws: &Workspace) -> anyhow::Result<Res
             mode: if args.quick { "quick" } else { "full" }.into(),
             machine: machine::describe(ws.root()),
             loopvol_binary: launch.bin.display().to_string(),
-            loopvol_args: launch.extra_args.clone(),
+            // The flags that shape the figures; the workspace's --allowed-root (like its
+            // socket and pool) is plumbing and differs on every run.
+            loopvol_args: launch
+                .extra_args
+                .chunks(2)
+                .filter(|pair| pair[0] != "--allowed-root")
+                .flatten()
+                .cloned()
+                .collect(),
             tools: machine::tool_versions(),
             sections: sections.clone(),
             ..Default::default()

@@ -18,6 +18,8 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+// Parsed once per process: the size of the serve variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Command {
     /// Serve the CSI gRPC services on a unix socket.
     Serve(Box<ServeArgs>),
@@ -34,6 +36,9 @@ pub enum Command {
     /// Changed-block tracking of snapshots, asked of a running driver: the ranges a full
     /// (`allocated`) or incremental (`diff`) backup would read.
     Snapshot(crate::admin::snapshot::SnapshotArgs),
+    /// Internal: the process that guards one filesystem freeze (started by the driver).
+    #[command(hide = true)]
+    FreezeGuard(crate::freeze::GuardArgs),
     /// Generate the CA, node and router certificates for the pool API's mTLS, plus a
     /// Kubernetes Secret (secret.yaml) holding them.
     Certs {
@@ -174,6 +179,21 @@ pub struct ServeArgs {
     pub advertise_capabilities: Vec<crate::advertise::Extra>,
     #[command(flatten)]
     pub multi: MultiNodeArgs,
+    /// The kubelet's root directory: staging and target paths must lie inside it (or inside
+    /// an --allowed-root).
+    #[arg(long, default_value = "/var/lib/kubelet", env = "LOOPVOL_KUBELET_DIR")]
+    pub kubelet_dir: PathBuf,
+    /// Another directory the node plugin may stage and publish inside (repeatable), e.g. the
+    /// temp dir of csi-sanity or of a manual `loopvol csi` session.
+    #[arg(long, value_name = "DIR")]
+    pub allowed_root: Vec<PathBuf>,
+    /// The longest a snapshot or clone may keep a mounted source filesystem frozen; a freeze
+    /// that lasts longer is lifted, and the copy fails instead of being torn.
+    #[arg(long, value_name = "SECONDS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    pub freeze_timeout: u64,
+    /// Test hook: keep each freeze this many milliseconds before copying.
+    #[arg(long, hide = true, default_value_t = 0)]
+    pub test_freeze_hold_ms: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -309,5 +329,8 @@ mod tests {
         assert_eq!(a.endpoint, "unix:///run/loopvol/csi.sock");
         assert_eq!(a.pool.pool_dir, PathBuf::from("/var/lib/loopvol"));
         assert_eq!(a.driver_name, "loopvol.csi.dev");
+        assert_eq!(a.kubelet_dir, PathBuf::from("/var/lib/kubelet"));
+        assert!(a.allowed_root.is_empty());
+        assert_eq!(a.freeze_timeout, 300);
     }
 }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use provisioner::ids::Kind;
 use provisioner::params::VolumeParams;
-use provisioner::pool::CreateRequest;
+use provisioner::pool::{CreateRequest, Quiesced};
 use provisioner::record::VolumeRecord;
 use provisioner::record::{ContentSource, SnapshotRecord};
 use provisioner::size::MAX_SIZE;
@@ -114,15 +114,11 @@ fn to_snapshot(s: &SnapshotRecord) -> Snapshot {
 }
 
 /// The pool's quiesce hook: freeze a live source volume's filesystem while it is copied.
-fn quiesce(d: &Driver, r: &VolumeRecord) -> Result<Box<dyn std::any::Any>, PoolError> {
-    node_ops::quiesce(d, r)
-        .map(|g| Box::new(g) as Box<dyn std::any::Any>)
-        .map_err(|e| {
-            PoolError::io(
-                "freeze the source filesystem",
-                std::io::Error::other(e.to_string()),
-            )
-        })
+fn quiesce(d: &Driver, r: &VolumeRecord) -> Result<Box<dyn Quiesced>, PoolError> {
+    match node_ops::quiesce(d, r).map_err(crate::error::to_pool_error)? {
+        Some(frozen) => Ok(Box::new(frozen)),
+        None => Ok(Box::new(())),
+    }
 }
 
 /// Snapshot classes carry no loopvol parameters yet; refuse typos like StorageClasses do.
@@ -187,7 +183,7 @@ fn params_of(
 
 #[tonic::async_trait]
 impl Controller for ControllerService {
-    #[tracing::instrument(skip_all, name = "CreateVolume", fields(name = %req.get_ref().name, volume_id = tracing::field::Empty))]
+    #[tracing::instrument(skip_all, name = "CreateVolume", fields(volume_name = %crate::logsafe::text(&req.get_ref().name), volume_id = tracing::field::Empty))]
     async fn create_volume(
         &self,
         req: Request<CreateVolumeRequest>,
@@ -248,7 +244,7 @@ impl Controller for ControllerService {
         }))
     }
 
-    #[tracing::instrument(skip_all, name = "DeleteVolume", fields(volume_id = %req.get_ref().volume_id))]
+    #[tracing::instrument(skip_all, name = "DeleteVolume", fields(volume_id = %crate::logsafe::text(&req.get_ref().volume_id)))]
     async fn delete_volume(
         &self,
         req: Request<DeleteVolumeRequest>,
@@ -260,7 +256,7 @@ impl Controller for ControllerService {
         Ok(Response::new(DeleteVolumeResponse {}))
     }
 
-    #[tracing::instrument(skip_all, name = "ControllerPublishVolume", fields(volume_id = %_req.get_ref().volume_id))]
+    #[tracing::instrument(skip_all, name = "ControllerPublishVolume", fields(volume_id = %crate::logsafe::text(&_req.get_ref().volume_id)))]
     async fn controller_publish_volume(
         &self,
         _req: Request<ControllerPublishVolumeRequest>,
@@ -270,7 +266,7 @@ impl Controller for ControllerService {
         ))
     }
 
-    #[tracing::instrument(skip_all, name = "ControllerUnpublishVolume", fields(volume_id = %_req.get_ref().volume_id))]
+    #[tracing::instrument(skip_all, name = "ControllerUnpublishVolume", fields(volume_id = %crate::logsafe::text(&_req.get_ref().volume_id)))]
     async fn controller_unpublish_volume(
         &self,
         _req: Request<ControllerUnpublishVolumeRequest>,
@@ -280,7 +276,7 @@ impl Controller for ControllerService {
         ))
     }
 
-    #[tracing::instrument(skip_all, name = "ValidateVolumeCapabilities", fields(volume_id = %req.get_ref().volume_id))]
+    #[tracing::instrument(skip_all, name = "ValidateVolumeCapabilities", fields(volume_id = %crate::logsafe::text(&req.get_ref().volume_id)))]
     async fn validate_volume_capabilities(
         &self,
         req: Request<ValidateVolumeCapabilitiesRequest>,
@@ -390,7 +386,7 @@ impl Controller for ControllerService {
         Ok(Response::new(capabilities(&self.driver.advertised)))
     }
 
-    #[tracing::instrument(skip_all, name = "CreateSnapshot", fields(name = %req.get_ref().name, volume_id = %req.get_ref().source_volume_id))]
+    #[tracing::instrument(skip_all, name = "CreateSnapshot", fields(snapshot_name = %crate::logsafe::text(&req.get_ref().name), volume_id = %crate::logsafe::text(&req.get_ref().source_volume_id)))]
     async fn create_snapshot(
         &self,
         req: Request<CreateSnapshotRequest>,
@@ -409,7 +405,7 @@ impl Controller for ControllerService {
         }))
     }
 
-    #[tracing::instrument(skip_all, name = "DeleteSnapshot", fields(snapshot_id = %req.get_ref().snapshot_id))]
+    #[tracing::instrument(skip_all, name = "DeleteSnapshot", fields(snapshot_id = %crate::logsafe::text(&req.get_ref().snapshot_id)))]
     async fn delete_snapshot(
         &self,
         req: Request<DeleteSnapshotRequest>,
@@ -456,7 +452,7 @@ impl Controller for ControllerService {
         }))
     }
 
-    #[tracing::instrument(skip_all, name = "GetSnapshot", fields(snapshot_id = %req.get_ref().snapshot_id))]
+    #[tracing::instrument(skip_all, name = "GetSnapshot", fields(snapshot_id = %crate::logsafe::text(&req.get_ref().snapshot_id)))]
     async fn get_snapshot(
         &self,
         req: Request<GetSnapshotRequest>,
@@ -468,7 +464,7 @@ impl Controller for ControllerService {
         }))
     }
 
-    #[tracing::instrument(skip_all, name = "ControllerGetVolumeHealth", fields(volume_id = %req.get_ref().volume_id))]
+    #[tracing::instrument(skip_all, name = "ControllerGetVolumeHealth", fields(volume_id = %crate::logsafe::text(&req.get_ref().volume_id)))]
     async fn controller_get_volume_health(
         &self,
         req: Request<ControllerGetVolumeHealthRequest>,
@@ -489,9 +485,10 @@ impl Controller for ControllerService {
         let after = page_token(req.max_entries, &req.starting_token)?;
         let (page, next) = self.driver.pool.list_page(after, req.max_entries as usize);
         // Only volumes with something to report are listed, as the spec asks.
+        let inspector = health::Inspector::new(&self.driver.pool);
         let entries = page
             .iter()
-            .map(|r| health::of_volume(&self.driver.pool, r))
+            .map(|r| inspector.of_volume(r))
             .filter(|h| !h.health_statuses.is_empty())
             .collect();
         Ok(Response::new(ControllerListVolumeHealthResponse {
@@ -500,7 +497,7 @@ impl Controller for ControllerService {
         }))
     }
 
-    #[tracing::instrument(skip_all, name = "ControllerExpandVolume", fields(volume_id = %req.get_ref().volume_id))]
+    #[tracing::instrument(skip_all, name = "ControllerExpandVolume", fields(volume_id = %crate::logsafe::text(&req.get_ref().volume_id)))]
     async fn controller_expand_volume(
         &self,
         req: Request<ControllerExpandVolumeRequest>,
@@ -528,7 +525,7 @@ impl Controller for ControllerService {
         }))
     }
 
-    #[tracing::instrument(skip_all, name = "ControllerGetVolume", fields(volume_id = %req.get_ref().volume_id))]
+    #[tracing::instrument(skip_all, name = "ControllerGetVolume", fields(volume_id = %crate::logsafe::text(&req.get_ref().volume_id)))]
     async fn controller_get_volume(
         &self,
         req: Request<ControllerGetVolumeRequest>,
@@ -543,7 +540,7 @@ impl Controller for ControllerService {
         }))
     }
 
-    #[tracing::instrument(skip_all, name = "ControllerModifyVolume", fields(volume_id = %req.get_ref().volume_id))]
+    #[tracing::instrument(skip_all, name = "ControllerModifyVolume", fields(volume_id = %crate::logsafe::text(&req.get_ref().volume_id)))]
     async fn controller_modify_volume(
         &self,
         req: Request<ControllerModifyVolumeRequest>,

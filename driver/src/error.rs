@@ -100,6 +100,25 @@ impl From<Error> for Status {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// Back into the pool's terms, for driver code the pool calls (its quiesce hook), keeping
+/// what the caller should do: a full pool stays RESOURCE_EXHAUSTED, a busy volume ABORTED.
+pub fn to_pool_error(e: Error) -> PoolError {
+    match e {
+        Error::Pool(p) => p,
+        Error::InvalidArgument(m) => PoolError::InvalidArgument(m),
+        Error::NotFound(m) => PoolError::NotFound(m),
+        Error::AlreadyExists(m) => PoolError::AlreadyExists(m),
+        Error::FailedPrecondition(m) => PoolError::FailedPrecondition(m),
+        Error::Aborted(m) => PoolError::Aborted(m),
+        Error::ResourceExhausted(m) => PoolError::ResourceExhausted(m),
+        Error::Io { context, source } => PoolError::Io { context, source },
+        e => PoolError::io(
+            "freeze the source filesystem",
+            io::Error::other(e.to_string()),
+        ),
+    }
+}
+
 /// Reject empty required string fields with the field's name in the message.
 pub fn required<'a>(field: &str, value: &'a str) -> Result<&'a str> {
     if value.is_empty() {

@@ -229,9 +229,7 @@ pub fn grow(fs: FsType, device: &Path, mount_point: &Path) -> Result<()> {
             // The kernel demands CAP_SYS_RESOURCE for online ext4 resizing; containers and
             // sandboxes without it get EPERM. Say so, and what happens instead.
             Error::Command { stderr, .. } if stderr.contains("Permission denied") => {
-                Error::FailedPrecondition(format!(
-                    "online ext4 resize was refused ({stderr}); this usually means the driver                      lacks CAP_SYS_RESOURCE. The filesystem is grown offline at the next                      NodeStageVolume"
-                ))
+                online_resize_refused(&stderr)
             }
             e => e,
         }),
@@ -239,6 +237,21 @@ pub fn grow(fs: FsType, device: &Path, mount_point: &Path) -> Result<()> {
         FsType::Btrfs => run_ok("btrfs", &["filesystem", "resize", "max", &mnt]),
     }
     .map(|_| ())
+}
+
+/// The answer when resize2fs may not grow a mounted ext4: one line, quoting only the tool's
+/// own error line (its stderr also holds a banner and progress lines).
+fn online_resize_refused(stderr: &str) -> Error {
+    let why = stderr
+        .lines()
+        .map(str::trim)
+        .rfind(|l| !l.is_empty())
+        .unwrap_or("Permission denied");
+    let why = why.split_whitespace().collect::<Vec<_>>().join(" ");
+    Error::FailedPrecondition(format!(
+        "online ext4 resize was refused ({why}); this usually means the driver lacks \
+         CAP_SYS_RESOURCE. The filesystem is grown offline at the next NodeStageVolume"
+    ))
 }
 
 /// Size in bytes of the filesystem on `device`, read from its superblock. Hand-parsed: a few
@@ -306,6 +319,23 @@ pub fn grow_offline_if_needed(device: &Path, fs: FsType, device_size: u64) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_online_resize_refusal_is_one_clean_line() {
+        let stderr = "resize2fs 1.47.0 (5-Feb-2023)\nFilesystem at /dev/loop3 is mounted on \
+                      /x; on-line resizing required\nresize2fs:   Permission denied to resize \
+                      filesystem\n";
+        let m = online_resize_refused(stderr).to_string();
+        assert!(!m.contains('\n') && !m.contains("  "), "{m:?}");
+        assert!(
+            m.contains("(resize2fs: Permission denied to resize filesystem)"),
+            "{m}"
+        );
+        assert!(
+            m.contains("driver lacks CAP_SYS_RESOURCE. The filesystem"),
+            "{m}"
+        );
+    }
 
     #[test]
     fn new_tools_on_old_kernels_disable_features() {

@@ -5,10 +5,12 @@ use tracing_subscriber::EnvFilter;
 
 fn init_logging(format: LogFormat, level: &str) {
     let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    // One event, one line, whatever request text its fields hold (see `logsafe`).
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+        .with_writer(loopvol::logsafe::Stderr { ansi })
+        .with_ansi(ansi);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -24,6 +26,10 @@ fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()?;
             rt.block_on(server::serve(*args, server::shutdown_signal()))
+        }
+        Command::FreezeGuard(a) => {
+            init_logging(LogFormat::Text, "info");
+            std::process::exit(loopvol::freeze::guard_main(&a))
         }
         Command::Certs { out, namespace } => {
             loopvol::certs::write(&out, &namespace)?;

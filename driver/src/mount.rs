@@ -204,6 +204,19 @@ pub fn mount_fs(
     flags: MsFlags,
     data: &str,
 ) -> Result<()> {
+    mount_fs_shown(device, target, target, fs_type, flags, data)
+}
+
+/// [`mount_fs`] onto `target` (a `/proc/self/fd/N` of a confined path) while errors name
+/// `shown`, the path the request gave.
+pub fn mount_fs_shown(
+    device: &Path,
+    target: &Path,
+    shown: &Path,
+    fs_type: &str,
+    flags: MsFlags,
+    data: &str,
+) -> Result<()> {
     let data = (!data.is_empty()).then_some(data);
     mount(Some(device), target, Some(fs_type), flags, data).map_err(|e| match (e, data) {
         // The options passed every check we know of, but the kernel still refused them.
@@ -215,7 +228,7 @@ pub fn mount_fs(
             format!(
                 "mount {} ({fs_type}) on {}",
                 device.display(),
-                target.display()
+                shown.display()
             ),
             e,
         ),
@@ -225,6 +238,18 @@ pub fn mount_fs(
 /// Bind `source` onto `target`; a read-only bind takes a second remount call, because the
 /// kernel ignores MS_RDONLY on the initial MS_BIND.
 pub fn bind(source: &Path, target: &Path, read_only: bool, extra: MsFlags) -> Result<()> {
+    bind_only(source, target, source, target)?;
+    restrict_bind(target, target, read_only, extra)
+}
+
+/// The first half of [`bind`]: the plain MS_BIND, with errors naming `shown_*` (the request's
+/// paths when the others are `/proc/self/fd/N` of confined paths).
+pub fn bind_only(
+    source: &Path,
+    target: &Path,
+    shown_source: &Path,
+    shown_target: &Path,
+) -> Result<()> {
     mount(
         Some(source),
         target,
@@ -234,10 +259,21 @@ pub fn bind(source: &Path, target: &Path, read_only: bool, extra: MsFlags) -> Re
     )
     .map_err(|e| {
         Error::io(
-            format!("bind {} on {}", source.display(), target.display()),
+            format!(
+                "bind {} on {}",
+                shown_source.display(),
+                shown_target.display()
+            ),
             e,
         )
-    })?;
+    })
+}
+
+/// The second half of [`bind`]: make the new bind at `target` read-only and apply `extra`'s
+/// per-mount flags, or unmount it. `target` must reach the new mount's root (a descriptor
+/// opened before the bind reaches the directory under it).
+pub fn restrict_bind(target: &Path, shown: &Path, read_only: bool, extra: MsFlags) -> Result<()> {
+    let target_shown = shown;
     let per_mount = extra
         & (MsFlags::MS_NOSUID
             | MsFlags::MS_NODEV
@@ -254,7 +290,7 @@ pub fn bind(source: &Path, target: &Path, read_only: bool, extra: MsFlags) -> Re
             // Never leave a writable bind behind a failed read-only request.
             let _ = umount2(target, MntFlags::empty());
             return Err(Error::io(
-                format!("remount {} read-only", target.display()),
+                format!("remount {} read-only", target_shown.display()),
                 e,
             ));
         }
@@ -265,7 +301,9 @@ pub fn bind(source: &Path, target: &Path, read_only: bool, extra: MsFlags) -> Re
 /// Unmount `target`; a busy mount is reported, never lazily detached (a lazy unmount would let
 /// the loop device be detached under a filesystem that is still in use).
 pub fn unmount(target: &Path) -> Result<()> {
-    match umount2(target, MntFlags::empty()) {
+    // Never through a symlink: a request's path is checked to have none, and one swapped in
+    // since must not redirect the unmount.
+    match umount2(target, MntFlags::UMOUNT_NOFOLLOW) {
         Ok(()) => Ok(()),
         Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => Ok(()),
         Err(nix::errno::Errno::EBUSY) => Err(Error::FailedPrecondition(format!(
@@ -274,17 +312,6 @@ pub fn unmount(target: &Path) -> Result<()> {
         ))),
         Err(e) => Err(Error::io(format!("unmount {}", target.display()), e)),
     }
-}
-
-/// Remove a publish target (directory or file) after unmounting; already gone is fine.
-pub fn remove_target(path: &Path) -> Result<()> {
-    let r = match std::fs::symlink_metadata(path) {
-        Ok(m) if m.is_dir() => std::fs::remove_dir(path),
-        Ok(_) => std::fs::remove_file(path),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => Err(e),
-    };
-    r.map_err(|e| Error::io(format!("remove {}", path.display()), e))
 }
 
 #[cfg(test)]

@@ -61,12 +61,15 @@ pub fn check_path(field: &str, s: &str) -> Result<PathBuf> {
 }
 
 /// The volume_path of stats and expand requests: the spec's answer for a path where the
-/// volume cannot be (relative, `..`, missing) is NOT_FOUND, not INVALID_ARGUMENT.
-fn volume_path(s: &str) -> Result<PathBuf> {
+/// volume cannot be (relative, `..`, missing) is NOT_FOUND, not INVALID_ARGUMENT. A path
+/// loopvol never mounts on (outside the allowed roots, the pool, through a symlink) is
+/// INVALID_ARGUMENT, as for stage and publish.
+fn volume_path(d: &Driver, s: &str) -> Result<PathBuf> {
     let p = check_path("volume_path", s).map_err(|e| match e {
         Error::InvalidArgument(m) if !s.contains('\0') && s.len() <= 4096 => Error::NotFound(m),
         e => e,
     })?;
+    d.paths.check("volume_path", &p)?;
     if !p.exists() {
         return Err(Error::NotFound(format!(
             "volume_path {} does not exist",
@@ -285,6 +288,7 @@ pub fn stage(d: &Driver, id: &str, staging: &Path, cap: &Checked) -> Result<()> 
     let result = match &want.access {
         StagedAccess::Block => Ok(()),
         StagedAccess::Mount { fs_type, flags } => mount_staging(
+            &d.paths,
             &att.device,
             staging,
             *fs_type,
@@ -310,6 +314,7 @@ pub fn stage(d: &Driver, id: &str, staging: &Path, cap: &Checked) -> Result<()> 
 }
 
 fn mount_staging(
+    paths: &crate::paths::Confinement,
     device: &Path,
     staging: &Path,
     fs: provisioner::FsType,
@@ -337,8 +342,7 @@ fn mount_staging(
     } else {
         prepare_filesystem(device, fs, read_only, never_written)?;
     }
-    std::fs::create_dir_all(staging)
-        .map_err(|e| Error::io(format!("create {}", staging.display()), e))?;
+    let at = paths.open_dir("staging_target_path", staging, true)?;
     let (mut bits, mut data) = capability::split_flags(flags);
     if read_only {
         bits |= nix::mount::MsFlags::MS_RDONLY;
@@ -352,7 +356,7 @@ fn mount_staging(
             format!("{data},nouuid")
         };
     }
-    mount::mount_fs(device, staging, fs.as_str(), bits, &data)?;
+    mount::mount_fs_shown(device, &at.proc_path(), staging, fs.as_str(), bits, &data)?;
     // xfs and btrfs grow only while mounted (ext4 was grown above, before mounting).
     if fs != provisioner::FsType::Ext4
         && !read_only
@@ -493,6 +497,7 @@ pub fn unstage(d: &Driver, id: &str, staging: &Path) -> Result<()> {
         loop_device::detach(&l.device)?;
     }
     node_state::remove(&state_dir, &vol.hex)?;
+    crate::targets::forget(d, &vol.hex)?;
     tracing::info!(volume_id = id, staging = %staging.display(), "volume unstaged");
     Ok(())
 }
@@ -552,10 +557,10 @@ pub fn publish(
                 )));
             }
             single_writer_check(cap, id, other_mounts_of(&all, &l, &staged))?;
-            std::fs::create_dir_all(target)
-                .map_err(|e| Error::io(format!("create {}", target.display()), e))?;
+            let at = crate::targets::prepare_dir(d, &vol.hex, target)?;
             let (bits, _) = capability::split_flags(flags);
-            mount::bind(staging, target, read_only, bits)?;
+            crate::paths::bind_dir(&d.paths, staging, &at, read_only, bits)
+                .inspect_err(|_| crate::targets::undo(d, &vol.hex, &at))?;
         }
         (Access::Block, StagedAccess::Block) => {
             if read_only && !l.read_only {
@@ -575,17 +580,9 @@ pub fn publish(
                 )));
             }
             single_writer_check(cap, id, device_binds(&all, &l))?;
-            if let Some(parent) = target.parent() {
-                std::fs::create_dir_all(parent)
-                    .map_err(|e| Error::io(format!("create {}", parent.display()), e))?;
-            }
-            std::fs::OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(target)
-                .map_err(|e| Error::io(format!("create {}", target.display()), e))?;
-            mount::bind(&l.device, target, false, nix::mount::MsFlags::empty())?;
+            let at = crate::targets::prepare_file(d, &vol.hex, target)?;
+            mount::bind_only(&l.device, &at.proc_path(), &l.device, target)
+                .inspect_err(|_| crate::targets::undo(d, &vol.hex, &at))?;
         }
         _ => {
             return Err(Error::FailedPrecondition(format!(
@@ -631,14 +628,14 @@ pub fn unpublish(d: &Driver, id: &str, target: &Path) -> Result<()> {
         }
         mount::unmount(target)?;
     }
-    mount::remove_target(target)?;
+    crate::targets::remove_if_ours(d, &vol.hex, target)?;
     tracing::info!(volume_id = id, target = %target.display(), "volume unpublished");
     Ok(())
 }
 
 pub fn stats(d: &Driver, id: &str, path: &str) -> Result<Vec<VolumeUsage>> {
     let vol = volume(d, id)?;
-    let path = &volume_path(path)?;
+    let path = &volume_path(d, path)?;
     let record = node_state::load(&d.pool.node_state_dir(), &vol.hex)?;
     // Also proves that `path` is a mount point of this volume, or its device node.
     ensure_volume_at(&vol, record.as_ref().map(|s| s.device.as_path()), path)?;
@@ -674,7 +671,7 @@ pub fn stats(d: &Driver, id: &str, path: &str) -> Result<Vec<VolumeUsage>> {
 pub fn expand(d: &Driver, id: &str, path: &str, block_hint: bool) -> Result<u64> {
     let vol = volume(d, id)?;
     let _g = hold(d, &vol)?;
-    let path = volume_path(path)?;
+    let path = volume_path(d, path)?;
     let state = node_state::load(&d.pool.node_state_dir(), &vol.hex)?;
     let l = current_loop(&vol, state.as_ref().map(|s| s.device.as_path())).ok_or_else(|| {
         Error::FailedPrecondition(format!("volume {id} is not staged on this node"))
@@ -700,6 +697,7 @@ pub fn expand(d: &Driver, id: &str, path: &str, block_hint: bool) -> Result<u64>
 pub fn volume_health(d: &Driver, id: &str) -> Result<VolumeHealth> {
     let vol = volume(d, id)?;
     let mut statuses = health::pool_findings(&d.pool, &vol.record);
+    statuses.extend(health::freeze_findings(&d.pool.node_state_dir(), &vol.hex));
     if let Some(s) = node_state::load(&d.pool.node_state_dir(), &vol.hex)? {
         match current_loop(&vol, Some(&s.device)) {
             None => statuses.push(entry(
@@ -724,14 +722,7 @@ pub fn volume_health(d: &Driver, id: &str) -> Result<VolumeHealth> {
                             s.staging_path.display()
                         ),
                     )),
-                    Some(m) if m.fs_read_only() && !s.read_only => statuses.push(entry(
-                        VolumeHealthErrorType::Degraded,
-                        "FilesystemReadOnly",
-                        "the filesystem went read-only, usually after I/O errors; check the \
-                         kernel log and run fsck after unstaging"
-                            .into(),
-                    )),
-                    Some(_) => {}
+                    Some(m) => statuses.extend(health::filesystem_findings(&m, s.read_only)),
                 }
             }
             Some(_) => {}
@@ -896,7 +887,10 @@ pub fn quiesce(d: &Driver, record: &VolumeRecord) -> Result<Option<crate::freeze
         return Ok(None);
     };
     match visible_mount(&staged, &l, &mount::mounts()?) {
-        Some(m) => crate::freeze::freeze(&m.mount_point).map(Some),
+        Some(m) => {
+            crate::freeze::freeze(&d.freeze, &record.id, &vol.hex, &vol.image, &m.mount_point)
+                .map(Some)
+        }
         None => Ok(None),
     }
 }

@@ -21,6 +21,14 @@ impl NodeService {
     pub fn new(driver: Arc<Driver>) -> Self {
         Self { driver }
     }
+
+    /// A staging or target path: well-formed, inside an allowed root, not the pool, no
+    /// symlink on the way (see `paths`).
+    fn confined(&self, field: &str, s: &str) -> Result<std::path::PathBuf, Error> {
+        let p = check_path(field, s)?;
+        self.driver.paths.check(field, &p)?;
+        Ok(p)
+    }
 }
 
 fn capability_of(cap: Option<&VolumeCapability>) -> Result<capability::Checked, Error> {
@@ -31,14 +39,14 @@ fn capability_of(cap: Option<&VolumeCapability>) -> Result<capability::Checked, 
 
 #[tonic::async_trait]
 impl Node for NodeService {
-    #[tracing::instrument(skip_all, name = "NodeStageVolume", fields(volume_id = %req.get_ref().volume_id))]
+    #[tracing::instrument(skip_all, name = "NodeStageVolume", fields(volume_id = %crate::logsafe::text(&req.get_ref().volume_id)))]
     async fn node_stage_volume(
         &self,
         req: Request<NodeStageVolumeRequest>,
     ) -> Result<Response<NodeStageVolumeResponse>, Status> {
         let req = req.into_inner();
         let id = required("volume_id", &req.volume_id)?.to_string();
-        let staging = check_path("staging_target_path", &req.staging_target_path)?;
+        let staging = self.confined("staging_target_path", &req.staging_target_path)?;
         let cap = capability_of(req.volume_capability.as_ref())?;
         self.driver
             .blocking(move |d| {
@@ -51,28 +59,28 @@ impl Node for NodeService {
         Ok(Response::new(NodeStageVolumeResponse {}))
     }
 
-    #[tracing::instrument(skip_all, name = "NodeUnstageVolume", fields(volume_id = %req.get_ref().volume_id))]
+    #[tracing::instrument(skip_all, name = "NodeUnstageVolume", fields(volume_id = %crate::logsafe::text(&req.get_ref().volume_id)))]
     async fn node_unstage_volume(
         &self,
         req: Request<NodeUnstageVolumeRequest>,
     ) -> Result<Response<NodeUnstageVolumeResponse>, Status> {
         let req = req.into_inner();
         let id = required("volume_id", &req.volume_id)?.to_string();
-        let staging = check_path("staging_target_path", &req.staging_target_path)?;
+        let staging = self.confined("staging_target_path", &req.staging_target_path)?;
         self.driver
             .blocking(move |d| node_ops::unstage(d, &id, &staging))
             .await?;
         Ok(Response::new(NodeUnstageVolumeResponse {}))
     }
 
-    #[tracing::instrument(skip_all, name = "NodePublishVolume", fields(volume_id = %req.get_ref().volume_id))]
+    #[tracing::instrument(skip_all, name = "NodePublishVolume", fields(volume_id = %crate::logsafe::text(&req.get_ref().volume_id)))]
     async fn node_publish_volume(
         &self,
         req: Request<NodePublishVolumeRequest>,
     ) -> Result<Response<NodePublishVolumeResponse>, Status> {
         let req = req.into_inner();
         let id = required("volume_id", &req.volume_id)?.to_string();
-        let target = check_path("target_path", &req.target_path)?;
+        let target = self.confined("target_path", &req.target_path)?;
         let cap = capability_of(req.volume_capability.as_ref())?;
         if req.staging_target_path.is_empty() {
             return Err(Error::FailedPrecondition(
@@ -81,7 +89,7 @@ impl Node for NodeService {
             )
             .into());
         }
-        let staging = check_path("staging_target_path", &req.staging_target_path)?;
+        let staging = self.confined("staging_target_path", &req.staging_target_path)?;
         let readonly = req.readonly;
         let pod_uid = req.volume_context.get(io_throttle::POD_UID_KEY).cloned();
         self.driver
@@ -105,14 +113,14 @@ impl Node for NodeService {
         Ok(Response::new(NodePublishVolumeResponse {}))
     }
 
-    #[tracing::instrument(skip_all, name = "NodeUnpublishVolume", fields(volume_id = %req.get_ref().volume_id))]
+    #[tracing::instrument(skip_all, name = "NodeUnpublishVolume", fields(volume_id = %crate::logsafe::text(&req.get_ref().volume_id)))]
     async fn node_unpublish_volume(
         &self,
         req: Request<NodeUnpublishVolumeRequest>,
     ) -> Result<Response<NodeUnpublishVolumeResponse>, Status> {
         let req = req.into_inner();
         let id = required("volume_id", &req.volume_id)?.to_string();
-        let target = check_path("target_path", &req.target_path)?;
+        let target = self.confined("target_path", &req.target_path)?;
         self.driver
             .blocking(move |d| {
                 node_ops::unpublish(d, &id, &target)?;
@@ -122,7 +130,7 @@ impl Node for NodeService {
         Ok(Response::new(NodeUnpublishVolumeResponse {}))
     }
 
-    #[tracing::instrument(skip_all, name = "NodeGetVolumeStats", fields(volume_id = %req.get_ref().volume_id))]
+    #[tracing::instrument(skip_all, name = "NodeGetVolumeStats", fields(volume_id = %crate::logsafe::text(&req.get_ref().volume_id)))]
     async fn node_get_volume_stats(
         &self,
         req: Request<NodeGetVolumeStatsRequest>,
@@ -137,7 +145,7 @@ impl Node for NodeService {
         Ok(Response::new(NodeGetVolumeStatsResponse { usage }))
     }
 
-    #[tracing::instrument(skip_all, name = "NodeGetVolumeHealth", fields(volume_id = %req.get_ref().volume_id))]
+    #[tracing::instrument(skip_all, name = "NodeGetVolumeHealth", fields(volume_id = %crate::logsafe::text(&req.get_ref().volume_id)))]
     async fn node_get_volume_health(
         &self,
         req: Request<NodeGetVolumeHealthRequest>,
@@ -196,7 +204,7 @@ impl Node for NodeService {
         }))
     }
 
-    #[tracing::instrument(skip_all, name = "NodeExpandVolume", fields(volume_id = %req.get_ref().volume_id))]
+    #[tracing::instrument(skip_all, name = "NodeExpandVolume", fields(volume_id = %crate::logsafe::text(&req.get_ref().volume_id)))]
     async fn node_expand_volume(
         &self,
         req: Request<NodeExpandVolumeRequest>,

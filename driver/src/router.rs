@@ -421,7 +421,7 @@ fn unknown_volume(id: &str) -> Status {
 
 #[tonic::async_trait]
 impl Controller for Router {
-    #[tracing::instrument(skip_all, name = "CreateVolume", fields(name = %req.get_ref().name))]
+    #[tracing::instrument(skip_all, name = "CreateVolume", fields(volume_name = %crate::logsafe::text(&req.get_ref().name)))]
     async fn create_volume(
         &self,
         req: Request<CreateVolumeRequest>,
@@ -435,7 +435,7 @@ impl Controller for Router {
         self.node(&node).await?.create_volume(req).await
     }
 
-    #[tracing::instrument(skip_all, name = "DeleteVolume", fields(volume_id = %req.get_ref().volume_id))]
+    #[tracing::instrument(skip_all, name = "DeleteVolume", fields(volume_id = %crate::logsafe::text(&req.get_ref().volume_id)))]
     async fn delete_volume(
         &self,
         req: Request<DeleteVolumeRequest>,
@@ -464,7 +464,7 @@ impl Controller for Router {
         Err(Status::unimplemented("loopvol has no attach step"))
     }
 
-    #[tracing::instrument(skip_all, name = "ValidateVolumeCapabilities", fields(volume_id = %req.get_ref().volume_id))]
+    #[tracing::instrument(skip_all, name = "ValidateVolumeCapabilities", fields(volume_id = %crate::logsafe::text(&req.get_ref().volume_id)))]
     async fn validate_volume_capabilities(
         &self,
         req: Request<ValidateVolumeCapabilitiesRequest>,
@@ -533,7 +533,7 @@ impl Controller for Router {
         }))
     }
 
-    #[tracing::instrument(skip_all, name = "ControllerGetVolumeHealth", fields(volume_id = %req.get_ref().volume_id))]
+    #[tracing::instrument(skip_all, name = "ControllerGetVolumeHealth", fields(volume_id = %crate::logsafe::text(&req.get_ref().volume_id)))]
     async fn controller_get_volume_health(
         &self,
         req: Request<ControllerGetVolumeHealthRequest>,
@@ -584,7 +584,7 @@ impl Controller for Router {
         Ok(Response::new(capabilities(&self.advertised)))
     }
 
-    #[tracing::instrument(skip_all, name = "CreateSnapshot", fields(source = %req.get_ref().source_volume_id))]
+    #[tracing::instrument(skip_all, name = "CreateSnapshot", fields(source = %crate::logsafe::text(&req.get_ref().source_volume_id)))]
     async fn create_snapshot(
         &self,
         req: Request<CreateSnapshotRequest>,
@@ -599,7 +599,7 @@ impl Controller for Router {
             .await
     }
 
-    #[tracing::instrument(skip_all, name = "DeleteSnapshot", fields(snapshot_id = %req.get_ref().snapshot_id))]
+    #[tracing::instrument(skip_all, name = "DeleteSnapshot", fields(snapshot_id = %crate::logsafe::text(&req.get_ref().snapshot_id)))]
     async fn delete_snapshot(
         &self,
         req: Request<DeleteSnapshotRequest>,
@@ -656,7 +656,7 @@ impl Controller for Router {
         }))
     }
 
-    #[tracing::instrument(skip_all, name = "GetSnapshot", fields(snapshot_id = %req.get_ref().snapshot_id))]
+    #[tracing::instrument(skip_all, name = "GetSnapshot", fields(snapshot_id = %crate::logsafe::text(&req.get_ref().snapshot_id)))]
     async fn get_snapshot(
         &self,
         req: Request<GetSnapshotRequest>,
@@ -674,7 +674,7 @@ impl Controller for Router {
         }
     }
 
-    #[tracing::instrument(skip_all, name = "ControllerExpandVolume", fields(volume_id = %req.get_ref().volume_id))]
+    #[tracing::instrument(skip_all, name = "ControllerExpandVolume", fields(volume_id = %crate::logsafe::text(&req.get_ref().volume_id)))]
     async fn controller_expand_volume(
         &self,
         req: Request<ControllerExpandVolumeRequest>,
@@ -686,7 +686,7 @@ impl Controller for Router {
             .await
     }
 
-    #[tracing::instrument(skip_all, name = "ControllerGetVolume", fields(volume_id = %req.get_ref().volume_id))]
+    #[tracing::instrument(skip_all, name = "ControllerGetVolume", fields(volume_id = %crate::logsafe::text(&req.get_ref().volume_id)))]
     async fn controller_get_volume(
         &self,
         req: Request<ControllerGetVolumeRequest>,

@@ -34,6 +34,10 @@ pub struct Driver {
     pub advertised: Advertised,
     /// Where IO limits are enforced.
     pub cgroups: crate::io_throttle::CgroupConfig,
+    /// How snapshots and clones freeze mounted sources.
+    pub freeze: crate::freeze::Settings,
+    /// Where the node plugin may stage and publish.
+    pub paths: crate::paths::Confinement,
     ops: Semaphore,
 }
 
@@ -216,11 +220,43 @@ where
     for r in &repairs {
         tracing::warn!(repair = %r, "pool repaired at start-up");
     }
+    if let Err(e) = crate::static_volume::remember_node_id(pool.dir(), pool.node_id()) {
+        tracing::warn!(error = %e, "could not record the pool's node ID for the offline CLI");
+    }
     if args.max_concurrent_ops == 0 {
         bail!("--max-concurrent-ops must be at least 1");
     }
+    let freeze = crate::freeze::Settings {
+        node_dir: pool.node_state_dir(),
+        pool_dir: pool.dir().to_path_buf(),
+        timeout: std::time::Duration::from_secs(args.freeze_timeout),
+        hold: std::time::Duration::from_millis(args.test_freeze_hold_ms),
+    };
+    // Before anything is served: no filesystem stays frozen by a loopvol that was killed
+    // (in any mode: whichever process took a snapshot may have been the one killed).
+    let image_of = {
+        let pool_dir = pool.dir().to_path_buf();
+        move |hex: &str| pool_dir.join("volumes").join(format!("{hex}.img"))
+    };
+    let node_dir = freeze.node_dir.clone();
+    for line in
+        tokio::task::spawn_blocking(move || crate::freeze::recover(&node_dir, image_of)).await?
+    {
+        tracing::warn!(recovery = %line, "abandoned filesystem freeze cleared at start-up");
+    }
+    let roots: Vec<PathBuf> = std::iter::once(args.kubelet_dir.clone())
+        .chain(args.allowed_root.iter().cloned())
+        .collect();
+    if let Some(r) = roots.iter().find(|r| !r.is_absolute()) {
+        bail!(
+            "--kubelet-dir and --allowed-root take absolute paths, not {}",
+            r.display()
+        );
+    }
+    let paths = crate::paths::Confinement::new(roots, pool.dir());
     let driver = Arc::new(Driver {
         pool,
+        paths,
         driver_name: args.driver_name.clone(),
         mode: args.mode,
         max_volumes_per_node: args.max_volumes_per_node,
@@ -229,6 +265,7 @@ where
             root: args.cgroup_root.clone(),
             default_cgroup: args.io_cgroup.clone(),
         },
+        freeze,
         ops: Semaphore::new(args.max_concurrent_ops),
     });
     if matches!(args.mode, Mode::Node | Mode::All) {
@@ -290,6 +327,7 @@ where
         mode = ?args.mode,
         node_id = %node_id,
         pool = %args.pool.pool_dir.display(),
+        allowed_roots = ?driver.paths.roots(),
         volumes = driver.pool.len(),
         "loopvol serving"
     );

@@ -40,6 +40,10 @@ use crate::PoolError;
 /// cache only hides data written into thin volumes during that window.
 const RESERVED_TTL: Duration = Duration::from_secs(2);
 
+/// Free bytes below which the pool is full for practical purposes (health, doctor and copies
+/// agree on this figure).
+pub const FULL_BYTES: u64 = 1 << 20;
+
 #[derive(Debug, Clone)]
 pub struct PoolOptions {
     pub dir: PathBuf,
@@ -88,6 +92,8 @@ pub struct Pool {
     /// Serialises "check capacity, then allocate" so two creates cannot both take the last bytes.
     alloc: Mutex<()>,
     reserved_cache: Mutex<Option<(Instant, u64)>>,
+    /// Whether the pool's filesystem can reflink, once probed.
+    reflink: std::sync::OnceLock<bool>,
     pub(crate) writer: bool,
     _locks: Vec<Flock<File>>,
 }
@@ -137,6 +143,7 @@ impl Pool {
             locks: KeyedLocks::new(),
             alloc: Mutex::new(()),
             reserved_cache: Mutex::new(None),
+            reflink: std::sync::OnceLock::new(),
             writer: opts.writer,
             _locks: locks,
         };
@@ -347,14 +354,14 @@ impl Pool {
             Some(src) => {
                 // Hold the source still (no delete/expand) while it is copied.
                 let _src_guard = src.lock_key.as_ref().map(|k| self.locks.lock(k));
-                let _quiesced = match &src.volume {
-                    Some(v) => Some(quiesce(v)?),
-                    None => None,
-                };
                 let from =
                     File::open(&src.image).ctx(|| format!("open {}", src.image.display()))?;
+                // Quiesced only once the space is admitted and known to be there: a freeze
+                // must not be spent on a copy that cannot fit, and a full pool makes the
+                // freeze itself fail (the volume's dirty data cannot be written back).
                 self.build_image(&self.image_path(&id.hex), &id.hex, size, params.allocation, |dst| {
-                    let method = copy::copy(&from, dst).map_err(|e| space_error("copy the source", e))?;
+                    self.ensure_room_for_copy(&src.image)?;
+                    let method = copy_quiesced(quiesce, src.volume.as_ref(), &from, dst, "copy the source")?;
                     tracing::info!(volume_id = %record.id, method = method.as_str(), "volume content copied from its source");
                     Ok(())
                 })?
@@ -369,7 +376,7 @@ impl Pool {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .insert(id.hex.clone(), record.clone());
-        tracing::info!(volume_id = %record.id, name = %record.name, size = size,
+        tracing::info!(volume_id = %record.id, volume_name = %record.name, size = size,
             allocation = record.allocation.as_str(), "volume created");
         Ok(record)
     }
@@ -507,7 +514,7 @@ impl Pool {
         {
             *v = v.saturating_sub(released);
         }
-        tracing::info!(volume_id = %record.id, name = %record.name, "volume deleted");
+        tracing::info!(volume_id = %record.id, volume_name = %record.name, "volume deleted");
         Ok(true)
     }
 
@@ -671,6 +678,51 @@ impl Pool {
             .unwrap_or_else(|e| e.into_inner()) = None;
     }
 
+    /// Refuse a copy of `image` that the pool's free space cannot hold, before anything is
+    /// frozen. A sparse copy needs the image's allocated bytes; a reflink only metadata. Both
+    /// keep [`FULL_BYTES`] free, below which the pool counts as full everywhere.
+    pub fn ensure_room_for_copy(&self, image: &Path) -> Result<(), PoolError> {
+        let available = Capacity::measure(&self.dir, 0, 1.0)?.available_bytes;
+        let data = if self.reflinks() {
+            0
+        } else {
+            fs::metadata(image).map(|m| m.blocks() * 512).unwrap_or(0)
+        };
+        let need = data + FULL_BYTES;
+        if available < need {
+            return Err(PoolError::ResourceExhausted(format!(
+                "the pool on node {} has {available} bytes free; copying this volume needs \
+                 {need}",
+                self.node_id
+            )));
+        }
+        Ok(())
+    }
+
+    /// Whether the pool's filesystem shares extents (FICLONE), probed once with two scratch
+    /// files in `tmp/`.
+    pub fn reflinks(&self) -> bool {
+        *self.reflink.get_or_init(|| {
+            let probe = || -> std::io::Result<bool> {
+                let dir = self.dir.join("tmp");
+                let name = |t: &str| dir.join(format!("reflink-probe-{}-{t}", std::process::id()));
+                let (a, b) = (name("a"), name("b"));
+                let result = (|| {
+                    use std::io::Write;
+                    let mut src = File::create(&a)?;
+                    src.write_all(&[0x5a; 4096])?;
+                    src.sync_all()?;
+                    let dst = File::create(&b)?;
+                    copy::reflink(&src, &dst)
+                })();
+                let _ = fs::remove_file(&a);
+                let _ = fs::remove_file(&b);
+                result
+            };
+            probe().unwrap_or(false)
+        })
+    }
+
     /// Bytes actually allocated to a volume's image (what it costs on disk).
     pub fn allocated_bytes(&self, hex: &str) -> Option<u64> {
         fs::metadata(self.image_path(hex))
@@ -689,11 +741,46 @@ struct Source {
     volume: Option<VolumeRecord>,
 }
 
-/// A hook run right before a live volume is copied; its guard is dropped after the copy.
-pub type Quiesce<'a> = &'a dyn Fn(&VolumeRecord) -> Result<Box<dyn std::any::Any>, PoolError>;
+/// A hook run right before a live volume is copied (the driver freezes its filesystem). Its
+/// guard is released right after the copy; the copy counts only if the release succeeds.
+pub type Quiesce<'a> = &'a dyn Fn(&VolumeRecord) -> Result<Box<dyn Quiesced>, PoolError>;
 
-fn no_quiesce(_: &VolumeRecord) -> Result<Box<dyn std::any::Any>, PoolError> {
+/// What a [`Quiesce`] hook holds while the copy runs. `release` reports whether the volume
+/// really stayed still for the whole copy (a freeze lifted early by a watchdog or by hand makes
+/// the copy a torn image, which must not become a snapshot or a clone). Dropping the guard
+/// without releasing it still undoes the quiescing, for error paths and panics.
+pub trait Quiesced {
+    fn release(self: Box<Self>) -> Result<(), PoolError>;
+}
+
+impl Quiesced for () {
+    fn release(self: Box<Self>) -> Result<(), PoolError> {
+        Ok(())
+    }
+}
+
+fn no_quiesce(_: &VolumeRecord) -> Result<Box<dyn Quiesced>, PoolError> {
     Ok(Box::new(()))
+}
+
+/// Copy `from` into `dst` with `what` quiesced by `quiesce`: the copy is only good if the
+/// release says the source stayed still throughout.
+pub(crate) fn copy_quiesced(
+    quiesce: Quiesce<'_>,
+    what: Option<&VolumeRecord>,
+    from: &File,
+    dst: &File,
+    context: &str,
+) -> Result<copy::CopyMethod, PoolError> {
+    let guard = match what {
+        Some(v) => Some(quiesce(v)?),
+        None => None,
+    };
+    let copied = copy::copy(from, dst).map_err(|e| space_error(context, e));
+    let released = guard.map_or(Ok(()), |g| g.release());
+    let method = copied?;
+    released?;
+    Ok(method)
 }
 
 pub(crate) fn snapshot_lock_key(hex: &str) -> String {

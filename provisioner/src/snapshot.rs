@@ -3,14 +3,15 @@
 //! `tmp/` and renamed into place before the record is written; deletion removes the record first.
 
 use std::fs::File;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::atomic;
-use crate::copy::{self, CopyMethod};
+use crate::copy::CopyMethod;
 use crate::error::IoContext;
 use crate::ids::{self, Kind, VolumeId};
-use crate::pool::{snapshot_lock_key, space_error, to_json, Pool, Quiesce};
+use crate::pool::{copy_quiesced, snapshot_lock_key, to_json, Pool, Quiesce};
 use crate::record::{SnapshotRecord, RECORD_FORMAT};
 use crate::PoolError;
 
@@ -92,18 +93,25 @@ impl Pool {
         let dest = self.snapshot_image_path(&id.hex);
         let started = std::time::Instant::now();
         let result = (|| {
+            // 0600 like volume images: a snapshot holds the same tenant data.
             let dst = File::options()
                 .read(true)
                 .write(true)
                 .create(true)
                 .truncate(true)
+                .mode(0o600)
                 .open(&tmp)
                 .ctx(|| format!("create {}", tmp.display()))?;
-            let method = {
-                let _quiesced = quiesce(&volume)?;
-                copy::copy(&from, &dst)
-                    .map_err(|e| space_error("copy the volume into a snapshot", e))?
-            };
+            // Before freezing: a freeze on a full pool fails with EIO (the volume's dirty data
+            // cannot be written back), and a copy that cannot fit is not worth a freeze.
+            self.ensure_room_for_copy(&from_path)?;
+            let method = copy_quiesced(
+                quiesce,
+                Some(&volume),
+                &from,
+                &dst,
+                "copy the volume into a snapshot",
+            )?;
             dst.sync_all().ctx(|| format!("fsync {}", tmp.display()))?;
             // After the thaw: digesting must not lengthen the freeze (snapshot_metadata.rs).
             self.record_chunk_digests(&id.hex, method, &dst, volume.size_bytes)?;
@@ -228,7 +236,7 @@ mod tests {
     use crate::PoolError;
     use std::io::{Seek, SeekFrom, Write};
 
-    fn no_quiesce(_: &crate::VolumeRecord) -> Result<Box<dyn std::any::Any>, PoolError> {
+    fn no_quiesce(_: &crate::VolumeRecord) -> Result<Box<dyn crate::pool::Quiesced>, PoolError> {
         Ok(Box::new(()))
     }
 

@@ -41,6 +41,8 @@ pub struct Driver {
     extra_args: Vec<String>,
     /// Environment overrides for the driver process (e.g. a PATH without some tool).
     env: Vec<(String, String)>,
+    /// Pass the test's temp dir as an allowed root (all tests but those of the confinement).
+    temp_dir_allowed: bool,
     /// The filesystem the pool lives on, when the test made one; dropped (unmounted, detached)
     /// only after `Drop for Driver` has cleaned up every volume inside it.
     pool_fs: Option<SmallFs>,
@@ -75,6 +77,35 @@ impl Driver {
         d
     }
 
+    /// Start with `<temp dir>/kubelet` (created) as the only allowed root: the rest of the temp
+    /// dir plays the rest of the machine, where nothing may be staged or published.
+    pub async fn start_confined(extra: &[&str]) -> Driver {
+        let dir = tempfile::Builder::new()
+            .prefix("loopvol-test-")
+            .tempdir()
+            .unwrap();
+        let kubelet = dir.path().join("kubelet");
+        std::fs::create_dir(&kubelet).unwrap();
+        let mut d = Driver {
+            pool: dir.path().join("pool"),
+            socket: dir.path().join("csi.sock"),
+            dir,
+            child: None,
+            extra_args: [
+                "--kubelet-dir".to_string(),
+                kubelet.to_string_lossy().into(),
+            ]
+            .into_iter()
+            .chain(extra.iter().map(|s| s.to_string()))
+            .collect(),
+            env: Vec::new(),
+            temp_dir_allowed: false,
+            pool_fs: None,
+        };
+        d.spawn().await;
+        d
+    }
+
     async fn start_in(pool: Option<PathBuf>, extra: &[&str]) -> Driver {
         Self::start_in_env(pool, extra, &[]).await
     }
@@ -96,10 +127,16 @@ impl Driver {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            temp_dir_allowed: true,
             pool_fs: None,
         };
         d.spawn().await;
         d
+    }
+
+    /// Replace the extra flags the next [`Driver::spawn`] passes.
+    pub fn set_args(&mut self, extra: &[&str]) {
+        self.extra_args = extra.iter().map(|s| s.to_string()).collect();
     }
 
     /// Start (again) on the same pool and socket.
@@ -117,6 +154,13 @@ impl Driver {
             .arg(format!("unix://{}", self.socket.display()))
             .arg("--pool-dir")
             .arg(&self.pool)
+            // Tests stage and publish inside their temp dir, never in the kubelet's.
+            .args(
+                self.temp_dir_allowed
+                    .then(|| ["--allowed-root".as_ref(), self.dir.path().as_os_str()])
+                    .into_iter()
+                    .flatten(),
+            )
             .args(&self.extra_args)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())

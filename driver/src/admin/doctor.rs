@@ -5,11 +5,13 @@
 //! the only writes are two small scratch files (O_DIRECT and reflink probes) that are removed
 //! again, named so that nothing in the pool ever mistakes them for a volume.
 
+mod frozen;
 mod kernel;
 mod orphans;
 mod pool_fs;
 mod propagation;
 mod space;
+mod staged;
 mod tools;
 
 use std::path::{Path, PathBuf};
@@ -111,6 +113,8 @@ pub fn run(args: &DoctorArgs) -> Vec<Check> {
     ));
     checks.push(propagation::kubelet_dir(&args.kubelet_dir));
     checks.extend(orphans::check(&args.pool_dir));
+    checks.push(frozen::check(&args.pool_dir));
+    checks.push(staged::check(&args.pool_dir));
     checks
 }
 

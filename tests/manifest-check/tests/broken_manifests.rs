@@ -416,3 +416,20 @@ fn liveness_probe_and_selector_must_match_their_targets() {
         ],
     );
 }
+
+#[test]
+fn the_node_plugin_is_confined_to_the_kubelets_directory() {
+    let findings = findings_after(&[(
+        NODE,
+        "            - --kubelet-dir\n            - /var/lib/kubelet",
+        "            - --kubelet-dir\n            - /var/lib/kubelet-elsewhere",
+    )]);
+    assert_exactly(
+        &findings,
+        &[
+            "manifests/node.yaml DaemonSet/loopvol-node container loopvol: --kubelet-dir \
+             /var/lib/kubelet-elsewhere, but the kubelet's paths arrive under /var/lib/kubelet: \
+             every NodeStageVolume and NodePublishVolume would be refused",
+        ],
+    );
+}

@@ -102,8 +102,14 @@ pub fn direct_io(dir: &Path) -> Check {
             format!("an aligned 4 KiB O_DIRECT write works on {fs}"),
         ),
         Ok(n) => no_dio(format!("short write of {n} bytes")),
+        // A full filesystem refuses every write, direct or not: that says nothing about O_DIRECT.
+        Err(e) if is_full(&e) => cannot_probe(NAME, dir, e),
         Err(e) => no_dio(e.to_string()),
     }
+}
+
+fn is_full(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
 }
 
 /// FICLONE between two scratch files. No reflink is fine: snapshots then use sparse copies.
@@ -134,6 +140,16 @@ pub fn reflink(dir: &Path) -> Check {
 }
 
 fn cannot_probe(name: &str, dir: &Path, e: std::io::Error) -> Check {
+    if is_full(&e) {
+        return Check::fail(
+            name,
+            format!(
+                "cannot be tested: the pool filesystem under {} is full ({e})",
+                dir.display()
+            ),
+            "free space on that filesystem (see the free space check), then run doctor again",
+        );
+    }
     Check::fail(
         name,
         format!("cannot create a scratch file in {}: {e}", dir.display()),

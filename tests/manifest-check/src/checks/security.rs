@@ -98,6 +98,18 @@ fn node_plugin_mounts(pod: &PodRef) -> Vec<Finding> {
         *host == Some(KUBELET_DIR) && m.mount_path.trim_end_matches('/') == KUBELET_DIR
     });
     let mut out = Vec::new();
+    // The plugin stages and publishes only inside --kubelet-dir: it must be the directory the
+    // kubelet's paths arrive under, mounted at that same path.
+    let confined_to = super::workload::CommandLine::of(driver)
+        .value("kubelet-dir")
+        .map(|d| d.trim_end_matches('/').to_string())
+        .unwrap_or_else(|| KUBELET_DIR.to_string());
+    if confined_to != KUBELET_DIR {
+        out.push(format!(
+            "--kubelet-dir {confined_to}, but the kubelet's paths arrive under {KUBELET_DIR}: \
+             every NodeStageVolume and NodePublishVolume would be refused"
+        ));
+    }
     match kubelet {
         None => out.push(format!(
             "must mount hostPath {KUBELET_DIR} at {KUBELET_DIR}: the kubelet's staging and publish paths are under it"
