@@ -138,6 +138,9 @@ impl Node {
             .arg(format!("unix://{}", self.socket.display()))
             .arg("--pool-dir")
             .arg(&ns.pool)
+            // This container's kubelet directory, as the DaemonSet names /var/lib/kubelet.
+            .arg("--kubelet-dir")
+            .arg(&ns.kubelet)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -580,6 +583,8 @@ async fn a_node_plugin_container_restart_leaves_running_volumes_alone() {
     assert_eq!(
         std::fs::read_dir(node.host_pool.join("node"))
             .unwrap()
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
             .count(),
         vols.len(),
         "every staging record is kept"

@@ -384,6 +384,48 @@ async fn clone_of_a_staged_xfs_volume() {
     t.d.assert_clean();
 }
 
+/// btrfs reports an anonymous device (0:N) as st_dev rather than its loop device, so the
+/// freeze's "is this the volume's own filesystem?" check must look at the mount: a snapshot of
+/// a staged btrfs volume is frozen and restores with its data.
+#[tokio::test(flavor = "multi_thread")]
+async fn snapshot_of_a_staged_btrfs_volume_is_frozen_and_restores() {
+    if !root_or_skip("btrfs snapshot") {
+        return;
+    }
+    let mut t = Ctx::new().await;
+    let src = t
+        .create(create_req("btrfs-src", 256 * MIB, rw_mount("btrfs")))
+        .await
+        .unwrap()
+        .volume_id;
+    let (staging, target) = t.up(&src, "src", "btrfs").await;
+    write_synced(&target.join("data"), &pattern(2 * MIB as usize, 9));
+    let sum = sha256_file(&target.join("data"));
+    let snap = t.snapshot("btrfs-snap", &src).await.unwrap();
+    assert!(
+        t.d.log().contains("filesystem frozen"),
+        "the staged btrfs source must be frozen for its snapshot:\n{}",
+        t.d.log()
+    );
+    // Thawed again: the source takes writes.
+    write_synced(&target.join("after"), b"still writable");
+    let restored = t
+        .create(from_snapshot(
+            "btrfs-restored",
+            0,
+            "btrfs",
+            &snap.snapshot_id,
+        ))
+        .await
+        .unwrap();
+    t.down(&src, &staging, &target).await;
+    let (rs, rt) = t.up(&restored.volume_id, "restored", "btrfs").await;
+    assert_eq!(sha256_file(&rt.join("data")), sum);
+    assert!(!rt.join("after").exists());
+    t.down(&restored.volume_id, &rs, &rt).await;
+    t.d.assert_clean();
+}
+
 /// A snapshot of a mostly empty 10 GiB thin volume costs what its data costs.
 #[tokio::test(flavor = "multi_thread")]
 async fn sparse_snapshot_of_a_big_thin_volume_costs_its_data() {

@@ -142,7 +142,7 @@ pub fn freeze(
         .dev();
     // What is opened must be the volume's own filesystem: freezing anything else (the root
     // filesystem, behind a path swapped since it was checked) would hang the node.
-    if !volume_devices(image).contains(&DevNum::from_user(dev)) {
+    if !is_volume_fs(&dir, image) {
         return Err(Error::FailedPrecondition(format!(
             "{} is not the filesystem of volume {volume_id}; not freezing it",
             mount_point.display()
@@ -319,26 +319,46 @@ fn read_marker(f: &mut File) -> Option<Marker> {
     serde_json::from_slice(&bytes).ok()
 }
 
-/// The device numbers a filesystem of the volume backed by `image` shows as `st_dev`: its loop
-/// devices', plus, for btrfs (whose `st_dev` is an anonymous 0:N device), the numbers of the
-/// mounts made from those loop devices. Only these may be frozen or thawed.
-fn volume_devices(image: &Path) -> Vec<DevNum> {
+/// Is the directory open as `dir` a filesystem of the volume backed by `image`? Either its
+/// `st_dev` is one of the volume's loop devices (ext4, xfs), or the mount it is on (statx
+/// `STATX_MNT_ID`) is one mountinfo shows made from such a device: btrfs reports an anonymous
+/// device per subvolume as `st_dev`, never its block device. Only these may be frozen or
+/// thawed.
+fn is_volume_fs(dir: &File, image: &Path) -> bool {
     let loops: Vec<DevNum> = provisioner::backing::loops_backed_by(image)
         .iter()
         .map(|l| l.dev)
         .collect();
-    let mut devs = loops.clone();
-    if let Ok(all) = crate::mount::mounts() {
-        devs.extend(
-            all.iter()
-                .filter(|m| m.major == 0 && loops.iter().any(|d| m.is_from(*d)))
-                .map(|m| DevNum {
-                    major: m.major,
-                    minor: m.minor,
-                }),
-        );
+    let Ok(meta) = dir.metadata() else {
+        return false;
+    };
+    if loops.contains(&DevNum::from_user(meta.dev())) {
+        return true;
     }
-    devs
+    let Some(mnt_id) = mount_id(dir) else {
+        return false;
+    };
+    crate::mount::mounts().is_ok_and(|all| {
+        all.iter()
+            .any(|m| u64::from(m.id) == mnt_id && loops.iter().any(|d| m.is_from(*d)))
+    })
+}
+
+/// The mount ID of the mount `f` is on (Linux 5.8+), as mountinfo's first field numbers it.
+fn mount_id(f: &File) -> Option<u64> {
+    // SAFETY: an empty path with AT_EMPTY_PATH stats the open descriptor itself; `buf` is a
+    // properly sized, writable statx buffer that the kernel fills and nothing retains.
+    let mut buf: libc::statx = unsafe { std::mem::zeroed() };
+    let rc = unsafe {
+        libc::statx(
+            f.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_MNT_ID,
+            &mut buf,
+        )
+    };
+    (rc == 0 && buf.stx_mask & libc::STATX_MNT_ID != 0).then_some(buf.stx_mnt_id)
 }
 
 /// What thawing through a marker did.
@@ -362,12 +382,7 @@ fn thaw_volume_at(mount: &Path, image: &Path) -> std::result::Result<Thaw, Strin
         }
         Err(e) => return Err(format!("open {}: {e}", mount.display())),
     };
-    let dev = DevNum::from_user(
-        dir.metadata()
-            .map_err(|e| format!("stat {}: {e}", mount.display()))?
-            .dev(),
-    );
-    if !volume_devices(image).contains(&dev) {
+    if !is_volume_fs(&dir, image) {
         return Ok(Thaw::NotOurs);
     }
     thaw_fd(&dir).map_err(|e| format!("thaw {}: {e}", mount.display()))
