@@ -181,14 +181,7 @@ async fn limits_are_enforced_changed_live_removed_and_survive_restarts() {
     let cap = rw_mount("ext4");
     let mut req = create_req("limited", 256 * MIB, cap.clone());
     req.parameters = HashMap::from([("writeIOPS".into(), "300".into())]);
-    let id = c
-        .create_volume(req)
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap()
-        .volume_id;
+    let id = create_volume_id(&mut c, req).await;
     assert_eq!(
         recorded_limits(&d, &id),
         serde_json::json!({"writeIOPS": 300})
@@ -328,14 +321,7 @@ async fn a_limited_volume_is_not_published_where_limits_cannot_be_enforced() {
     let cap = rw_mount("ext4");
     let mut req = create_req("unenforceable", 64 * MIB, cap.clone());
     req.mutable_parameters = HashMap::from([("readIOPS".into(), "100".into())]);
-    let id = c
-        .create_volume(req)
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap()
-        .volume_id;
+    let id = create_volume_id(&mut c, req).await;
     let staging = d.path("staging");
     let target = d.path("pods/p/mount");
     n.node_stage_volume(stage_req(&id, &staging, cap.clone()))
@@ -397,14 +383,7 @@ async fn every_bad_mutable_parameter_is_invalid_argument_and_changes_nothing() {
     }
     let d = Driver::start().await;
     let mut c = d.controller().await;
-    let id = c
-        .create_volume(create_req("prop", 16 * MIB, rw_mount("ext4")))
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap()
-        .volume_id;
+    let id = create_volume_id(&mut c, create_req("prop", 16 * MIB, rw_mount("ext4"))).await;
     let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
         cases: 128,
         ..ProptestConfig::default()

@@ -84,14 +84,7 @@ async fn metrics_and_health_follow_a_workload() {
     let mut c = d.controller().await;
     let mut n = d.node().await;
 
-    let id = c
-        .create_volume(create_req("metered", 64 * MIB, rw_mount("ext4")))
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap()
-        .volume_id;
+    let id = create_volume_id(&mut c, create_req("metered", 64 * MIB, rw_mount("ext4"))).await;
     let staging = d.path("staging");
     let target = d.path("target");
     n.node_stage_volume(stage_req(&id, &staging, rw_mount("ext4")))
@@ -213,14 +206,7 @@ async fn secrets_never_reach_the_json_log() {
 
     let mut req = create_req("secretive", 16 * MIB, rw_mount("ext4"));
     req.secrets = secrets.clone();
-    let id = c
-        .create_volume(req)
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap()
-        .volume_id;
+    let id = create_volume_id(&mut c, req).await;
     // A refused request logs its error: the secret must not ride along.
     let mut bad = create_req("secretive-bad", 16 * MIB, rw_mount("ext4"));
     bad.secrets = secrets.clone();
@@ -336,14 +322,7 @@ async fn missing_tools_are_failed_precondition_naming_the_package() {
 
     // ext4: a never-written volume is formatted without asking blkid; a second stage must
     // probe it, and that needs blkid.
-    let id = c
-        .create_volume(create_req("no-blkid", 64 * MIB, rw_mount("ext4")))
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap()
-        .volume_id;
+    let id = create_volume_id(&mut c, create_req("no-blkid", 64 * MIB, rw_mount("ext4"))).await;
     let staging = d.path("staging-ext4");
     n.node_stage_volume(stage_req(&id, &staging, rw_mount("ext4")))
         .await
@@ -366,14 +345,7 @@ async fn missing_tools_are_failed_precondition_naming_the_package() {
 
     // xfs: staged fine, but growing it needs xfs_growfs.
     let cap = rw_mount("xfs");
-    let id = c
-        .create_volume(create_req("no-growfs", 300 * MIB, cap.clone()))
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap()
-        .volume_id;
+    let id = create_volume_id(&mut c, create_req("no-growfs", 300 * MIB, cap.clone())).await;
     let staging = d.path("staging-xfs");
     n.node_stage_volume(stage_req(&id, &staging, cap.clone()))
         .await
@@ -426,14 +398,7 @@ async fn doctor_checks_a_served_pool_and_names_each_fix() {
     let d = Driver::start().await;
     let mut c = d.controller().await;
     let mut n = d.node().await;
-    let id = c
-        .create_volume(create_req("doc", 16 * MIB, rw_mount("ext4")))
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap()
-        .volume_id;
+    let id = create_volume_id(&mut c, create_req("doc", 16 * MIB, rw_mount("ext4"))).await;
     n.node_stage_volume(stage_req(&id, &d.path("staging"), rw_mount("ext4")))
         .await
         .unwrap();

@@ -392,6 +392,20 @@ pub fn create_req(name: &str, bytes: i64, cap: VolumeCapability) -> CreateVolume
 
 pub const MIB: i64 = 1 << 20;
 
+/// CreateVolume that must succeed; the new volume's ID.
+pub async fn create_volume_id(
+    c: &mut ControllerClient<Channel>,
+    req: CreateVolumeRequest,
+) -> String {
+    c.create_volume(req)
+        .await
+        .expect("CreateVolume")
+        .into_inner()
+        .volume
+        .expect("CreateVolume returned a volume")
+        .volume_id
+}
+
 fn path_string(p: &Path) -> String {
     p.to_string_lossy().into_owned()
 }
