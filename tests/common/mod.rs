@@ -216,12 +216,27 @@ impl Driver {
         let _ = child.wait();
     }
 
+    /// A channel to the driver. A connection attempt that lands while a just-started driver
+    /// is still settling its socket (seen once in CI as ECONNRESET from connect(2) right after
+    /// a kill -9 and restart) is retried for up to 5 s; a driver that stays unreachable fails
+    /// the test with its log.
     async fn channel(&self) -> Channel {
-        tonic::transport::Endpoint::from_shared(format!("unix://{}", self.socket.display()))
-            .unwrap()
-            .connect()
-            .await
-            .expect("connect to loopvol")
+        let endpoint =
+            tonic::transport::Endpoint::from_shared(format!("unix://{}", self.socket.display()))
+                .unwrap();
+        let mut last = None;
+        for _ in 0..50 {
+            match endpoint.connect().await {
+                Ok(c) => return c,
+                Err(e) => last = Some(e),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!(
+            "connect to loopvol: {:?}; driver log:\n{}",
+            last.unwrap(),
+            self.log()
+        );
     }
 
     pub async fn identity(&self) -> IdentityClient<Channel> {
