@@ -69,8 +69,23 @@ pub fn paginate(
     Ok(blocks.chunks(per).map(<[_]>::to_vec).collect())
 }
 
-fn stream<T: Send + 'static>(messages: Vec<T>) -> MetadataStream<T> {
-    Box::pin(futures::stream::iter(messages.into_iter().map(Ok)))
+/// The stream both RPCs answer with: `ranges` paginated from `starting_offset`, each page
+/// made into a response by `message(volume_capacity_bytes, block_metadata)`.
+fn respond<T: Send + 'static>(
+    capacity: u64,
+    ranges: &[Range],
+    starting_offset: i64,
+    max_results: i32,
+    message: impl Fn(i64, Vec<BlockMetadata>) -> T,
+) -> std::result::Result<Response<MetadataStream<T>>, Status> {
+    let pages = paginate(capacity, ranges, starting_offset, max_results)?;
+    let messages: Vec<T> = pages
+        .into_iter()
+        .map(|page| message(capacity as i64, page))
+        .collect();
+    Ok(Response::new(Box::pin(futures::stream::iter(
+        messages.into_iter().map(Ok),
+    ))))
 }
 
 #[tonic::async_trait]
@@ -89,23 +104,17 @@ impl SnapshotMetadata for SnapshotMetadataService {
             .driver
             .blocking(move |d| Ok(d.pool.snapshot_allocated(&id)?))
             .await?;
-        let pages = paginate(
+        respond(
             map.capacity,
             &map.ranges,
             req.starting_offset,
             req.max_results,
-        )?;
-        let capacity = map.capacity as i64;
-        Ok(Response::new(stream(
-            pages
-                .into_iter()
-                .map(|block_metadata| GetMetadataAllocatedResponse {
-                    block_metadata_type: BlockMetadataType::VariableLength as i32,
-                    volume_capacity_bytes: capacity,
-                    block_metadata,
-                })
-                .collect(),
-        )))
+            |volume_capacity_bytes, block_metadata| GetMetadataAllocatedResponse {
+                block_metadata_type: BlockMetadataType::VariableLength as i32,
+                volume_capacity_bytes,
+                block_metadata,
+            },
+        )
     }
 
     #[tracing::instrument(skip_all, name = "GetMetadataDelta", fields(
@@ -131,23 +140,17 @@ impl SnapshotMetadata for SnapshotMetadataService {
             ms = started.elapsed().as_millis() as u64,
             "delta computed"
         );
-        let pages = paginate(
+        respond(
             map.capacity,
             &map.ranges,
             req.starting_offset,
             req.max_results,
-        )?;
-        let capacity = map.capacity as i64;
-        Ok(Response::new(stream(
-            pages
-                .into_iter()
-                .map(|block_metadata| GetMetadataDeltaResponse {
-                    block_metadata_type: BlockMetadataType::VariableLength as i32,
-                    volume_capacity_bytes: capacity,
-                    block_metadata,
-                })
-                .collect(),
-        )))
+            |volume_capacity_bytes, block_metadata| GetMetadataDeltaResponse {
+                block_metadata_type: BlockMetadataType::VariableLength as i32,
+                volume_capacity_bytes,
+                block_metadata,
+            },
+        )
     }
 }
 
