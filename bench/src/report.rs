@@ -649,9 +649,11 @@ fn scale_section(md: &mut String, s: &Scale) {
     );
     let _ = writeln!(
         md,
-        "- The kernel added {} loop device nodes for the run; {} were removed again after \
-         (idle nodes outlive their detach and slow every later sysfs scan).",
-        s.loop_nodes_added, s.loop_nodes_removed
+        "- The kernel added {} loop device nodes for the run (counted with all published); {} \
+         were left after teardown and delete (loopvol removes the idle nodes it detaches: \
+         they would otherwise outlive their detach and slow every later sysfs scan); the \
+         harness removed {}.",
+        s.loop_nodes_added, s.loop_nodes_left, s.loop_nodes_removed
     );
     if !s.start_with_volumes.is_empty() {
         let m = median_start(&s.start_with_volumes);

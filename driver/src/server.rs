@@ -269,6 +269,7 @@ where
         ops: Semaphore::new(args.max_concurrent_ops),
     });
     if matches!(args.mode, Mode::Node | Mode::All) {
+        crate::loop_device::adopt_node_cleanup(&driver.pool.node_state_dir());
         let d = driver.clone();
         let report = tokio::task::spawn_blocking(move || crate::node_ops::recover(&d)).await?;
         for line in report {
@@ -334,6 +335,13 @@ where
     let result = serve_socket(&args.endpoint, routes.routes(), stopped()).await;
     if let Some(h) = pool_server {
         h.await?.context("pool API server")?;
+    }
+    if matches!(args.mode, Mode::Node | Mode::All) {
+        let state_dir = driver.pool.node_state_dir();
+        tokio::task::spawn_blocking(move || {
+            crate::loop_device::finish_node_cleanup(&state_dir, std::time::Duration::from_secs(2))
+        })
+        .await?;
     }
     result
 }
