@@ -103,7 +103,12 @@ impl GroupController for GroupRouter {
             return Err(Status::invalid_argument("group_snapshot_id is required"));
         }
         match VolumeId::parse(Kind::Group, &r.group_snapshot_id) {
-            Some(g) => self.node(&g.node).await?.delete_volume_group_snapshot(r).await,
+            Some(g) => {
+                self.node(&g.node)
+                    .await?
+                    .delete_volume_group_snapshot(r)
+                    .await
+            }
             // Not an ID loopvol issued: nothing to delete, which is success for a delete.
             None => Ok(Response::new(DeleteVolumeGroupSnapshotResponse {})),
         }
@@ -141,7 +146,10 @@ mod tests {
         let e = owner_of(&[a.clone(), c]).unwrap_err();
         assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
         assert!(e.message().contains("one node"), "{e}");
-        assert_eq!(owner_of(&[]).unwrap_err().code(), tonic::Code::InvalidArgument);
+        assert_eq!(
+            owner_of(&[]).unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
         assert_eq!(
             owner_of(&[a, "nonsense".into()]).unwrap_err().code(),
             tonic::Code::NotFound
