@@ -404,9 +404,12 @@ impl Pool {
         self.remove_chunk_digests(hex);
     }
 
-    /// Delete a group and all its members; `Ok(false)` when it did not exist. `snapshot_ids`
-    /// must name exactly the group's members (in any order), as the spec asks of an SP that
-    /// can detect a mismatch: INVALID_ARGUMENT otherwise, and nothing is deleted.
+    /// Delete a group and all its members; `Ok(false)` when it did not exist. A non-empty
+    /// `snapshot_ids` must name exactly the group's members (in any order), as the spec asks of
+    /// an SP that can detect a mismatch: INVALID_ARGUMENT otherwise, and nothing is deleted. An
+    /// empty list is no list: csi-snapshotter sends none for a VolumeGroupSnapshotContent whose
+    /// status was never written (a create whose answer was lost), and refusing it would leave
+    /// that content undeletable while the ID alone names the group here.
     pub fn delete_group_snapshot(
         &self,
         id: &str,
@@ -420,7 +423,9 @@ impl Pool {
         let Some(group) = self.read_group(&gid.hex)? else {
             return Ok(false);
         };
-        check_members(&group, snapshot_ids)?;
+        if !snapshot_ids.is_empty() {
+            check_members(&group, snapshot_ids)?;
+        }
         // The group record goes first: from then on recovery treats the members as orphans.
         atomic::remove_file(&self.group_record_path(&gid.hex))
             .ctx(|| format!("remove record of {id}"))?;
