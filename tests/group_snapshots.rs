@@ -767,3 +767,47 @@ async fn group_members_on_an_xfs_pool_are_reflinks_and_cost_next_to_nothing() {
     drop(t);
     drop(xfs);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_staged_member_that_cannot_be_frozen_fails_the_group_and_changes_nothing() {
+    if !root_or_skip("group_unfreezable") {
+        return;
+    }
+    let mut t = Ctx::connect(Driver::start().await).await;
+    let a = t.volume("ua", 16 * MIB).await;
+    let (sa, ta) = t.up(&a, "a").await;
+    // A raw block volume, staged: a writer could change it between two members' copies, and
+    // there is no filesystem to freeze.
+    let blk = block_cap(loopvol::csi::volume_capability::access_mode::Mode::SingleNodeWriter);
+    let b = create_volume_id(&mut t.c, create_req("ub", 16 * MIB, blk.clone())).await;
+    let sb = t.d.path("b-staging");
+    std::fs::create_dir_all(&sb).unwrap();
+    t.n.node_stage_volume(stage_req(&b, &sb, blk.clone()))
+        .await
+        .expect("stage the block volume");
+    let e = t.group("mixed", &[&a, &b]).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+    assert!(e.message().contains("cannot be frozen"), "{e}");
+    assert!(t.snapshots().await.is_empty());
+    assert_no_group_leftovers(&t.d.pool, "after the refusal");
+    assert_writable(&ta, "the mounted member, after the refusal");
+    // On its own, the block volume is a group of one (like a single snapshot).
+    let solo = t
+        .group("solo", &[&b])
+        .await
+        .expect("a group of one block volume");
+    t.delete_group(&solo).await;
+    // Unstaged, it has no writer, and the group is taken.
+    t.n.node_unstage_volume(unstage_req(&b, &sb))
+        .await
+        .expect("unstage");
+    let g = t
+        .group("mixed", &[&a, &b])
+        .await
+        .expect("group once unstaged");
+    assert_eq!(g.snapshots.len(), 2);
+    t.delete_group(&g).await;
+    t.down(&a, &sa, &ta).await;
+    assert_no_group_leftovers(&t.d.pool, "at the end");
+    t.d.assert_clean();
+}

@@ -114,7 +114,7 @@ pub fn to_snapshot(s: &SnapshotRecord) -> Snapshot {
 }
 
 /// The pool's quiesce hook: freeze a live source volume's filesystem while it is copied.
-pub fn quiesce(d: &Driver, r: &VolumeRecord) -> Result<Box<dyn Quiesced>, PoolError> {
+fn quiesce(d: &Driver, r: &VolumeRecord) -> Result<Box<dyn Quiesced>, PoolError> {
     match node_ops::quiesce(d, r).map_err(crate::error::to_pool_error)? {
         Some(frozen) => Ok(Box::new(frozen)),
         None => Ok(Box::new(())),

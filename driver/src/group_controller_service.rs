@@ -3,11 +3,14 @@
 //!
 //! Consistency: every member that is staged and mounted here has its filesystem frozen (the
 //! same freeze as single snapshots, with its markers and guardian, freeze.rs), all in volume-ID
-//! order; only when all are frozen are they copied, and only then thawed. A member that is not
-//! mounted here (unstaged, or raw block) has no writer to hold still through a filesystem and
-//! is copied as it is, which for an unstaged volume is exactly its last state. What this gives
-//! is crash consistency at one instant across the group, not application consistency: an
-//! application that needs its own flush or pause must do it itself before the snapshot.
+//! order; only when all are frozen are they copied, and only then thawed. An unstaged member has
+//! no writer and is copied as it is: exactly its last state. A member that is staged but cannot
+//! be frozen here (raw block access, or mounted in a mount namespace this process cannot see)
+//! could be written between two members' copies, so a group of several volumes that includes
+//! one is refused with FAILED_PRECONDITION: the spec requires a group snapshot to "give a
+//! write-order consistency guarantee or fail if that's not possible". What this gives is crash
+//! consistency at one instant across the group, not application consistency: an application
+//! that needs its own flush or pause must do it itself before the snapshot.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,7 +19,11 @@ use provisioner::group_snapshot::{check_members, GroupRecord, GroupTestHooks};
 use provisioner::record::SnapshotRecord;
 use tonic::{Request, Response, Status};
 
-use crate::controller_service::{check_snapshot_parameters, quiesce, to_snapshot};
+use provisioner::ids::Kind;
+use provisioner::pool::Quiesced;
+use provisioner::{PoolError, VolumeId};
+
+use crate::controller_service::{check_snapshot_parameters, to_snapshot};
 use crate::csi::group_controller_server::GroupController;
 use crate::csi::group_controller_service_capability::{rpc::Type as GroupCap, Rpc, Type};
 use crate::csi::*;
@@ -58,6 +65,37 @@ fn test_hooks() -> GroupTestHooks {
     }
 }
 
+/// The quiesce hook for one member of a group of `members` volumes: freeze it when it is
+/// mounted here; refuse, when the group has several members, one that is staged but cannot be
+/// frozen (see the module comment).
+fn quiesce_member(
+    d: &Driver,
+    r: &provisioner::VolumeRecord,
+    members: usize,
+) -> Result<Box<dyn Quiesced>, PoolError> {
+    if let Some(frozen) = crate::node_ops::quiesce(d, r).map_err(crate::error::to_pool_error)? {
+        return Ok(Box::new(frozen));
+    }
+    if members < 2 {
+        return Ok(Box::new(()));
+    }
+    let Some(hex) = VolumeId::parse(Kind::Volume, &r.id).map(|v| v.hex) else {
+        return Ok(Box::new(()));
+    };
+    let staged = crate::node_state::load(&d.pool.node_state_dir(), &hex)
+        .map_err(crate::error::to_pool_error)?
+        .is_some();
+    if staged {
+        return Err(PoolError::FailedPrecondition(format!(
+            "volume {} is staged but its filesystem cannot be frozen here (raw block access, or \
+             mounted where this process cannot see it), so it cannot be snapshotted at one \
+             instant with the other members; snapshot it on its own, or unstage it first",
+            r.id
+        )));
+    }
+    Ok(Box::new(()))
+}
+
 pub fn to_group(g: &GroupRecord, members: &[SnapshotRecord]) -> VolumeGroupSnapshot {
     let snapshots: Vec<Snapshot> = members.iter().map(to_snapshot).collect();
     VolumeGroupSnapshot {
@@ -93,13 +131,14 @@ impl GroupController for GroupControllerService {
         }
         check_snapshot_parameters(&req.parameters)?;
         let hooks = test_hooks();
+        let count = req.source_volume_ids.len();
         let (group, members) = self
             .driver
             .blocking(move |d| {
                 Ok(d.pool.create_group_snapshot(
                     &req.name,
                     &req.source_volume_ids,
-                    &|r| quiesce(d, r),
+                    &|r| quiesce_member(d, r, count),
                     &hooks,
                 )?)
             })
