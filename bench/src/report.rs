@@ -121,6 +121,7 @@ pub fn render(r: &Results) -> String {
         footprint_section(&mut md, f, r.scale.as_ref());
     }
     md.push_str(CBT);
+    md.push_str(GROUP);
     md.push_str(HOW_TO);
     md
 }
@@ -592,6 +593,13 @@ const CBT: &str = "## Changed-block tracking\n\nMeasured by `bench/src/bin/cbt.r
     harness: see [benchmarks-cbt.md](benchmarks-cbt.md) for what a backup of a 10 GiB volume \
     with 1 % changed reads with GetMetadataDelta against a full copy, and how long the delta \
     takes, on an ext4 pool (chunk digests) and an xfs reflink pool (extent maps).\n\n";
+
+/// Group snapshots need pool filesystems of their own (ext4 and xfs), like changed-block
+/// tracking, so `bench/src/bin/group.rs` measures them and its figures live in their own file.
+const GROUP: &str = "## Group snapshots\n\nMeasured by `bench/src/bin/group.rs`, not by this \
+    harness: see [benchmarks-group.md](benchmarks-group.md) for CreateVolumeGroupSnapshot of 2 \
+    and 8 staged volumes on an ext4 pool (sparse copy) and an xfs pool (reflink), the freeze \
+    window from the first freeze to the last thaw, and a single snapshot for comparison.\n\n";
 
 fn scale_section(md: &mut String, s: &Scale) {
     md.push_str("## Scale\n\n");

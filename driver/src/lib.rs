@@ -12,6 +12,8 @@ pub mod discovery;
 pub mod error;
 pub mod format;
 pub mod freeze;
+pub mod group_controller_service;
+pub mod group_router;
 pub mod health;
 pub mod identity_service;
 pub mod io_throttle;

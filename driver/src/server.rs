@@ -16,10 +16,12 @@ use crate::advertise::Advertised;
 use crate::cli::{Mode, ServeArgs};
 use crate::controller_service::ControllerService;
 use crate::csi::controller_server::ControllerServer;
+use crate::csi::group_controller_server::GroupControllerServer;
 use crate::csi::identity_server::IdentityServer;
 use crate::csi::node_server::NodeServer;
 use crate::csi::snapshot_metadata_server::SnapshotMetadataServer;
 use crate::error::{Error, Result};
+use crate::group_controller_service::GroupControllerService;
 use crate::identity_service::IdentityService;
 use crate::node_service::NodeService;
 use crate::snapshot_metadata_service::SnapshotMetadataService;
@@ -190,6 +192,9 @@ where
             dir.clone(),
             Advertised::new(&args.advertise_capabilities),
         )))
+        .add_service(GroupControllerServer::new(
+            crate::group_router::GroupRouter::new(dir.clone()),
+        ))
         .add_service(SnapshotMetadataServer::new(
             crate::snapshot_metadata_router::SnapshotMetadataRouter::new(dir),
         ));
@@ -297,6 +302,9 @@ where
                 .add_service(ControllerServer::new(ControllerService::new(
                     driver.clone(),
                 )))
+                .add_service(GroupControllerServer::new(GroupControllerService::new(
+                    driver.clone(),
+                )))
                 .add_service(SnapshotMetadataServer::new(SnapshotMetadataService::new(
                     driver.clone(),
                 )))
@@ -312,6 +320,9 @@ where
     routes.add_service(identity(matches!(args.mode, Mode::Controller | Mode::All)));
     if matches!(args.mode, Mode::Controller | Mode::All) {
         routes.add_service(ControllerServer::new(ControllerService::new(
+            driver.clone(),
+        )));
+        routes.add_service(GroupControllerServer::new(GroupControllerService::new(
             driver.clone(),
         )));
         // The external-snapshot-metadata sidecar shares the controller's socket.

@@ -10,6 +10,7 @@ pub mod chunk_digest;
 pub mod copy;
 pub mod error;
 pub mod extents;
+pub mod group_snapshot;
 pub mod ids;
 pub mod io_limits;
 pub mod keyed_lock;

@@ -147,6 +147,9 @@ impl Pool {
             writer: opts.writer,
             _locks: locks,
         };
+        if pool.writer {
+            crate::group_snapshot::recover(&pool, &mut repairs)?;
+        }
         Ok((pool, repairs))
     }
 
