@@ -39,16 +39,9 @@ pub enum Command {
     /// Internal: the process that guards one filesystem freeze (started by the driver).
     #[command(hide = true)]
     FreezeGuard(crate::freeze::GuardArgs),
-    /// Generate the CA, node and router certificates for the pool API's mTLS, plus a
-    /// Kubernetes Secret (secret.yaml) holding them.
-    Certs {
-        /// Directory to write ca.crt, server.crt/key, client.crt/key and secret.yaml into.
-        #[arg(long)]
-        out: PathBuf,
-        /// Namespace of the Secret.
-        #[arg(long, default_value = "loopvol-system")]
-        namespace: String,
-    },
+    /// The pool API's mTLS certificates: bootstrap them in the cluster (CA kept in a Secret),
+    /// rotate the CA, or write a set into a directory with --out.
+    Certs(crate::cert_bootstrap::CertsArgs),
 }
 
 /// Where a router finds the node plugins.

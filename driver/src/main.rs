@@ -31,16 +31,9 @@ fn main() -> anyhow::Result<()> {
             init_logging(LogFormat::Text, "info");
             std::process::exit(loopvol::freeze::guard_main(&a))
         }
-        Command::Certs { out, namespace } => {
-            loopvol::certs::write(&out, &namespace)?;
-            println!(
-                "wrote ca.crt, server.crt, server.key, client.crt, client.key and secret.yaml to {}, \
-                 and the snapshot-metadata sidecar's tls.crt, tls.key and \
-                 snapshotmetadataservice.yaml to {}",
-                out.display(),
-                out.join("snapshot-metadata").display()
-            );
-            Ok(())
+        Command::Certs(a) => {
+            init_logging(LogFormat::Text, "info");
+            loopvol::cert_bootstrap::main(a)
         }
         Command::Volume(cmd) => {
             init_logging(LogFormat::Text, "warn");
