@@ -16,7 +16,7 @@ use rcgen::{
 /// The DNS name every node's pool certificate carries and the router verifies.
 pub const NODE_SERVER_NAME: &str = "loopvol-node";
 
-/// The Service in front of the external-snapshot-metadata sidecar (manifests/snapshot-metadata/).
+/// The Service in front of the external-snapshot-metadata sidecar (overlays/snapshot-metadata/).
 pub const SNAPSHOT_METADATA_SERVICE: &str = "loopvol-snapshot-metadata";
 
 pub struct Bundle {
@@ -121,7 +121,7 @@ pub fn snapshot_metadata_service_yaml(b: &Bundle, driver: &str, namespace: &str)
 
 /// Write the bundle into `dir`; keys are 0600. The sidecar's certificate, key and the
 /// SnapshotMetadataService object go to `dir/snapshot-metadata/`, ready to be copied into
-/// `manifests/snapshot-metadata/certs/`.
+/// `overlays/snapshot-metadata/certs/`.
 pub fn write(dir: &Path, namespace: &str) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::create_dir_all(dir.join("snapshot-metadata"))
