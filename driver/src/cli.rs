@@ -126,6 +126,10 @@ pub struct PoolArgs {
     /// How far thin volumes may overcommit the pool's free space (1.0 = never).
     #[arg(long, default_value_t = 1.0, value_parser = parse_overcommit_ratio)]
     pub overcommit_ratio: f64,
+    /// The most the pool's volumes may be provisioned in total (a quantity, e.g. 500Gi), so a
+    /// pool on a shared disk cannot promise all of it; unlimited when not given.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, env = "LOOPVOL_MAX_POOL_BYTES")]
+    pub max_pool_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, Args)]

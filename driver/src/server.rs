@@ -214,9 +214,10 @@ where
         writer: matches!(args.mode, Mode::Controller | Mode::All) || pool_api.is_some(),
         node: matches!(args.mode, Mode::Node | Mode::All),
     };
-    let (pool, repairs) = tokio::task::spawn_blocking(move || Pool::open(pool_opts))
+    let (mut pool, repairs) = tokio::task::spawn_blocking(move || Pool::open(pool_opts))
         .await?
         .with_context(|| format!("open pool {}", args.pool.pool_dir.display()))?;
+    pool.set_max_bytes(args.pool.max_pool_bytes);
     for r in &repairs {
         tracing::warn!(repair = %r, "pool repaired at start-up");
     }
