@@ -17,7 +17,20 @@ fn init_logging(format: LogFormat, level: &str) {
     }
 }
 
-fn main() -> anyhow::Result<()> {
+/// Errors end the CLI with one clean line and exit status 1, never a backtrace: anyhow's
+/// `Debug` form (what returning `Result` from `main` prints) adds one whenever
+/// `RUST_BACKTRACE` is set, which is noise to an operator.
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => {
@@ -39,7 +52,9 @@ fn main() -> anyhow::Result<()> {
             init_logging(LogFormat::Text, "warn");
             match cmd {
                 VolumeCommand::Create(a) => static_volume::create(&a),
-                VolumeCommand::List { pool } => static_volume::list(&pool),
+                VolumeCommand::List { pool, output } => {
+                    loopvol::admin::output::volume_list(&pool, output)
+                }
                 VolumeCommand::Delete { pool, id } => static_volume::delete(&pool, &id),
                 VolumeCommand::Inspect { pool, id, output } => {
                     loopvol::admin::volume::inspect(&pool.pool_dir, &id, output)

@@ -116,6 +116,15 @@ pub async fn serve(
     if (multi.is_router() || multi.pool_listen.is_some()) && multi.tls().is_none() {
         bail!("the pool API is mTLS only: give --tls-cert, --tls-key and --tls-ca");
     }
+    // Before the pool is opened (and its directory created): a second `serve` on a busy socket
+    // must change nothing. `bind` checks again, for a server that starts in between.
+    let socket = socket_path(&args.endpoint)?;
+    if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+        bail!(
+            "{} is in use by a running server; stop it first, or give another --endpoint",
+            socket.display()
+        );
+    }
     // One shutdown signal fans out to every listener.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
@@ -143,6 +152,12 @@ async fn serve_socket(
 ) -> anyhow::Result<()> {
     let path = socket_path(endpoint)?;
     let listener = bind(&path)?;
+    tracing::info!(
+        socket = %path.display(),
+        "ready; next: `loopvol csi --endpoint unix://{0} info`, `loopvol csi --endpoint \
+         unix://{0} create-volume --name demo --size 1Gi`, `loopvol status` (docs/operations.md)",
+        path.display()
+    );
     tracing::info!(socket = %path.display(), "listening");
     let result = tonic::transport::Server::builder()
         .layer(crate::metrics::rpc_layer::RpcMetricsLayer)
