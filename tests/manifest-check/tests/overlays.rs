@@ -123,7 +123,8 @@ fn a_patch_that_no_longer_fits_fails_the_render() {
         "apiVersion: kustomize.config.k8s.io/v1alpha1\nkind: Component\npatches:\n- target: {kind: DaemonSet, name: loopvol-node}\n  patch: |-\n    - op: test\n      path: /spec/template/spec/volumes/0/name\n      value: not-this\n",
     )
     .unwrap();
-    let e = render::render_with(&repo_root().join("manifests"), &[comp.clone()]).unwrap_err();
+    let e = render::render_with(&repo_root().join("manifests"), std::slice::from_ref(&comp))
+        .unwrap_err();
     std::fs::remove_dir_all(&tmp).unwrap();
     assert!(e.contains("patch on DaemonSet/loopvol-node fails"), "{e}");
 }
