@@ -95,12 +95,21 @@ fn random_serial(p: &mut CertificateParams) -> anyhow::Result<()> {
 pub fn new_ca(now: OffsetDateTime, days: i64) -> anyhow::Result<(String, String)> {
     let mut p = CertificateParams::new(Vec::<String>::new())?;
     p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    // The date in the name tells two generations apart in `openssl x509 -subject`.
-    p.distinguished_name
-        .push(DnType::CommonName, format!("loopvol CA {}", now.date()));
     p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     validity(&mut p, now, days);
     random_serial(&mut p)?;
+    // Two generations trusted side by side during a rotation must not share a subject: the
+    // date says which is which to a person, the serial's start makes them distinct.
+    let serial = p
+        .serial_number
+        .as_ref()
+        .map(|s| s.to_bytes())
+        .unwrap_or_default();
+    let tag: String = serial.iter().take(4).map(|b| format!("{b:02x}")).collect();
+    p.distinguished_name.push(
+        DnType::CommonName,
+        format!("loopvol CA {} {tag}", now.date()),
+    );
     let key = KeyPair::generate()?;
     let cert = p.self_signed(&key)?;
     Ok((cert.pem(), key.serialize_pem()))
