@@ -64,6 +64,8 @@ async fn node_plugin_restarts_under_fio_lose_no_io() {
             "--verify=crc32c",
             "--do_verify=1",
             "--verify_fatal=1",
+            // No verify-state file in the working directory.
+            "--verify_state_save=0",
             "--output-format=json",
         ])
         .arg(format!("--filename={}", data.display()))
