@@ -39,16 +39,9 @@ pub enum Command {
     /// Internal: the process that guards one filesystem freeze (started by the driver).
     #[command(hide = true)]
     FreezeGuard(crate::freeze::GuardArgs),
-    /// Generate the CA, node and router certificates for the pool API's mTLS, plus a
-    /// Kubernetes Secret (secret.yaml) holding them.
-    Certs {
-        /// Directory to write ca.crt, server.crt/key, client.crt/key and secret.yaml into.
-        #[arg(long)]
-        out: PathBuf,
-        /// Namespace of the Secret.
-        #[arg(long, default_value = "loopvol-system")]
-        namespace: String,
-    },
+    /// The pool API's mTLS certificates: bootstrap them in the cluster (CA kept in a Secret),
+    /// rotate the CA, or write a set into a directory with --out.
+    Certs(crate::cert_bootstrap::CertsArgs),
 }
 
 /// Where a router finds the node plugins.
@@ -66,6 +59,7 @@ pub struct MultiNodeArgs {
     /// PEM certificate: the node's server certificate, or the router's client certificate.
     #[arg(long, requires_all = ["tls_key", "tls_ca"])]
     pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
     #[arg(long, requires_all = ["tls_cert", "tls_ca"])]
     pub tls_key: Option<PathBuf>,
     /// The CA that signs every peer's certificate; peers without one are refused.
@@ -133,10 +127,15 @@ pub struct PoolArgs {
     /// How far thin volumes may overcommit the pool's free space (1.0 = never).
     #[arg(long, default_value_t = 1.0, value_parser = parse_overcommit_ratio)]
     pub overcommit_ratio: f64,
+    /// The most the pool's volumes may be provisioned in total (a quantity, e.g. 500Gi), so a
+    /// pool on a shared disk cannot promise all of it; unlimited when not given.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, env = "LOOPVOL_MAX_POOL_BYTES")]
+    pub max_pool_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
+    /// Which CSI services to serve.
     #[arg(long, value_enum, default_value_t = Mode::All)]
     pub mode: Mode,
     /// Where to listen: unix:///path/to.sock (a plain absolute path works too).
@@ -158,6 +157,7 @@ pub struct ServeArgs {
     /// burst of 100 provisioner workers cannot overload the node.
     #[arg(long, default_value_t = 16)]
     pub max_concurrent_ops: usize,
+    /// Log lines as text for people or as one JSON object each, for log pipelines.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
     /// tracing filter, e.g. `info` or `loopvol=debug`.
@@ -201,23 +201,29 @@ pub enum VolumeCommand {
     /// Create a volume in the pool and print a PersistentVolume + PersistentVolumeClaim that
     /// bind to it 1:1 (a static PV).
     Create(VolumeCreateArgs),
-    /// List the pool's volumes.
+    /// List the pool's volumes. Works while the driver serves.
     List {
         #[command(flatten)]
         pool: PoolArgs,
+        /// Output format.
+        #[arg(long, short = 'o', value_enum, default_value_t)]
+        output: crate::admin::output::ListOutput,
     },
-    /// Delete a volume by ID.
+    /// Delete a volume by ID (the driver must be stopped).
     Delete {
         #[command(flatten)]
         pool: PoolArgs,
+        /// The volume ID, `vol-<20 hex>@<node>`.
         id: String,
     },
     /// Show one volume: record, image, staging, loop device. Works while the driver serves.
     Inspect {
         #[command(flatten)]
         pool: PoolArgs,
+        /// The volume ID, `vol-<20 hex>@<node>`.
         id: String,
-        #[arg(long, value_enum, default_value_t)]
+        /// Output format.
+        #[arg(long, short = 'o', value_enum, default_value_t)]
         output: crate::admin::Output,
     },
 }
@@ -229,13 +235,16 @@ pub struct VolumeCreateArgs {
     /// Name of the volume (and of the printed PV; the PVC gets `<name>-claim`).
     #[arg(long)]
     pub name: String,
-    /// Size, e.g. 10Gi, 512Mi or a number of bytes.
+    /// Size as a Kubernetes quantity: 10Gi, 1.5Gi, 512Mi, 10G or a number of bytes.
     #[arg(long, value_parser = parse_size)]
     pub size: u64,
+    /// Filesystem to format the volume with on first stage: ext4, xfs or btrfs.
     #[arg(long, default_value = "ext4")]
     pub fs_type: String,
+    /// thin (sparse, blocks allocated on write) or thick (allocated now).
     #[arg(long, default_value = "thin")]
     pub allocation: String,
+    /// The CSI driver name the printed PersistentVolume names.
     #[arg(long, default_value = "loopvol.csi.dev")]
     pub driver_name: String,
     /// Namespace of the printed PVC.
@@ -243,29 +252,23 @@ pub struct VolumeCreateArgs {
     pub namespace: String,
 }
 
-/// Parse `10Gi`, `512Mi`, `1G`, `4096`. Binary (Ki/Mi/Gi/Ti) and decimal (K/M/G/T) suffixes,
-/// as Kubernetes quantities write them.
+/// A size as Kubernetes writes a quantity (`10Gi`, `1.5Gi`, `500M`, `1e9`, `4096`), parsed
+/// exactly by the same code that reads StorageClass parameters; not zero. `10GB` is not a
+/// Kubernetes quantity and is refused with the two spellings that are.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size like 10Gi"))?;
-    let mult: u64 = match unit {
-        "" => 1,
-        "Ki" => 1 << 10,
-        "Mi" => 1 << 20,
-        "Gi" => 1 << 30,
-        "Ti" => 1 << 40,
-        "K" | "k" => 1_000,
-        "M" => 1_000_000,
-        "G" => 1_000_000_000,
-        "T" => 1_000_000_000_000,
-        _ => return Err(format!("unknown size unit {unit:?} in {s:?}")),
-    };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("{s:?} is too large"))
+    if let Some(stem) = s
+        .strip_suffix('B')
+        .filter(|t| t.ends_with(char::is_alphabetic))
+    {
+        return Err(format!(
+            "{s:?} is not a Kubernetes quantity: write {stem} (powers of 1000) or {stem}i (powers of 1024)"
+        ));
+    }
+    match provisioner::quantity::parse_whole(s)? {
+        0 => Err("a size of 0 is not a volume; give e.g. 1Gi".into()),
+        n => Ok(n),
+    }
 }
 
 /// An overcommit ratio is a finite number ≥ 1: below 1 the pool would refuse space it has, and

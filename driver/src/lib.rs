@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod advertise;
 pub mod capability;
+pub mod cert_bootstrap;
 pub mod certs;
 pub mod cli;
 pub mod controller_service;

@@ -118,6 +118,15 @@ pub async fn serve(
     if (multi.is_router() || multi.pool_listen.is_some()) && multi.tls().is_none() {
         bail!("the pool API is mTLS only: give --tls-cert, --tls-key and --tls-ca");
     }
+    // Before the pool is opened (and its directory created): a second `serve` on a busy socket
+    // must change nothing. `bind` checks again, for a server that starts in between.
+    let socket = socket_path(&args.endpoint)?;
+    if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+        bail!(
+            "{} is in use by a running server; stop it first, or give another --endpoint",
+            socket.display()
+        );
+    }
     // One shutdown signal fans out to every listener.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
@@ -145,6 +154,12 @@ async fn serve_socket(
 ) -> anyhow::Result<()> {
     let path = socket_path(endpoint)?;
     let listener = bind(&path)?;
+    tracing::info!(
+        socket = %path.display(),
+        "ready; next: `loopvol csi --endpoint unix://{0} info`, `loopvol csi --endpoint \
+         unix://{0} create-volume --name demo --size 1Gi`, `loopvol status` (docs/operations.md)",
+        path.display()
+    );
     tracing::info!(socket = %path.display(), "listening");
     let result = tonic::transport::Server::builder()
         .layer(crate::metrics::rpc_layer::RpcMetricsLayer)
@@ -219,9 +234,10 @@ where
         writer: matches!(args.mode, Mode::Controller | Mode::All) || pool_api.is_some(),
         node: matches!(args.mode, Mode::Node | Mode::All),
     };
-    let (pool, repairs) = tokio::task::spawn_blocking(move || Pool::open(pool_opts))
+    let (mut pool, repairs) = tokio::task::spawn_blocking(move || Pool::open(pool_opts))
         .await?
         .with_context(|| format!("open pool {}", args.pool.pool_dir.display()))?;
+    pool.set_max_bytes(args.pool.max_pool_bytes);
     for r in &repairs {
         tracing::warn!(repair = %r, "pool repaired at start-up");
     }

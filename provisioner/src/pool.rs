@@ -94,6 +94,8 @@ pub struct Pool {
     reserved_cache: Mutex<Option<(Instant, u64)>>,
     /// Whether the pool's filesystem can reflink, once probed.
     reflink: std::sync::OnceLock<bool>,
+    /// `--max-pool-bytes`: the most all volumes together may be provisioned.
+    max_bytes: Option<u64>,
     pub(crate) writer: bool,
     _locks: Vec<Flock<File>>,
 }
@@ -144,6 +146,7 @@ impl Pool {
             alloc: Mutex::new(()),
             reserved_cache: Mutex::new(None),
             reflink: std::sync::OnceLock::new(),
+            max_bytes: None,
             writer: opts.writer,
             _locks: locks,
         };
@@ -631,10 +634,28 @@ impl Pool {
         Ok(record)
     }
 
+    /// Cap what the pool may promise: the provisioned sizes of all its volumes together stay
+    /// at or below `max` (a pool on a shared disk then cannot take all of it). Snapshots are
+    /// not counted.
+    pub fn set_max_bytes(&mut self, max: Option<u64>) {
+        self.max_bytes = max;
+    }
+
     /// Current capacity of the pool.
     pub fn capacity(&self) -> Result<Capacity, PoolError> {
         let reserved = self.reserved_bytes();
-        Capacity::measure(&self.dir, reserved, self.overcommit_ratio)
+        let mut c = Capacity::measure(&self.dir, reserved, self.overcommit_ratio)?;
+        if let Some(max) = self.max_bytes {
+            let provisioned: u64 = self
+                .volumes
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .values()
+                .map(|r| r.size_bytes)
+                .sum();
+            c.cap_left_bytes = Some(max.saturating_sub(provisioned));
+        }
+        Ok(c)
     }
 
     fn reserved_bytes(&self) -> u64 {
@@ -826,9 +847,14 @@ fn check_compatible(
     if (req.required_bytes > 0 && size < req.required_bytes as u64)
         || (req.limit_bytes > 0 && size > req.limit_bytes as u64)
     {
+        // A limit of 0 means none (CSI), which "[5368709120, 0]" hid.
+        let limit = match req.limit_bytes {
+            0 => "no upper limit".to_string(),
+            l => format!("at most {l}"),
+        };
         return conflict(format!(
-            "size {size}, outside the requested range [{}, {}]",
-            req.required_bytes, req.limit_bytes
+            "size {size} bytes, outside the requested range (at least {} bytes, {limit})",
+            req.required_bytes
         ));
     }
     if existing.allocation != req.params.allocation {

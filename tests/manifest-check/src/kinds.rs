@@ -125,6 +125,7 @@ objects! {
     PersistentVolumeClaim(PersistentVolumeClaim),
     VolumeSnapshotClass(VolumeSnapshotClass),
     VolumeSnapshot(VolumeSnapshot),
+    ServiceMonitor(ServiceMonitor),
     Kustomization(Kustomization),
 }
 
@@ -218,6 +219,48 @@ pub struct VolumeSnapshotSource {
     pub persistent_volume_claim_name: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volume_snapshot_content_name: Option<String>,
+}
+
+/// monitoring.coreos.com/v1 ServiceMonitor (Prometheus Operator), limited to the fields the
+/// monitoring component uses.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ServiceMonitor {
+    pub api_version: String,
+    pub kind: String,
+    pub metadata: ObjectMeta,
+    pub spec: ServiceMonitorSpec,
+}
+
+custom_resource!(ServiceMonitor, group: "monitoring.coreos.com", version: "v1",
+    kind: "ServiceMonitor", plural: "servicemonitors", scope: NamespaceResourceScope);
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ServiceMonitorSpec {
+    pub selector: k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector,
+    pub endpoints: Vec<MonitorEndpoint>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct MonitorEndpoint {
+    pub port: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub relabelings: Vec<Relabeling>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Relabeling {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub source_labels: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_label: Option<String>,
 }
 
 /// kustomize.config.k8s.io/v1beta1 Kustomization, limited to what loopvol uses.

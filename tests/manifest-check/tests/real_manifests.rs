@@ -8,7 +8,9 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::api::storage::v1::{CSIDriver, StorageClass, VolumeAttributesClass};
-use manifest_check::kinds::{Kustomization, Pick, VolumeSnapshot, VolumeSnapshotClass};
+use manifest_check::kinds::{
+    Kustomization, Pick, ServiceMonitor, VolumeSnapshot, VolumeSnapshotClass,
+};
 use manifest_check::{check_files, Inventory, Origin};
 
 #[test]
@@ -52,21 +54,28 @@ fn real_manifests_contain_the_whole_install() {
             count::<ClusterRoleBinding>(&inv, Origin::Install),
             3,
         ),
-        // Leader election, CSIStorageCapacity, and the router's pod watch.
-        ("Role", count::<Role>(&inv, Origin::Install), 3),
+        // Leader election, CSIStorageCapacity, the router's pod watch, the CA Secret.
+        ("Role", count::<Role>(&inv, Origin::Install), 4),
         (
             "RoleBinding",
             count::<RoleBinding>(&inv, Origin::Install),
-            3,
+            4,
         ),
         (
             "StorageClass",
             count::<StorageClass>(&inv, Origin::Install),
             2,
         ),
+        // From components/snapshots.
         (
             "VolumeSnapshotClass",
             count::<VolumeSnapshotClass>(&inv, Origin::Install),
+            1,
+        ),
+        // From components/monitoring.
+        (
+            "ServiceMonitor",
+            count::<ServiceMonitor>(&inv, Origin::Install),
             1,
         ),
         (

@@ -69,6 +69,8 @@ fn pod_references(inv: &Inventory, pod: &PodRef) -> Vec<Finding> {
 fn exists(inv: &Inventory, kind: &str, namespace: &str, name: &str) -> bool {
     match kind {
         "ServiceAccount" => inv.has::<ServiceAccount>(namespace, name),
+        // Published into every namespace by kube-controller-manager (the API server's CA).
+        "ConfigMap" if name == "kube-root-ca.crt" => true,
         "ConfigMap" => inv.has::<ConfigMap>(namespace, name),
         "Secret" => inv.has::<Secret>(namespace, name) || generated_secret(inv, namespace, name),
         "PersistentVolumeClaim" => inv.has::<PersistentVolumeClaim>(namespace, name),

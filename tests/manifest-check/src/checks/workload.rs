@@ -71,9 +71,10 @@ impl<'a> PodRef<'a> {
             .chain(spec.containers.iter())
     }
 
-    /// The loopvol container, if this pod runs the driver.
+    /// The loopvol container that serves, if this pod runs the driver (init containers run
+    /// the same image for `loopvol certs bootstrap`, and serve nothing).
     pub fn driver(&self) -> Option<&'a Container> {
-        self.containers().find(|c| is_driver(c))
+        self.spec.containers.iter().find(|c| is_driver(c))
     }
 
     /// Sidecars of one kind.
