@@ -9,7 +9,8 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::api::storage::v1::{CSIDriver, StorageClass, VolumeAttributesClass};
 use manifest_check::kinds::{
-    Kustomization, Pick, ServiceMonitor, VolumeSnapshot, VolumeSnapshotClass,
+    Kustomization, Pick, ServiceMonitor, VolumeGroupSnapshot, VolumeGroupSnapshotClass,
+    VolumeSnapshot, VolumeSnapshotClass,
 };
 use manifest_check::{check_files, Inventory, Origin};
 
@@ -72,6 +73,12 @@ fn real_manifests_contain_the_whole_install() {
             count::<VolumeSnapshotClass>(&inv, Origin::Install),
             1,
         ),
+        // From components/group-snapshots.
+        (
+            "VolumeGroupSnapshotClass",
+            count::<VolumeGroupSnapshotClass>(&inv, Origin::Install),
+            1,
+        ),
         // From components/monitoring.
         (
             "ServiceMonitor",
@@ -88,9 +95,14 @@ fn real_manifests_contain_the_whole_install() {
         (
             "PersistentVolumeClaim",
             count::<PersistentVolumeClaim>(&inv, Origin::Example),
-            4,
+            6,
         ),
-        ("Pod", count::<Pod>(&inv, Origin::Example), 3),
+        ("Pod", count::<Pod>(&inv, Origin::Example), 4),
+        (
+            "VolumeGroupSnapshot",
+            count::<VolumeGroupSnapshot>(&inv, Origin::Example),
+            1,
+        ),
         (
             "StatefulSet",
             count::<StatefulSet>(&inv, Origin::Example),

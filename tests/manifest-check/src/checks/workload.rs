@@ -226,6 +226,11 @@ pub fn env_references(word: &str) -> Vec<&str> {
     let mut out = Vec::new();
     let mut rest = word;
     while let Some(start) = rest.find("$(") {
+        // `$$(` is the kubelet's escape for a literal `$(` (a shell's `$((n+1))`).
+        if rest[..start].ends_with('$') {
+            rest = &rest[start + 2..];
+            continue;
+        }
         let after = &rest[start + 2..];
         match after.find(')') {
             Some(end) => {
@@ -322,6 +327,7 @@ mod tests {
         assert_eq!(env_references("--node-id=$(NODE_NAME)"), vec!["NODE_NAME"]);
         assert_eq!(env_references("$(A)/$(B)"), vec!["A", "B"]);
         assert!(env_references("plain").is_empty());
+        assert!(env_references("n=$$((n+1))").is_empty());
     }
 
     #[test]
