@@ -388,9 +388,14 @@ fn loop_number(device: &Path) -> Option<u32> {
 fn reap_node(device: &Path) {
     let Some(reaper) = REAPER.get() else { return };
     let Some(n) = loop_number(device) else { return };
-    if n >= BOOT_NODES && !reaper.spare_at_start.contains(&n) {
+    if ours_to_remove(n, &reaper.spare_at_start) {
         queue_removal(n);
     }
+}
+
+/// Boot-time nodes and the ones idle when loopvol started are not loopvol's to remove.
+fn ours_to_remove(n: u32, spare_at_start: &HashSet<u32>) -> bool {
+    n >= BOOT_NODES && !spare_at_start.contains(&n)
 }
 
 /// Flush dirty blocks to the backing file, then detach. If something still holds the device
@@ -461,6 +466,17 @@ pub fn claimed(device: &Path) -> bool {
 mod tests {
     use super::*;
 
+    #[test]
+    fn only_nodes_loopvol_used_are_removed() {
+        let spare: HashSet<u32> = [0, 1, 9].into_iter().collect();
+        assert!(!ours_to_remove(3, &spare), "boot-time node");
+        assert!(!ours_to_remove(9, &spare), "idle before loopvol started");
+        assert!(ours_to_remove(10, &spare));
+        assert_eq!(loop_number(Path::new("/dev/loop12")), Some(12));
+        assert_eq!(loop_number(Path::new("/dev/sda")), None);
+        assert_eq!(loop_number(Path::new("/dev/loop-control")), None);
+    }
+
     /// Root-only: a real loop device over a real sparse file, found again by its remembered
     /// device (one sysfs read) and by a scan, and never mistaken for another file's device.
     #[test]
@@ -488,6 +504,9 @@ mod tests {
         }
         let _guard = Detach(att.device.clone());
         assert!(att.created);
+        // The attached image is held open by the device: the lease probe says so.
+        assert_eq!(backing::open_elsewhere(&image), Some(true));
+        assert_eq!(backing::open_elsewhere(&other), Some(false));
         let hinted = backing::loop_if_backed_by(&att.device, &image).expect("hint");
         assert_eq!(hinted.device, att.device);
         assert_eq!(hinted.direct_io, att.direct_io);

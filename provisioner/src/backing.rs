@@ -415,6 +415,27 @@ pub fn loops_under(dir: &Path) -> Vec<LoopInfo> {
 mod tests {
     use super::*;
 
+    /// The lease probe sees any other open file description of the file, read-only ones too,
+    /// and nothing once they are closed.
+    #[test]
+    fn open_elsewhere_sees_every_other_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("image");
+        File::create(&file).unwrap().set_len(1 << 20).unwrap();
+        assert_eq!(open_elsewhere(&file), Some(false));
+        let reader = File::open(&file).unwrap();
+        assert_eq!(open_elsewhere(&file), Some(true));
+        drop(reader);
+        let writer = OpenOptions::new().write(true).open(&file).unwrap();
+        assert_eq!(open_elsewhere(&file), Some(true));
+        drop(writer);
+        assert_eq!(open_elsewhere(&file), Some(false));
+        assert!(loops_backed_by(&file).is_empty());
+        // Not a regular file: no answer, so callers scan.
+        assert_eq!(open_elsewhere(dir.path()), None);
+        assert_eq!(open_elsewhere(&dir.path().join("missing")), None);
+    }
+
     #[test]
     fn kernel_and_user_device_numbers_agree() {
         // new_encode_dev(MKDEV(259, 300)) as the kernel computes it.
