@@ -67,6 +67,9 @@ struct Args {
     /// Volumes in the scale section (default: 1000, or 50 with --quick).
     #[arg(long)]
     scale_volumes: Option<usize>,
+    /// Client workers in the scale section (default: 32; csi-provisioner runs 100).
+    #[arg(long)]
+    scale_concurrency: Option<usize>,
     /// Keep the main driver's log here (default: in the temp dir, removed at the end).
     #[arg(long)]
     driver_log: Option<PathBuf>,
@@ -179,6 +182,9 @@ async fn run(args: &Args, launch: &Launch, ws: &Workspace) -> anyhow::Result<Res
     let mut plan = Plan::new(args.quick);
     if let Some(n) = args.scale_volumes {
         plan.scale_volumes = n;
+    }
+    if let Some(c) = args.scale_concurrency {
+        plan.scale_concurrency = c;
     }
     let sections: Vec<String> = if args.only.is_empty() {
         SECTIONS.iter().map(|s| s.to_string()).collect()

@@ -663,6 +663,11 @@ fn scale_section(md: &mut String, s: &Scale) {
          harness removed {}.",
         s.loop_nodes_added, s.loop_nodes_left, s.loop_nodes_removed
     );
+    md.push_str(
+        "- How these figures moved when node calls stopped scanning every loop device, and the \
+         `--max-concurrent-ops` sweep (1, 4, 16, 64 slots under 100 client workers): \
+         [benchmarks-scale.md](benchmarks-scale.md).\n",
+    );
     if !s.start_with_volumes.is_empty() {
         let m = median_start(&s.start_with_volumes);
         let _ = writeln!(
