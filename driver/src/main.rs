@@ -1,6 +1,7 @@
 use clap::Parser;
 use loopvol::cli::{Cli, Command, LogFormat, VolumeCommand};
-use loopvol::{server, static_volume};
+use loopvol::ops::static_volume;
+use loopvol::server;
 use tracing_subscriber::EnvFilter;
 
 fn init_logging(format: LogFormat, level: &str) {
@@ -9,7 +10,7 @@ fn init_logging(format: LogFormat, level: &str) {
     // One event, one line, whatever request text its fields hold (see `logsafe`).
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(loopvol::logsafe::Stderr { ansi })
+        .with_writer(loopvol::shared::logsafe::Stderr { ansi })
         .with_ansi(ansi);
     match format {
         LogFormat::Text => builder.init(),
@@ -29,10 +30,10 @@ fn main() -> anyhow::Result<()> {
         }
         Command::FreezeGuard(a) => {
             init_logging(LogFormat::Text, "info");
-            std::process::exit(loopvol::freeze::guard_main(&a))
+            std::process::exit(loopvol::fs::freeze::guard_main(&a))
         }
         Command::Certs { out, namespace } => {
-            loopvol::certs::write(&out, &namespace)?;
+            loopvol::multinode::certs::write(&out, &namespace)?;
             println!(
                 "wrote ca.crt, server.crt, server.key, client.crt, client.key and secret.yaml to {}, \
                  and the snapshot-metadata sidecar's tls.crt, tls.key and \
@@ -49,25 +50,25 @@ fn main() -> anyhow::Result<()> {
                 VolumeCommand::List { pool } => static_volume::list(&pool),
                 VolumeCommand::Delete { pool, id } => static_volume::delete(&pool, &id),
                 VolumeCommand::Inspect { pool, id, output } => {
-                    loopvol::admin::volume::inspect(&pool.pool_dir, &id, output)
+                    loopvol::ops::admin::volume::inspect(&pool.pool_dir, &id, output)
                 }
             }
         }
         Command::Status(a) => {
             init_logging(LogFormat::Text, "warn");
-            loopvol::admin::status::run(&a)
+            loopvol::ops::admin::status::run(&a)
         }
         Command::Doctor(a) => {
             init_logging(LogFormat::Text, "warn");
-            std::process::exit(loopvol::admin::doctor::main(&a))
+            std::process::exit(loopvol::ops::admin::doctor::main(&a))
         }
         Command::Csi(a) => {
             init_logging(LogFormat::Text, "warn");
-            std::process::exit(loopvol::admin::csi::main(a))
+            std::process::exit(loopvol::ops::admin::csi::main(a))
         }
         Command::Snapshot(a) => {
             init_logging(LogFormat::Text, "warn");
-            std::process::exit(loopvol::admin::snapshot::main(a))
+            std::process::exit(loopvol::ops::admin::snapshot::main(a))
         }
     }
 }

@@ -4,13 +4,13 @@
 //! implementation of the on-disk format and its crash-safety rules.
 
 pub mod atomic;
-pub mod backing;
 pub mod capacity;
 pub mod chunk_digest;
 pub mod copy;
 pub mod error;
 pub mod extents;
 pub mod ids;
+pub mod in_use;
 pub mod io_limits;
 pub mod keyed_lock;
 pub mod listing;
@@ -24,6 +24,7 @@ pub mod snapshot_metadata;
 
 pub use error::PoolError;
 pub use ids::{validate_name, VolumeId};
+pub use in_use::InUse;
 pub use io_limits::{IoLimits, IoLimitsChange};
 pub use params::{Allocation, FsType, VolumeParams};
 pub use pool::{CreateRequest, Pool, PoolOptions};

@@ -24,7 +24,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use nix::fcntl::{Flock, FlockArg};
 
 use crate::atomic;
-use crate::backing;
 use crate::capacity::Capacity;
 use crate::copy;
 use crate::error::IoContext;
@@ -55,6 +54,9 @@ pub struct PoolOptions {
     /// reads records from disk on every lookup, so it sees what a separate controller
     /// process creates (a controller Deployment and a node DaemonSet can share a node).
     pub node: bool,
+    /// Whether the node uses an image (the driver's block data path answers): a used image is
+    /// never deleted.
+    pub in_use: crate::InUse,
 }
 
 impl PoolOptions {
@@ -66,6 +68,7 @@ impl PoolOptions {
             overcommit_ratio: 1.0,
             writer: true,
             node: true,
+            in_use: crate::InUse::nothing(),
         }
     }
 }
@@ -95,6 +98,7 @@ pub struct Pool {
     /// Whether the pool's filesystem can reflink, once probed.
     reflink: std::sync::OnceLock<bool>,
     pub(crate) writer: bool,
+    in_use: crate::InUse,
     _locks: Vec<Flock<File>>,
 }
 
@@ -127,9 +131,10 @@ impl Pool {
         let mut repairs = Vec::new();
         let (volumes, snapshots) = if opts.writer {
             clear_tmp(&dir, &mut repairs)?;
-            let v: BTreeMap<String, VolumeRecord> = load_dir(&dir.join("volumes"), &mut repairs)?;
+            let v: BTreeMap<String, VolumeRecord> =
+                load_dir(&dir.join("volumes"), &opts.in_use, &mut repairs)?;
             let s: BTreeMap<String, SnapshotRecord> =
-                load_dir(&dir.join("snapshots"), &mut repairs)?;
+                load_dir(&dir.join("snapshots"), &opts.in_use, &mut repairs)?;
             (v, s)
         } else {
             (BTreeMap::new(), BTreeMap::new())
@@ -145,6 +150,7 @@ impl Pool {
             reserved_cache: Mutex::new(None),
             reflink: std::sync::OnceLock::new(),
             writer: opts.writer,
+            in_use: opts.in_use,
             _locks: locks,
         };
         Ok((pool, repairs))
@@ -484,10 +490,9 @@ impl Pool {
             return Ok(false);
         };
         let image = self.image_path(&vid.hex);
-        if let Some(l) = backing::loops_backed_by(&image).first() {
+        if let Some(user) = self.in_use.user_of(&image) {
             return Err(PoolError::FailedPrecondition(format!(
-                "volume {id} is still attached to {} on node {}; unstage it before deleting",
-                l.device.display(),
+                "volume {id} is still attached to {user} on node {}; unstage it before deleting",
                 self.node_id
             )));
         }
@@ -906,6 +911,7 @@ fn clear_tmp(dir: &Path, repairs: &mut Vec<String>) -> Result<(), PoolError> {
 /// "record ⇔ object, image ⇔ record", describing each repair in `repairs`.
 fn load_dir<T: serde::de::DeserializeOwned>(
     dir: &Path,
+    in_use: &crate::InUse,
     repairs: &mut Vec<String>,
 ) -> Result<BTreeMap<String, T>, PoolError> {
     let mut records = BTreeMap::new();
@@ -961,7 +967,7 @@ fn load_dir<T: serde::de::DeserializeOwned>(
     for hex in images {
         if !records.contains_key(&hex) {
             let p = dir.join(format!("{hex}.img"));
-            if backing::loops_backed_by(&p).is_empty() {
+            if in_use.user_of(&p).is_none() {
                 fs::remove_file(&p).ctx(|| format!("remove orphan {}", p.display()))?;
                 repairs.push(format!(
                     "removed orphan image {} (no record: unacknowledged create or interrupted delete)",
