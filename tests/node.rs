@@ -115,8 +115,8 @@ impl Ctx {
         self.unstage(id, staging).await.unwrap();
     }
 
-    fn loops_of(&self, id: &str) -> Vec<loopvol::datapath::loopdev::LoopInfo> {
-        loopvol::datapath::loopdev::loops_backed_by(&self.d.image_of(id))
+    fn loops_of(&self, id: &str) -> Vec<loopvol::datapath::Attachment> {
+        loopvol::datapath::loop_device::loops_backed_by(&self.d.image_of(id))
     }
 }
 
@@ -647,7 +647,7 @@ async fn restart_and_simulated_reboot_keep_data() {
     nix::mount::umount2(&target, nix::mount::MntFlags::empty()).unwrap();
     nix::mount::umount2(&staging, nix::mount::MntFlags::empty()).unwrap();
     for l in t.loops_of(&id) {
-        loopvol::datapath::loopdev::detach(&l.device).unwrap();
+        loopvol::datapath::loop_device::detach(&l.device).unwrap();
     }
     t.d.spawn().await;
     t.c = t.d.controller().await;

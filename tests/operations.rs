@@ -427,9 +427,9 @@ async fn doctor_checks_a_served_pool_and_names_each_fix() {
         .unwrap()
         .set_len(4 * MIB as u64)
         .unwrap();
-    let att = loopvol::datapath::loopdev::attach(&stray, false, false).unwrap();
+    let att = loopvol::datapath::loop_device::attach(&stray, false, false).unwrap();
     let (ok, out) = doctor(&d, &d.pool, None);
-    loopvol::datapath::loopdev::detach(&att.device).unwrap();
+    loopvol::datapath::loop_device::detach(&att.device).unwrap();
     std::fs::remove_file(&stray).unwrap();
     assert!(!ok, "{out}");
     assert!(out.contains("✘ orphaned loop devices"), "{out}");

@@ -250,13 +250,13 @@ fn mounts_at(path: &Path) -> usize {
 }
 
 fn loops_of(image: &Path) -> usize {
-    loopvol::datapath::loopdev::loops_backed_by(image).len()
+    loopvol::datapath::loop_device::loops_backed_by(image).len()
 }
 
 /// Images of the pool attached to more than one loop device.
 fn doubly_attached(pool: &Path) -> Vec<PathBuf> {
     let mut per_image: BTreeMap<PathBuf, usize> = BTreeMap::new();
-    for l in loopvol::datapath::loopdev::loops_under(pool) {
+    for l in loopvol::datapath::loop_device::loops_under(pool) {
         *per_image.entry(l.backing_file).or_default() += 1;
     }
     per_image
@@ -2161,7 +2161,7 @@ impl Fuzz {
                 }
             }
         }
-        let devices: BTreeSet<String> = loopvol::datapath::loopdev::loops_under(&d.pool)
+        let devices: BTreeSet<String> = loopvol::datapath::loop_device::loops_under(&d.pool)
             .into_iter()
             .map(|l| s(&l.device))
             .collect();
@@ -2369,7 +2369,7 @@ async fn staged_volume(d: &Driver, cl: &mut Clients, name: &str) -> Vol {
 }
 
 fn autoclear_pending(image: &Path) -> bool {
-    loopvol::datapath::loopdev::loops_backed_by(image)
+    loopvol::datapath::loop_device::loops_backed_by(image)
         .iter()
         .any(|l| {
             let name = l.device.file_name().unwrap().to_string_lossy().into_owned();

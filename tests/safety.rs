@@ -709,7 +709,7 @@ async fn hostile_staging_and_target_paths_are_refused_without_touching_anything(
     }
     assert!(mounts_under(&d).is_empty(), "{:?}", mounts_under(&d));
     assert!(
-        loopvol::datapath::loopdev::loops_under(&d.pool).is_empty(),
+        loopvol::datapath::loop_device::loops_under(&d.pool).is_empty(),
         "a refused stage attached a loop device"
     );
 

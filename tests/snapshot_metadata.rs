@@ -346,7 +346,7 @@ impl XfsPool {
             .unwrap();
         let img = dir.path().join("xfs.img");
         File::create(&img).unwrap().set_len(1 << 30).unwrap();
-        let att = loopvol::datapath::loopdev::attach(&img, false, false).unwrap();
+        let att = loopvol::datapath::loop_device::attach(&img, false, false).unwrap();
         let x = XfsPool {
             device: att.device,
             _dir: dir,
@@ -358,7 +358,7 @@ impl XfsPool {
 
 impl Drop for XfsPool {
     fn drop(&mut self) {
-        let _ = loopvol::datapath::loopdev::detach(&self.device);
+        let _ = loopvol::datapath::loop_device::detach(&self.device);
     }
 }
 

@@ -505,7 +505,7 @@ struct XfsPool {
 
 impl Drop for XfsPool {
     fn drop(&mut self) {
-        let _ = loopvol::datapath::loopdev::detach(&self.device);
+        let _ = loopvol::datapath::loop_device::detach(&self.device);
     }
 }
 
@@ -524,7 +524,7 @@ async fn reflink_snapshots_on_an_xfs_pool_share_extents() {
         .unwrap()
         .set_len(2 << 30)
         .unwrap();
-    let att = loopvol::datapath::loopdev::attach(&img, false, false).unwrap();
+    let att = loopvol::datapath::loop_device::attach(&img, false, false).unwrap();
     let xfs = XfsPool {
         device: att.device.clone(),
     };

@@ -109,7 +109,7 @@ fn leftovers_under(root: &Path) -> (Vec<PathBuf>, Vec<PathBuf>) {
         .filter(|m| m.mount_point.starts_with(root))
         .map(|m| m.mount_point)
         .collect();
-    let loops = loopvol::datapath::loopdev::loops_under(root)
+    let loops = loopvol::datapath::loop_device::loops_under(root)
         .into_iter()
         .map(|l| l.device)
         .collect();
@@ -132,8 +132,8 @@ fn sweep_under(root: &Path) -> Swept {
             }
         }
     }
-    for l in loopvol::datapath::loopdev::loops_under(root) {
-        if loopvol::datapath::loopdev::detach(&l.device).is_ok() {
+    for l in loopvol::datapath::loop_device::loops_under(root) {
+        if loopvol::datapath::loop_device::detach(&l.device).is_ok() {
             swept.detached.push(l.device);
         }
     }

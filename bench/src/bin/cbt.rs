@@ -49,7 +49,7 @@ impl PoolFs {
     fn new(dir: &Path, fs: &str, bytes: u64) -> anyhow::Result<PoolFs> {
         let img = dir.join(format!("{fs}.img"));
         File::create(&img)?.set_len(bytes)?;
-        let device = loopvol::datapath::loopdev::attach(&img, false, false)
+        let device = loopvol::datapath::loop_device::attach(&img, false, false)
             .context("attach")?
             .device;
         let p = PoolFs {
@@ -72,7 +72,7 @@ impl PoolFs {
 impl Drop for PoolFs {
     fn drop(&mut self) {
         let _ = nix::mount::umount2(&self.mount, nix::mount::MntFlags::empty());
-        let _ = loopvol::datapath::loopdev::detach(&self.device);
+        let _ = loopvol::datapath::loop_device::detach(&self.device);
     }
 }
 

@@ -186,7 +186,8 @@ impl<'a> Inspector<'a> {
         let image = self.pool.image_path(hex);
         match mount::topmost_at(all, &s.staging_path) {
             Some(m)
-                if crate::datapath::loopdev::loop_if_backed_by(Path::new(&m.source), &image)
+                if crate::datapath::default_path()
+                    .attachment_at(Path::new(&m.source), &image)
                     .is_some() =>
             {
                 filesystem_findings(&m, s.read_only)

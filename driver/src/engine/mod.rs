@@ -3,11 +3,30 @@
 //! threads. It reaches block devices only through the [`crate::datapath`] seam and
 //! filesystems only through [`crate::fs`].
 
+pub mod access;
+mod expand;
 pub mod health;
 pub mod io_throttle;
-pub mod ops;
 pub mod paths;
+mod publish;
+mod quiesce;
+mod recover;
+mod stage;
+mod stats;
 pub mod targets;
+mod unstage;
+mod volume;
+mod volume_health;
+
+pub use expand::expand;
+pub use publish::{publish, unpublish};
+pub use quiesce::quiesce;
+pub use recover::recover;
+pub use stage::stage;
+pub use stats::stats;
+pub use unstage::unstage;
+pub use volume::{attached_device, check_path, volume, Vol};
+pub use volume_health::volume_health;
 
 use provisioner::Pool;
 
@@ -21,6 +40,8 @@ pub struct Engine {
     pub freeze: crate::fs::freeze::Settings,
     /// Where the node plugin may stage and publish.
     pub paths: paths::Confinement,
+    /// How images become block devices on this node.
+    pub data_path: &'static dyn crate::datapath::BlockDataPath,
 }
 
 impl Engine {
@@ -28,4 +49,3 @@ impl Engine {
         self.pool.node_id()
     }
 }
-pub use ops::*;

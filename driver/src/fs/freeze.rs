@@ -36,7 +36,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::datapath::loopdev::DevNum;
+use crate::datapath::DevNum;
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
@@ -325,7 +325,8 @@ fn read_marker(f: &mut File) -> Option<Marker> {
 /// device per subvolume as `st_dev`, never its block device. Only these may be frozen or
 /// thawed.
 fn is_volume_fs(dir: &File, image: &Path) -> bool {
-    let loops: Vec<DevNum> = crate::datapath::loopdev::loops_backed_by(image)
+    let loops: Vec<DevNum> = crate::datapath::default_path()
+        .find_all(image)
         .iter()
         .map(|l| l.dev)
         .collect();

@@ -4,3 +4,4 @@
 pub mod format;
 pub mod freeze;
 pub mod mount;
+pub mod mount_options;

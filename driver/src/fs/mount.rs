@@ -7,7 +7,7 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
-pub use crate::datapath::loopdev::DevNum;
+pub use crate::datapath::DevNum;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 
 use crate::error::{Error, Result};
@@ -48,7 +48,7 @@ impl MountEntry {
         }
         self.major == 0
             && self.source.starts_with('/')
-            && crate::datapath::loopdev::rdev_of(Path::new(&self.source)) == Some(dev)
+            && crate::datapath::blockdev::rdev_of(Path::new(&self.source)) == Some(dev)
     }
 
     /// Is this mount the filesystem's root (a staging mount, or a bind of one: a publish),
@@ -79,7 +79,7 @@ pub fn device_node_binds(all: &[MountEntry], dev: DevNum) -> Vec<&MountEntry> {
                         .and_then(|n| n.to_str())
                         .is_some_and(|n| n.starts_with("loop")))
         })
-        .filter(|m| crate::datapath::loopdev::rdev_of(&m.mount_point) == Some(dev))
+        .filter(|m| crate::datapath::blockdev::rdev_of(&m.mount_point) == Some(dev))
         .collect()
 }
 

@@ -7,8 +7,6 @@ use std::path::Path;
 use provisioner::capacity::Capacity;
 use provisioner::{listing, Pool};
 
-use crate::datapath::loopdev;
-
 use crate::metrics::PoolSample;
 use crate::node_state;
 
@@ -45,7 +43,7 @@ pub fn measure(pool: &Pool, serves_node: bool) -> Result<PoolSample, provisioner
         volumes,
         snapshots,
         staged_volumes: serves_node.then(|| staged_count(&pool.node_state_dir())),
-        loop_devices: loopdev::loops_under(pool.dir()).len() as u64,
+        loop_devices: crate::datapath::default_path().list_under(pool.dir()).len() as u64,
         io_limits,
     })
 }

@@ -74,7 +74,7 @@ fn open(pool: &PoolArgs) -> anyhow::Result<Pool> {
         overcommit_ratio: pool.overcommit_ratio,
         writer: true,
         node: false,
-        in_use: crate::datapath::loopdev::in_use_hook(),
+        in_use: crate::datapath::in_use_hook(crate::datapath::default_path()),
     })
     .map_err(|e| match e {
         provisioner::PoolError::PoolLocked(dir) => anyhow::anyhow!(

@@ -167,7 +167,7 @@ where
         // A node serving its pool to the router owns the pool outright.
         writer: matches!(args.mode, Mode::Controller | Mode::All) || pool_api.is_some(),
         node: matches!(args.mode, Mode::Node | Mode::All),
-        in_use: crate::datapath::loopdev::in_use_hook(),
+        in_use: crate::datapath::in_use_hook(crate::datapath::default_path()),
     };
     let (pool, repairs) = tokio::task::spawn_blocking(move || Pool::open(pool_opts))
         .await?
@@ -217,6 +217,7 @@ where
             default_cgroup: args.io_cgroup.clone(),
         },
         freeze,
+        data_path: crate::datapath::default_path(),
     };
     let driver = Arc::new(Driver::new(
         engine,
@@ -228,7 +229,7 @@ where
     ));
     if matches!(args.mode, Mode::Node | Mode::All) {
         let d = driver.clone();
-        let report = tokio::task::spawn_blocking(move || crate::engine::ops::recover(&d)).await?;
+        let report = tokio::task::spawn_blocking(move || crate::engine::recover(&d)).await?;
         for line in report {
             tracing::info!(recovery = %line, "node state at start-up");
         }

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use crate::datapath::loopdev::{self, FileId, LoopInfo};
+use crate::datapath::{default_path, Attachment as LoopInfo, FileId};
 use anyhow::{bail, Context};
 use provisioner::capacity::Capacity;
 use provisioner::listing::{self, Listing};
@@ -118,7 +118,7 @@ pub fn collect(pool_dir: &Path, overcommit_ratio: f64) -> anyhow::Result<Status>
     let pool = mount::canonical(pool_dir);
     let l = listing::read_records(&pool)?;
     let cap = Capacity::measure(&pool, l.reserved_bytes(), overcommit_ratio)?;
-    let loops = loopdev::loops_under(&pool);
+    let loops = default_path().list_under(&pool);
     Ok(Status {
         filesystem: fs_name::of(&pool).with_context(|| format!("statfs {}", pool.display()))?,
         capacity: CapacityView {
@@ -163,7 +163,7 @@ pub fn collect(pool_dir: &Path, overcommit_ratio: f64) -> anyhow::Result<Status>
 pub(crate) fn staged_view(l: &Listing, hex: &str, s: Staged) -> StagedView {
     let lo = l
         .volume(hex)
-        .and_then(|v| loopdev::loops_backed_by(&v.image).into_iter().next());
+        .and_then(|v| default_path().find(&v.image, None));
     let mounted_at: Vec<PathBuf> = match (&lo, &s.access) {
         (Some(lo), StagedAccess::Mount { .. }) => mount::mounts()
             .map(|all| {
@@ -179,7 +179,9 @@ pub(crate) fn staged_view(l: &Listing, hex: &str, s: Staged) -> StagedView {
         (None, _) => "not attached",
         (Some(_), StagedAccess::Block) => "staged",
         (Some(_), StagedAccess::Mount { .. }) if !mounted_at.is_empty() => "staged",
-        (Some(lo), StagedAccess::Mount { .. }) if crate::datapath::loopdev::claimed(&lo.device) => {
+        (Some(lo), StagedAccess::Mount { .. })
+            if crate::datapath::blockdev::claimed(&lo.device) =>
+        {
             "staged, mounted out of sight"
         }
         (Some(_), StagedAccess::Mount { .. }) => "attached, not mounted",

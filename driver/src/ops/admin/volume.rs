@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::datapath::loopdev;
+use crate::datapath::default_path;
 use anyhow::{anyhow, bail};
 use provisioner::ids::Kind;
 use provisioner::listing;
@@ -60,7 +60,8 @@ pub fn collect(pool_dir: &Path, id: &str) -> anyhow::Result<Inspection> {
         staged,
         loop_devices: {
             let by_file = volumes_by_file(&l);
-            loopdev::loops_backed_by(&v.image)
+            default_path()
+                .find_all(&v.image)
                 .into_iter()
                 .map(|li| loop_view(&by_file, li))
                 .collect()

@@ -6,7 +6,7 @@
 use std::collections::HashSet;
 use std::path::Path;
 
-use crate::datapath::loopdev::{self, FileId};
+use crate::datapath::{default_path, FileId};
 use provisioner::listing;
 
 use super::Check;
@@ -27,7 +27,7 @@ pub fn check(pool: &Path) -> Vec<Check> {
 
 fn loops(pool: &Path) -> Check {
     const NAME: &str = "orphaned loop devices";
-    let attached = loopdev::loops_under(pool);
+    let attached = default_path().list_under(pool);
     let owned = volume_images(pool);
     let orphans: Vec<String> = attached
         .iter()
@@ -41,7 +41,8 @@ fn loops(pool: &Path) -> Check {
         })
         // Still attached now, to the same file? (A running driver may have just unstaged it.)
         .filter(|l| {
-            loopdev::loops_under(pool)
+            default_path()
+                .list_under(pool)
                 .iter()
                 .any(|now| now.device == l.device && now.backing == l.backing)
         })

@@ -25,7 +25,9 @@ pub fn check(pool: &Path) -> Check {
         }
         let image = pool.join("volumes").join(format!("{hex}.img"));
         let Some(m) = mount::topmost_at(&mounts, &s.staging_path).filter(|m| {
-            crate::datapath::loopdev::loop_if_backed_by(Path::new(&m.source), &image).is_some()
+            crate::datapath::default_path()
+                .attachment_at(Path::new(&m.source), &image)
+                .is_some()
         }) else {
             continue;
         };

@@ -11,11 +11,13 @@
 //! instead of `/var/lib/loopvol/volumes/x.img`), and a path comparison misses every device the
 //! old container attached. The path is kept in [`LoopInfo`] for people to read.
 
-use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+
+use crate::datapath::blockdev::{files_under, DevNum, FileId};
+use crate::datapath::Attachment as LoopInfo;
 use std::path::{Path, PathBuf};
 
 const SYS_BLOCK: &str = "/sys/block";
@@ -24,7 +26,7 @@ pub const LO_FLAGS_READ_ONLY: u32 = 1;
 pub const LO_FLAGS_DIRECT_IO: u32 = 16;
 
 /// The kernel's `struct loop_info64`, shared by `LOOP_GET_STATUS64` here and `LOOP_CONFIGURE`
-/// in the driver.
+/// in `ioctl`.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct LoopInfo64 {
@@ -65,82 +67,6 @@ impl LoopInfo64 {
 }
 
 nix::ioctl_read_bad!(loop_get_status64, 0x4C05, LoopInfo64);
-
-/// A device number split into major and minor, so the kernel's and userspace's encodings of
-/// `dev_t` are never compared as raw integers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct DevNum {
-    pub major: u32,
-    pub minor: u32,
-}
-
-impl DevNum {
-    /// From a `dev_t` as userspace (`stat`, glibc's `makedev`) encodes it.
-    pub fn from_user(dev: u64) -> DevNum {
-        DevNum {
-            major: libc::major(dev as libc::dev_t),
-            minor: libc::minor(dev as libc::dev_t),
-        }
-    }
-
-    /// From the kernel's `new_encode_dev`/`huge_encode_dev` form, which `loop_info64` uses:
-    /// minor bits 0-7, major bits 8-19, the rest of the minor above.
-    pub fn from_kernel(dev: u64) -> DevNum {
-        DevNum {
-            major: ((dev & 0xfff00) >> 8) as u32,
-            minor: ((dev & 0xff) | ((dev >> 12) & 0xfff00)) as u32,
-        }
-    }
-}
-
-impl std::fmt::Display for DevNum {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}:{}", self.major, self.minor)
-    }
-}
-
-/// Which file a loop device reads: the filesystem it is on and its inode number. Unlike a
-/// path, this is the same in every mount namespace. An inode number is not reused while the
-/// file is open, and a loop device holds its backing file open, so an attached device's
-/// identity names exactly one file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct FileId {
-    pub dev: DevNum,
-    pub ino: u64,
-}
-
-impl FileId {
-    /// The identity of the file at `path` (following symlinks), if it exists.
-    pub fn of(path: &Path) -> Option<FileId> {
-        fs::metadata(path).ok().map(|m| FileId::from_metadata(&m))
-    }
-
-    pub fn from_metadata(m: &fs::Metadata) -> FileId {
-        FileId {
-            dev: DevNum::from_user(m.dev()),
-            ino: m.ino(),
-        }
-    }
-}
-
-/// A loop device and the file behind it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LoopInfo {
-    /// e.g. `/dev/loop3`
-    pub device: PathBuf,
-    /// The loop device's own number: what mountinfo shows for a filesystem mounted from it.
-    pub dev: DevNum,
-    /// The backing file, by identity (`None` only when this process may not open the device;
-    /// see [`scan`]).
-    pub backing: Option<FileId>,
-    /// The backing file's path as sysfs prints it to this process. For people only: it is
-    /// relative to a vanished bind mount when another mount namespace attached the device.
-    pub backing_file: PathBuf,
-    /// The backing file was unlinked while attached (sysfs appends " (deleted)").
-    pub backing_deleted: bool,
-    pub read_only: bool,
-    pub direct_io: bool,
-}
 
 /// Every attached loop device on the machine.
 pub fn attached_loops() -> Vec<LoopInfo> {
@@ -317,29 +243,6 @@ pub fn loops_backed_by(file: &Path) -> Vec<LoopInfo> {
         return Vec::new();
     };
     scan(|c| reads(c, want, file))
-}
-
-/// The identities of the regular files under `dir` (not following symlinks; a pool is two
-/// levels deep, so the walk is bounded).
-pub fn files_under(dir: &Path) -> HashSet<FileId> {
-    fn walk(dir: &Path, depth: u32, out: &mut HashSet<FileId>) {
-        let Ok(entries) = fs::read_dir(dir) else {
-            return;
-        };
-        for e in entries.flatten() {
-            let Ok(m) = e.path().symlink_metadata() else {
-                continue;
-            };
-            if m.is_file() {
-                out.insert(FileId::from_metadata(&m));
-            } else if m.is_dir() && depth < 8 {
-                walk(&e.path(), depth + 1, out);
-            }
-        }
-    }
-    let mut out = HashSet::new();
-    walk(dir, 0, &mut out);
-    out
 }
 
 /// Loop devices backed by a file under `dir` (used to report and clean up a pool): every file

@@ -1,4 +1,4 @@
-//! Loop devices through raw ioctls.
+//! Loop devices through raw ioctls: attach (`LOOP_CONFIGURE`), detach, capacity.
 //!
 //! Written by hand rather than with the `loopdev` crate because we need `LOOP_CONFIGURE` (attach
 //! the file, set flags and direct I/O in one atomic call: `LOOP_SET_STATUS64` silently drops the
@@ -8,17 +8,18 @@
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use nix::errno::Errno;
-mod scan;
-pub use scan::*;
-
+use super::scan::{
+    self as backing, LoopInfo64, LO_FLAGS_DIRECT_IO, LO_FLAGS_READ_ONLY, LO_NAME_SIZE,
+};
+use crate::datapath::Attached;
 use crate::error::{Error, Result};
+use nix::errno::Errno;
 
-const LOOP_CONTROL: &str = "/dev/loop-control";
+pub(super) const LOOP_CONTROL: &str = "/dev/loop-control";
 const LOOP_MAJOR: u64 = 7;
 
 #[repr(C)]
@@ -34,22 +35,11 @@ nix::ioctl_write_ptr_bad!(loop_configure, 0x4C0A, LoopConfig);
 nix::ioctl_none_bad!(loop_clr_fd, 0x4C01);
 nix::ioctl_none_bad!(loop_set_capacity, 0x4C07);
 nix::ioctl_write_int_bad!(loop_set_direct_io, 0x4C08);
-nix::ioctl_read!(blk_getsize64, 0x12, 114, u64);
-
-/// The result of [`attach`].
-#[derive(Debug, Clone)]
-pub struct Attached {
-    pub device: PathBuf,
-    /// False when an existing loop device over the same file was reused.
-    pub created: bool,
-    pub direct_io: bool,
-    pub read_only: bool,
-}
 
 /// Attach `file` to a loop device, or return the one already backed by it: one image on two
 /// loop devices means two page caches over one filesystem, which corrupts it.
-pub fn attach(file: &Path, read_only: bool, want_direct_io: bool) -> Result<Attached> {
-    if let Some(l) = loops_backed_by(file).into_iter().next() {
+pub(super) fn attach(file: &Path, read_only: bool, want_direct_io: bool) -> Result<Attached> {
+    if let Some(l) = backing::loops_backed_by(file).into_iter().next() {
         if l.read_only && !read_only {
             return Err(Error::FailedPrecondition(format!(
                 "{} is already attached read-only to {}; unstage it first",
@@ -115,17 +105,7 @@ pub fn attach(file: &Path, read_only: bool, want_direct_io: bool) -> Result<Atta
             }
             Err(e) => return Err(Error::io(format!("LOOP_CONFIGURE {}", device.display()), e)),
         }
-        let mut direct_io = dio_enabled(&device);
-        if want_direct_io && !direct_io {
-            // Older kernels ignore the flag in LOOP_CONFIGURE; ask again explicitly.
-            direct_io =
-                unsafe { loop_set_direct_io(dev.as_raw_fd(), 1) }.is_ok() && dio_enabled(&device);
-            if !direct_io {
-                tracing::warn!(device = %device.display(), file = %file.display(),
-                    "direct I/O unavailable on this pool filesystem; loop device uses the page cache");
-            }
-        }
-        tracing::info!(device = %device.display(), file = %file.display(), direct_io, read_only, "loop device attached");
+        let direct_io = dio_enabled(&device);
         return Ok(Attached {
             device,
             created: true,
@@ -137,6 +117,21 @@ pub fn attach(file: &Path, read_only: bool, want_direct_io: bool) -> Result<Atta
         "no free loop device after 64 attempts",
         last_err.unwrap_or_else(|| io::Error::from(Errno::EBUSY)),
     ))
+}
+
+/// The post-attach step for direct I/O: older kernels ignore the flag in `LOOP_CONFIGURE`, so
+/// ask again explicitly; a pool filesystem that cannot do direct I/O keeps the page cache.
+pub(super) fn ensure_direct_io(att: &mut Attached, file: &Path) {
+    if att.direct_io {
+        return;
+    }
+    att.direct_io = open_rw(&att.device)
+        .is_ok_and(|dev| unsafe { loop_set_direct_io(dev.as_raw_fd(), 1) }.is_ok())
+        && dio_enabled(&att.device);
+    if !att.direct_io {
+        tracing::warn!(device = %att.device.display(), file = %file.display(),
+            "direct I/O unavailable on this pool filesystem; loop device uses the page cache");
+    }
 }
 
 /// The number of a loop device that is free now, without attaching anything (the kernel adds
@@ -241,91 +236,5 @@ pub fn refresh_capacity(device: &Path) -> Result<u64> {
     let dev = open_rw(device).map_err(|e| Error::io(format!("open {}", device.display()), e))?;
     unsafe { loop_set_capacity(dev.as_raw_fd()) }
         .map_err(|e| Error::io(format!("LOOP_SET_CAPACITY {}", device.display()), e))?;
-    size_of(device)
-}
-
-/// Size in bytes of a block device (or of the device a device node bind-mount points at).
-pub fn size_of(device: &Path) -> Result<u64> {
-    let f = File::open(device).map_err(|e| Error::io(format!("open {}", device.display()), e))?;
-    let mut size: u64 = 0;
-    unsafe { blk_getsize64(f.as_raw_fd(), &mut size) }
-        .map_err(|e| Error::io(format!("BLKGETSIZE64 {}", device.display()), e))?;
-    Ok(size)
-}
-
-/// The device number of a block device node, to recognise it behind a bind mount.
-pub fn rdev_of(path: &Path) -> Option<DevNum> {
-    std::fs::metadata(path)
-        .ok()
-        .filter(|m| m.file_type().is_block_device())
-        .map(|m| DevNum::from_user(m.rdev()))
-}
-
-/// Is a filesystem (or mkfs, or fsck) holding `device` open exclusively right now? A mount
-/// claims its block device in every mount namespace, so this sees a mount this process cannot
-/// see in its mountinfo: one made by a driver whose container has since restarted.
-pub fn claimed(device: &Path) -> bool {
-    OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_CLOEXEC | libc::O_EXCL | libc::O_NONBLOCK)
-        .open(device)
-        .is_err_and(|e| e.raw_os_error() == Some(libc::EBUSY))
-}
-
-/// The pool's "is this image in use?" hook, answered by the loop devices backed by it.
-pub fn in_use_hook() -> provisioner::InUse {
-    provisioner::InUse::new(|image| {
-        loops_backed_by(image)
-            .first()
-            .map(|l| l.device.display().to_string())
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Root-only: a real loop device over a real sparse file, found again by its remembered
-    /// device (one sysfs read) and by a scan, and never mistaken for another file's device.
-    #[test]
-    fn finds_its_device_by_hint_and_by_scan() {
-        if !nix::unistd::geteuid().is_root() {
-            assert!(
-                std::env::var("LOOPVOL_REQUIRE_ROOT").as_deref() != Ok("1"),
-                "needs root, and LOOPVOL_REQUIRE_ROOT forbids skipping"
-            );
-            eprintln!("SKIP finds_its_device_by_hint_and_by_scan: needs root");
-            return;
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let (image, other) = (dir.path().join("a.img"), dir.path().join("b.img"));
-        for f in [&image, &other] {
-            File::create(f).unwrap().set_len(8 << 20).unwrap();
-        }
-        let att = attach(&image, false, true).unwrap();
-        // Detach even when an assertion fails.
-        struct Detach(PathBuf);
-        impl Drop for Detach {
-            fn drop(&mut self) {
-                let _ = detach(&self.0);
-            }
-        }
-        let _guard = Detach(att.device.clone());
-        assert!(att.created);
-        let hinted = loop_if_backed_by(&att.device, &image).expect("hint");
-        assert_eq!(hinted.device, att.device);
-        assert_eq!(hinted.direct_io, att.direct_io);
-        assert_eq!(loops_backed_by(&image), vec![hinted]);
-        assert_eq!(loop_if_backed_by(&att.device, &other), None);
-        assert_eq!(loop_if_backed_by(Path::new("/dev/sda"), &image), None);
-        assert_eq!(
-            loop_if_backed_by(Path::new("/dev/../etc/loop0"), &image),
-            None
-        );
-        // A second attach reuses the device instead of making another.
-        assert!(!attach(&image, false, true).unwrap().created);
-        detach(&att.device).unwrap();
-        assert_eq!(loop_if_backed_by(&att.device, &image), None);
-        assert!(loops_backed_by(&image).is_empty());
-    }
+    crate::datapath::blockdev::size_of(device)
 }
