@@ -104,7 +104,11 @@ pub trait BlockDataPath: Send + Sync {
     /// Every attachment on the machine.
     fn list_all(&self) -> Vec<Attachment>;
 
-    /// Whether devices can be had on this node right now.
+    /// A cheap check, for the storage health RPC: `Some((reason, message))` when the kernel
+    /// side of this data path is missing altogether.
+    fn missing(&self) -> Option<(&'static str, String)>;
+
+    /// Whether devices can be had on this node right now (asks the kernel for a free one).
     fn ready(&self) -> std::result::Result<String, NotReady>;
 
     /// [`attach`](Self::attach), then [`after_attach`](Self::after_attach) for a new device.

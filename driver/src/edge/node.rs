@@ -170,11 +170,11 @@ impl Node for NodeService {
             .driver
             .blocking(|d| {
                 let mut out = Vec::new();
-                if !std::path::Path::new("/dev/loop-control").exists() {
+                if let Some((reason, message)) = d.data_path.missing() {
                     out.push(StorageBackendHealth {
                         status: StorageHealthErrorType::StorageUnreachable as i32,
-                        reason: "NoLoopControl".into(),
-                        message: "/dev/loop-control is missing: load the loop module".into(),
+                        reason: reason.into(),
+                        message,
                         volume_capability: None,
                     });
                 }

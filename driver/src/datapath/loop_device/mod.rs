@@ -56,6 +56,15 @@ impl BlockDataPath for LoopDevices {
         scan::attached_loops()
     }
 
+    fn missing(&self) -> Option<(&'static str, String)> {
+        (!Path::new(ioctl::LOOP_CONTROL).exists()).then(|| {
+            (
+                "NoLoopControl",
+                format!("{} is missing: load the loop module", ioctl::LOOP_CONTROL),
+            )
+        })
+    }
+
     fn ready(&self) -> std::result::Result<String, NotReady> {
         if !Path::new(ioctl::LOOP_CONTROL).exists() {
             return Err(NotReady {
