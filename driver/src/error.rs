@@ -49,6 +49,18 @@ pub enum Error {
     MissingTool { program: String, package: String },
     #[error("{0}")]
     Internal(String),
+    /// Not reachable now; the caller retries (a router's node plugin that is restarting).
+    #[error("{0}")]
+    Unavailable(String),
+    /// Another loopvol's answer, passed on as it came (a router forwarding to a node).
+    #[error("{}", .0.message())]
+    Forwarded(Status),
+}
+
+impl From<Status> for Error {
+    fn from(s: Status) -> Self {
+        Error::Forwarded(s)
+    }
 }
 
 impl Error {
@@ -81,12 +93,19 @@ impl Error {
             Error::Unimplemented(_) => Code::Unimplemented,
             Error::OutOfRange(_) => Code::OutOfRange,
             Error::Io { .. } | Error::Command { .. } | Error::Internal(_) => Code::Internal,
+            Error::Unavailable(_) => Code::Unavailable,
+            Error::Forwarded(s) => s.code(),
         }
     }
 }
 
 impl From<Error> for Status {
     fn from(e: Error) -> Status {
+        // The node that answered has counted and logged it; its details stay intact.
+        let e = match e {
+            Error::Forwarded(s) => return s,
+            e => e,
+        };
         let code = e.code();
         crate::metrics::count_error(code);
         if code == Code::Internal {
