@@ -157,11 +157,7 @@ fn page_token(max_entries: i32, token: &str) -> Result<Option<&str>> {
     if token.is_empty() {
         return Ok(None);
     }
-    if token.len() == 20
-        && token
-            .bytes()
-            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-    {
+    if provisioner::ids::is_hex_id(token) {
         return Ok(Some(token));
     }
     Err(Error::Aborted(format!(

@@ -220,12 +220,7 @@ fn parse_token(token: &str) -> Result<(Option<String>, String)> {
     };
     let (node, inner) = token.split_once(':').ok_or_else(bad)?;
     validate_node_id(node).map_err(|_| bad())?;
-    if !(inner.is_empty()
-        || (inner.len() == 20
-            && inner
-                .bytes()
-                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))))
-    {
+    if !(inner.is_empty() || provisioner::ids::is_hex_id(inner)) {
         return Err(bad());
     }
     Ok((Some(node.to_string()), inner.to_string()))
