@@ -32,6 +32,11 @@ fn main() -> anyhow::Result<()> {
             init_logging(LogFormat::Text, "info");
             std::process::exit(loopvol::fs::freeze::guard_main(&a))
         }
+        #[cfg(not(feature = "certs"))]
+        Command::Certs { .. } => {
+            anyhow::bail!("this loopvol was built without the certs feature")
+        }
+        #[cfg(feature = "certs")]
         Command::Certs { out, namespace } => {
             loopvol::multinode::certs::write(&out, &namespace)?;
             println!(

@@ -14,7 +14,7 @@ use rcgen::{
 };
 
 /// The DNS name every node's pool certificate carries and the router verifies.
-pub const NODE_SERVER_NAME: &str = "loopvol-node";
+pub use crate::multinode::tls::NODE_SERVER_NAME;
 
 /// The Service in front of the external-snapshot-metadata sidecar (manifests/snapshot-metadata/).
 pub const SNAPSHOT_METADATA_SERVICE: &str = "loopvol-snapshot-metadata";

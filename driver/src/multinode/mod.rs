@@ -1,7 +1,9 @@
 //! Multi-node: the router a controller becomes when it serves many nodes' pools, how it finds
 //! them, and the mTLS material their pool API uses.
 
+#[cfg(feature = "certs")]
 pub mod certs;
+#[cfg(feature = "kubernetes")]
 pub mod discovery;
 pub mod router;
 pub mod snapshot_metadata_router;

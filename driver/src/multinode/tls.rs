@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 
-use crate::multinode::certs::NODE_SERVER_NAME;
+/// The name every node's server certificate carries, whatever its address (see `certs`).
+pub const NODE_SERVER_NAME: &str = "loopvol-node";
 
 #[derive(Debug, Clone)]
 pub struct TlsFiles {

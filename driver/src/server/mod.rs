@@ -120,6 +120,11 @@ where
     if let Some(spec) = &args.multi.node_endpoints {
         dir.set(crate::multinode::router::parse_endpoints(spec)?);
     }
+    #[cfg(not(feature = "kubernetes"))]
+    if args.multi.nodes_from.is_some() {
+        bail!("this loopvol was built without the kubernetes feature: give --node-endpoints");
+    }
+    #[cfg(feature = "kubernetes")]
     if args.multi.nodes_from.is_some() {
         crate::multinode::discovery::watch(
             dir.clone(),
