@@ -10,9 +10,12 @@ use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
 
-/// Answers "who uses this image?": `Some(what)` (for messages, e.g. `/dev/loop3`) or `None`.
+/// The question itself: `Some(what)` uses the image (for messages, e.g. `/dev/loop3`), or `None`.
+type UserOf = dyn Fn(&Path) -> Option<String> + Send + Sync;
+
+/// Answers "who uses this image?".
 #[derive(Clone)]
-pub struct InUse(Arc<dyn Fn(&Path) -> Option<String> + Send + Sync>);
+pub struct InUse(Arc<UserOf>);
 
 impl InUse {
     pub fn new(f: impl Fn(&Path) -> Option<String> + Send + Sync + 'static) -> Self {

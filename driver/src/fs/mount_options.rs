@@ -66,8 +66,11 @@ const OPTIONS: &[(&str, Meaning)] = &[
     ("dax=never", Data(ALL)),
 ];
 
+/// A `key=value` option: its key, the values it accepts, the filesystems that understand it.
+type Valued = (&'static str, fn(&str) -> bool, &'static [FsType]);
+
 /// `key=value` options: the values each accepts, and the filesystems that understand it.
-const VALUED: &[(&str, fn(&str) -> bool, &[FsType])] = &[
+const VALUED: &[Valued] = &[
     (
         "data",
         |v| matches!(v, "ordered" | "writeback" | "journal"),
