@@ -4,8 +4,11 @@
 #
 #   docker build -t ghcr.io/loopvol/loopvol:0.1.0 .
 #
-# The same image runs both the controller and the node plugin
-# (`loopvol serve --mode controller|node`, see manifests/).
+# The same image runs the controller, the node plugin (`loopvol serve --mode
+# controller|node`) and both pods' `certs` init container (`loopvol certs
+# bootstrap`), see manifests/. Build and push: docs/kubernetes.md, "The image".
+# The node plugin runs mkfs/fsck/resize from this image, not from the host;
+# loopvol turns off mkfs features the node's running kernel cannot mount.
 
 # ---------------------------------------------------------------- builder
 FROM rust:1.95-bookworm AS builder

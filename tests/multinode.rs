@@ -1118,3 +1118,112 @@ async fn router_streams_snapshot_metadata_from_the_owning_node() {
         Code::NotFound
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn router_forwards_group_snapshots_and_refuses_groups_spanning_nodes() {
+    use loopvol::csi::group_controller_client::GroupControllerClient;
+    if !root_or_skip("multinode group snapshots") {
+        return;
+    }
+    let cl = Cluster::start();
+    let mut r = cl.router().await;
+    let mut g = GroupControllerClient::new(
+        Endpoint::from_shared(format!("unix://{}", s(&cl.router_socket)))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+    );
+    let vol = |name: &'static str, node: u8| {
+        let mut r = r.clone();
+        async move {
+            r.create_volume(on_node(name, node))
+                .await
+                .unwrap()
+                .into_inner()
+                .volume
+                .unwrap()
+                .volume_id
+        }
+    };
+    let (a, b, c) = (vol("ga", 1).await, vol("gb", 1).await, vol("gc", 2).await);
+    let mk = |name: &str, v: &[&String]| CreateVolumeGroupSnapshotRequest {
+        name: name.into(),
+        source_volume_ids: v.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    };
+    // Members on two nodes: FAILED_PRECONDITION, and nothing is made on either node.
+    let e = g
+        .create_volume_group_snapshot(mk("span", &[&a, &c]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
+    assert!(e.message().contains("one node"), "{e}");
+    for node in [1u8, 2] {
+        assert!(
+            !cl.pool(node).join("groups").exists()
+                || std::fs::read_dir(cl.pool(node).join("groups"))
+                    .unwrap()
+                    .next()
+                    .is_none()
+        );
+    }
+    // Members on one node: forwarded there, and Get/Delete find it through the router.
+    let grp = g
+        .create_volume_group_snapshot(mk("same", &[&a, &b]))
+        .await
+        .unwrap()
+        .into_inner()
+        .group_snapshot
+        .unwrap();
+    assert!(
+        grp.group_snapshot_id.ends_with("@n1"),
+        "{}",
+        grp.group_snapshot_id
+    );
+    assert!(cl
+        .pool(1)
+        .join("groups")
+        .read_dir()
+        .unwrap()
+        .next()
+        .is_some());
+    let ids: Vec<String> = grp
+        .snapshots
+        .iter()
+        .map(|s| s.snapshot_id.clone())
+        .collect();
+    let got = g
+        .get_volume_group_snapshot(GetVolumeGroupSnapshotRequest {
+            group_snapshot_id: grp.group_snapshot_id.clone(),
+            snapshot_ids: ids.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.group_snapshot.unwrap(), grp);
+    g.delete_volume_group_snapshot(DeleteVolumeGroupSnapshotRequest {
+        group_snapshot_id: grp.group_snapshot_id.clone(),
+        snapshot_ids: ids,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let gone = g
+        .get_volume_group_snapshot(GetVolumeGroupSnapshotRequest {
+            group_snapshot_id: grp.group_snapshot_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(gone.code(), tonic::Code::NotFound);
+    for v in [a, b, c] {
+        r.delete_volume(DeleteVolumeRequest {
+            volume_id: v,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+}

@@ -2639,3 +2639,106 @@ async fn stats_and_expand_refuse_the_path_of_another_volume() {
         "stats: {stats:?}\nexpand: {expand:?}"
     );
 }
+
+/// A pool image attached by another process behind loopvol's back (here `losetup`, which
+/// loopvol's staging records know nothing of): NodeStage finds that device by the image's
+/// identity and uses it instead of attaching a second one, and unstage leaves no device at
+/// all. The attachment is invisible to every shortcut loopvol has (no record, no remembered
+/// device), so this is the case the kernel's own answer has to cover.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_image_attached_behind_loopvols_back_is_never_attached_twice() {
+    if !root_or_skip("attached_behind_our_back") {
+        return;
+    }
+    let d = Driver::start().await;
+    let (mut c, mut n) = (d.controller().await, d.node().await);
+    let id = create_volume_id(&mut c, create_req("behind", 64 * MIB, rw_mount("ext4"))).await;
+    let image = d.image_of(&id);
+    let staging = d.dir.path().join("staging");
+    let target = d.dir.path().join("target");
+
+    // First a normal stage, publish and write, so the image holds a filesystem with data.
+    n.node_stage_volume(stage_req(&id, &staging, rw_mount("ext4")))
+        .await
+        .expect("first stage");
+    n.node_publish_volume(publish_req(&id, &staging, &target, rw_mount("ext4")))
+        .await
+        .expect("publish");
+    write_synced(&target.join("kept"), b"written through loopvol").unwrap();
+    n.node_unpublish_volume(unpublish_req(&id, &target))
+        .await
+        .expect("unpublish");
+    n.node_unstage_volume(unstage_req(&id, &staging))
+        .await
+        .expect("unstage");
+    assert_eq!(loops_of(&image), 0);
+
+    // Detach whatever the test attached, even when an assertion below fails.
+    struct Losetup(Option<String>);
+    impl Drop for Losetup {
+        fn drop(&mut self) {
+            if let Some(dev) = self.0.take() {
+                let _ = std::process::Command::new("losetup")
+                    .args(["-d", &dev])
+                    .status();
+            }
+        }
+    }
+    let out = std::process::Command::new("losetup")
+        .args(["--find", "--show"])
+        .arg(&image)
+        .output()
+        .expect("run losetup");
+    assert!(out.status.success(), "losetup: {out:?}");
+    let outsider = Losetup(Some(
+        String::from_utf8(out.stdout).unwrap().trim().to_string(),
+    ));
+    let outsider_dev = outsider.0.clone().unwrap();
+    assert_eq!(loops_of(&image), 1);
+
+    n.node_stage_volume(stage_req(&id, &staging, rw_mount("ext4")))
+        .await
+        .expect("stage over the outsider's device");
+    let devices: Vec<PathBuf> = loopvol::datapath::loop_device::loops_backed_by(&image)
+        .into_iter()
+        .map(|l| l.device)
+        .collect();
+    assert_eq!(
+        devices,
+        vec![PathBuf::from(&outsider_dev)],
+        "the image must stay on the one device it already had"
+    );
+    assert!(doubly_attached(&d.pool).is_empty());
+    n.node_publish_volume(publish_req(&id, &staging, &target, rw_mount("ext4")))
+        .await
+        .expect("publish again");
+    assert_eq!(
+        std::fs::read(target.join("kept")).unwrap(),
+        b"written through loopvol"
+    );
+    n.node_unpublish_volume(unpublish_req(&id, &target))
+        .await
+        .expect("unpublish again");
+    // A second, read-only device next to the staged one, attached by hand while staged: the
+    // staging record names only the first, and unstage must still leave none.
+    let out = std::process::Command::new("losetup")
+        .args(["--read-only", "--find", "--show"])
+        .arg(&image)
+        .output()
+        .expect("run losetup");
+    assert!(out.status.success(), "losetup: {out:?}");
+    let _second = Losetup(Some(
+        String::from_utf8(out.stdout).unwrap().trim().to_string(),
+    ));
+    assert_eq!(loops_of(&image), 2);
+    n.node_unstage_volume(unstage_req(&id, &staging))
+        .await
+        .expect("unstage again");
+    // Unstage detached the device it staged on, which was the outsider's, and the second one
+    // attached by hand: none is left.
+    assert_eq!(loops_of(&image), 0, "unstage left a loop device");
+    assert_eq!(mounts_at(&staging), 0);
+    fsck_clean(&image, "ext4").unwrap();
+    drop(outsider);
+    d.assert_clean();
+}

@@ -64,6 +64,9 @@ struct Args {
     /// Passed to `loopvol serve` as --max-concurrent-ops (default: the driver's own).
     #[arg(long)]
     max_concurrent_ops: Option<usize>,
+    /// Volumes in the scale section (default: 1000, or 50 with --quick).
+    #[arg(long)]
+    scale_volumes: Option<usize>,
     /// Keep the main driver's log here (default: in the temp dir, removed at the end).
     #[arg(long)]
     driver_log: Option<PathBuf>,
@@ -173,7 +176,10 @@ fn section_failed(results: &mut Results, ws: &Workspace, name: &str, e: anyhow::
 
 async fn run(args: &Args, launch: &Launch, ws: &Workspace) -> anyhow::Result<Results> {
     let started = Instant::now();
-    let plan = Plan::new(args.quick);
+    let mut plan = Plan::new(args.quick);
+    if let Some(n) = args.scale_volumes {
+        plan.scale_volumes = n;
+    }
     let sections: Vec<String> = if args.only.is_empty() {
         SECTIONS.iter().map(|s| s.to_string()).collect()
     } else {

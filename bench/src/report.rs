@@ -121,6 +121,7 @@ pub fn render(r: &Results) -> String {
         footprint_section(&mut md, f, r.scale.as_ref());
     }
     md.push_str(CBT);
+    md.push_str(GROUP);
     md.push_str(HOW_TO);
     md
 }
@@ -593,6 +594,13 @@ const CBT: &str = "## Changed-block tracking\n\nMeasured by `bench/src/bin/cbt.r
     with 1 % changed reads with GetMetadataDelta against a full copy, and how long the delta \
     takes, on an ext4 pool (chunk digests) and an xfs reflink pool (extent maps).\n\n";
 
+/// Group snapshots need pool filesystems of their own (ext4 and xfs), like changed-block
+/// tracking, so `bench/src/bin/group.rs` measures them and its figures live in their own file.
+const GROUP: &str = "## Group snapshots\n\nMeasured by `bench/src/bin/group.rs`, not by this \
+    harness: see [benchmarks-group.md](benchmarks-group.md) for CreateVolumeGroupSnapshot of 2 \
+    and 8 staged volumes on an ext4 pool (sparse copy) and an xfs pool (reflink), the freeze \
+    window from the first freeze to the last thaw, and a single snapshot for comparison.\n\n";
+
 fn scale_section(md: &mut String, s: &Scale) {
     md.push_str("## Scale\n\n");
     let _ = writeln!(
@@ -649,9 +657,11 @@ fn scale_section(md: &mut String, s: &Scale) {
     );
     let _ = writeln!(
         md,
-        "- The kernel added {} loop device nodes for the run; {} were removed again after \
-         (idle nodes outlive their detach and slow every later sysfs scan).",
-        s.loop_nodes_added, s.loop_nodes_removed
+        "- The kernel added {} loop device nodes for the run (counted with all published); {} \
+         were left after teardown and delete (loopvol removes the idle nodes it detaches: \
+         they would otherwise outlive their detach and slow every later sysfs scan); the \
+         harness removed {}.",
+        s.loop_nodes_added, s.loop_nodes_left, s.loop_nodes_removed
     );
     if !s.start_with_volumes.is_empty() {
         let m = median_start(&s.start_with_volumes);

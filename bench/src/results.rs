@@ -272,8 +272,12 @@ pub struct Scale {
     pub peak_rss_bytes: u64,
     /// Start-to-ready of a driver whose pool holds `volumes` volumes.
     pub start_with_volumes: Vec<StartTiming>,
-    /// Loop device nodes the kernel added for the run, and how many were removed again after.
+    /// Loop device nodes the kernel added for the run (counted with every volume published),
+    /// how many of them were still there after teardown and delete (loopvol removes the nodes
+    /// it detaches), and how many of those the harness removed.
     pub loop_nodes_added: usize,
+    #[serde(default)]
+    pub loop_nodes_left: usize,
     pub loop_nodes_removed: usize,
 }
 

@@ -119,6 +119,9 @@ pub async fn run(
     .await;
     phases.push(phase("NodeStage+NodePublish", &b));
     let (loops_when_published, mounts_when_published) = ours(ws, driver);
+    let loop_nodes_added = crate::workspace::loop_nodes()
+        .difference(&nodes_before)
+        .count();
     let rss_published_bytes = driver.memory().map(|m| m.rss_bytes).unwrap_or(0);
 
     eprintln!("  unpublishing and unstaging them");
@@ -148,7 +151,7 @@ pub async fn run(
     .await;
     phases.push(phase("DeleteVolume", &b));
     let (loops_end, _) = ours(ws, driver);
-    let loop_nodes_added = crate::workspace::loop_nodes()
+    let loop_nodes_left = crate::workspace::loop_nodes()
         .difference(&nodes_before)
         .count();
     let loop_nodes_removed = crate::workspace::remove_new_loop_nodes(&nodes_before);
@@ -168,6 +171,7 @@ pub async fn run(
         peak_rss_bytes: mem.peak_rss_bytes,
         start_with_volumes,
         loop_nodes_added,
+        loop_nodes_left,
         loop_nodes_removed,
     })
 }

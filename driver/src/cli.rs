@@ -43,16 +43,10 @@ pub enum Command {
     /// Internal: the process that guards one filesystem freeze (started by the driver).
     #[command(hide = true)]
     FreezeGuard(crate::fs::freeze::GuardArgs),
-    /// Generate the CA, node and router certificates for the pool API's mTLS, plus a
-    /// Kubernetes Secret (secret.yaml) holding them.
-    Certs {
-        /// Directory to write ca.crt, server.crt/key, client.crt/key and secret.yaml into.
-        #[arg(long)]
-        out: PathBuf,
-        /// Namespace of the Secret.
-        #[arg(long, default_value = "loopvol-system")]
-        namespace: String,
-    },
+    /// The pool API's mTLS certificates: bootstrap them in the cluster (CA kept in a Secret),
+    /// rotate the CA, or write a set into a directory with --out.
+    #[cfg(feature = "certs")]
+    Certs(crate::multinode::cert_bootstrap::CertsArgs),
 }
 
 /// Where a router finds the node plugins.
@@ -70,6 +64,7 @@ pub struct MultiNodeArgs {
     /// PEM certificate: the node's server certificate, or the router's client certificate.
     #[arg(long, requires_all = ["tls_key", "tls_ca"])]
     pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
     #[arg(long, requires_all = ["tls_cert", "tls_ca"])]
     pub tls_key: Option<PathBuf>,
     /// The CA that signs every peer's certificate; peers without one are refused.
@@ -118,6 +113,7 @@ pub enum LogFormat {
 
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
+    /// Which CSI services to serve.
     #[arg(long, value_enum, default_value_t = Mode::All)]
     pub mode: Mode,
     /// Where to listen: unix:///path/to.sock (a plain absolute path works too).
@@ -139,6 +135,7 @@ pub struct ServeArgs {
     /// burst of 100 provisioner workers cannot overload the node.
     #[arg(long, default_value_t = 16)]
     pub max_concurrent_ops: usize,
+    /// Log lines as text for people or as one JSON object each, for log pipelines.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
     /// tracing filter, e.g. `info` or `loopvol=debug`.
@@ -182,23 +179,29 @@ pub enum VolumeCommand {
     /// Create a volume in the pool and print a PersistentVolume + PersistentVolumeClaim that
     /// bind to it 1:1 (a static PV).
     Create(VolumeCreateArgs),
-    /// List the pool's volumes.
+    /// List the pool's volumes. Works while the driver serves.
     List {
         #[command(flatten)]
         pool: PoolArgs,
+        /// Output format.
+        #[arg(long, short = 'o', value_enum, default_value_t)]
+        output: crate::ops::admin::output::ListOutput,
     },
-    /// Delete a volume by ID.
+    /// Delete a volume by ID (the driver must be stopped).
     Delete {
         #[command(flatten)]
         pool: PoolArgs,
+        /// The volume ID, `vol-<20 hex>@<node>`.
         id: String,
     },
     /// Show one volume: record, image, staging, loop device. Works while the driver serves.
     Inspect {
         #[command(flatten)]
         pool: PoolArgs,
+        /// The volume ID, `vol-<20 hex>@<node>`.
         id: String,
-        #[arg(long, value_enum, default_value_t)]
+        /// Output format.
+        #[arg(long, short = 'o', value_enum, default_value_t)]
         output: crate::ops::admin::Output,
     },
 }

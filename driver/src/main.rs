@@ -18,7 +18,20 @@ fn init_logging(format: LogFormat, level: &str) {
     }
 }
 
-fn main() -> anyhow::Result<()> {
+/// Errors end the CLI with one clean line and exit status 1, never a backtrace: anyhow's
+/// `Debug` form (what returning `Result` from `main` prints) adds one whenever
+/// `RUST_BACKTRACE` is set, which is noise to an operator.
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => {
@@ -32,27 +45,18 @@ fn main() -> anyhow::Result<()> {
             init_logging(LogFormat::Text, "info");
             std::process::exit(loopvol::fs::freeze::guard_main(&a))
         }
-        #[cfg(not(feature = "certs"))]
-        Command::Certs { .. } => {
-            anyhow::bail!("this loopvol was built without the certs feature")
-        }
         #[cfg(feature = "certs")]
-        Command::Certs { out, namespace } => {
-            loopvol::multinode::certs::write(&out, &namespace)?;
-            println!(
-                "wrote ca.crt, server.crt, server.key, client.crt, client.key and secret.yaml to {}, \
-                 and the snapshot-metadata sidecar's tls.crt, tls.key and \
-                 snapshotmetadataservice.yaml to {}",
-                out.display(),
-                out.join("snapshot-metadata").display()
-            );
-            Ok(())
+        Command::Certs(a) => {
+            init_logging(LogFormat::Text, "info");
+            loopvol::multinode::cert_bootstrap::main(a)
         }
         Command::Volume(cmd) => {
             init_logging(LogFormat::Text, "warn");
             match cmd {
                 VolumeCommand::Create(a) => static_volume::create(&a),
-                VolumeCommand::List { pool } => static_volume::list(&pool),
+                VolumeCommand::List { pool, output } => {
+                    loopvol::ops::admin::output::volume_list(&pool, output)
+                }
                 VolumeCommand::Delete { pool, id } => static_volume::delete(&pool, &id),
                 VolumeCommand::Inspect { pool, id, output } => {
                     loopvol::ops::admin::volume::inspect(&pool.pool_dir, &id, output)

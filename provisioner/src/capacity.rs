@@ -18,6 +18,10 @@ pub struct Capacity {
     /// Σ over thin volumes of (provisioned size − allocated bytes).
     pub reserved_bytes: u64,
     pub overcommit_ratio: f64,
+    /// With a cap on the pool (`--max-pool-bytes`): what the cap still allows, i.e. the cap
+    /// minus the provisioned sizes of every volume in the pool.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cap_left_bytes: Option<u64>,
 }
 
 impl Capacity {
@@ -33,14 +37,17 @@ impl Capacity {
             available_bytes: st.blocks_available() as u64 * frsize,
             reserved_bytes,
             overcommit_ratio,
+            cap_left_bytes: None,
         })
     }
 
-    /// available × ratio − reserved: what new thin volumes may still be promised.
+    /// available × ratio − reserved: what new thin volumes may still be promised; never more
+    /// than the pool's cap still allows.
     pub fn headroom(&self) -> u64 {
         let virt =
             (self.available_bytes as f64 * self.overcommit_ratio).min(u64::MAX as f64) as u64;
-        virt.saturating_sub(self.reserved_bytes)
+        let room = virt.saturating_sub(self.reserved_bytes);
+        self.cap_left_bytes.map_or(room, |left| room.min(left))
     }
 
     /// The largest volume of this allocation type that can be created now. Thick volumes also
@@ -63,7 +70,19 @@ mod tests {
             available_bytes: avail,
             reserved_bytes: reserved,
             overcommit_ratio: ratio,
+            cap_left_bytes: None,
         }
+    }
+
+    #[test]
+    fn a_cap_bounds_thin_and_thick_alike() {
+        let mut c = cap(100, 30, 2.0);
+        assert_eq!(c.for_allocation(Allocation::Thin), 170);
+        c.cap_left_bytes = Some(40);
+        assert_eq!(c.for_allocation(Allocation::Thin), 40);
+        assert_eq!(c.for_allocation(Allocation::Thick), 40);
+        c.cap_left_bytes = Some(0);
+        assert_eq!(c.headroom(), 0);
     }
 
     #[test]

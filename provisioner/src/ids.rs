@@ -19,6 +19,8 @@ const HEX_LEN: usize = 20;
 pub enum Kind {
     Volume,
     Snapshot,
+    /// A volume group snapshot (group_snapshot.rs).
+    Group,
 }
 
 impl Kind {
@@ -26,6 +28,7 @@ impl Kind {
         match self {
             Kind::Volume => "vol",
             Kind::Snapshot => "snap",
+            Kind::Group => "group",
         }
     }
 }

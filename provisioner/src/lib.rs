@@ -27,5 +27,7 @@ pub use ids::{validate_name, VolumeId};
 pub use in_use::InUse;
 pub use io_limits::{IoLimits, IoLimitsChange};
 pub use params::{Allocation, FsType, VolumeParams};
+/// Group snapshots live with the pool (its start-up repair finishes interrupted groups).
+pub use pool::group_snapshot;
 pub use pool::{CreateRequest, Pool, PoolOptions};
 pub use record::{SnapshotRecord, VolumeRecord};

@@ -49,4 +49,8 @@ pub struct SnapshotRecord {
     pub created_unix_nanos: u128,
     /// How the image was copied (reflink shares extents; sparse-copy copies data extents).
     pub method: CopyMethod,
+    /// The volume group snapshot this snapshot is a member of (group_snapshot.rs); such a
+    /// snapshot is deleted only with its group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_snapshot_id: Option<String>,
 }

@@ -20,7 +20,7 @@ impl Pool {
         self.dir.join("snapshots").join(format!("{hex}.img"))
     }
 
-    fn snapshot_record_path(&self, hex: &str) -> PathBuf {
+    pub(crate) fn snapshot_record_path(&self, hex: &str) -> PathBuf {
         self.dir.join("snapshots").join(format!("{hex}.json"))
     }
 
@@ -139,6 +139,7 @@ impl Pool {
                 .map(|d| d.as_nanos())
                 .unwrap_or(0),
             method,
+            group_snapshot_id: None,
         };
         if let Err(e) = atomic::write_file(&self.snapshot_record_path(&id.hex), &to_json(&record)) {
             let _ = atomic::remove_file(&dest);
@@ -161,14 +162,22 @@ impl Pool {
             return Ok(false);
         };
         let _guard = self.locks.lock(&snapshot_lock_key(&sid.hex));
-        if self
+        let group = match self
             .snapshots
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .get(&sid.hex)
-            .is_none()
         {
-            return Ok(false);
+            None => return Ok(false),
+            Some(r) => r.group_snapshot_id.clone(),
+        };
+        // CSI v1.11+: a member of a group snapshot "CAN NOT be deleted stand alone"; the spec's
+        // code for that is INVALID_ARGUMENT, and the caller deletes the whole group instead.
+        if let Some(group) = group {
+            return Err(PoolError::InvalidArgument(format!(
+                "snapshot {id} is a member of group snapshot {group} and cannot be deleted on \
+                 its own: delete the group snapshot (DeleteVolumeGroupSnapshot)"
+            )));
         }
         atomic::remove_file(&self.snapshot_record_path(&sid.hex))
             .ctx(|| format!("remove record of {id}"))?;

@@ -104,6 +104,13 @@ pub trait BlockDataPath: Send + Sync {
     /// Every attachment on the machine.
     fn list_all(&self) -> Vec<Attachment>;
 
+    /// A node plugin starts serving: `state_dir` is where the data path may keep what must
+    /// outlive the process (the loop device: which idle nodes it still owes a removal).
+    fn start(&self, _state_dir: &Path) {}
+
+    /// The node plugin stops: finish or hand over background work, for at most `wait`.
+    fn stop(&self, _state_dir: &Path, _wait: std::time::Duration) {}
+
     /// A cheap check, for the storage health RPC: `Some((reason, message))` when the kernel
     /// side of this data path is missing altogether.
     fn missing(&self) -> Option<(&'static str, String)>;

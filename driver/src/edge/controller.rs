@@ -96,7 +96,7 @@ fn source_of(s: &VolumeContentSource) -> Result<ContentSource> {
     }
 }
 
-fn to_snapshot(s: &SnapshotRecord) -> Snapshot {
+pub fn to_snapshot(s: &SnapshotRecord) -> Snapshot {
     Snapshot {
         size_bytes: s.size_bytes as i64,
         snapshot_id: s.id.clone(),
@@ -106,7 +106,7 @@ fn to_snapshot(s: &SnapshotRecord) -> Snapshot {
             nanos: (s.created_unix_nanos % 1_000_000_000) as i32,
         }),
         ready_to_use: true,
-        group_snapshot_id: String::new(),
+        group_snapshot_id: s.group_snapshot_id.clone().unwrap_or_default(),
         accessible_topology: VolumeId::parse(Kind::Snapshot, &s.id)
             .map(|v| vec![topology(&v.node)])
             .unwrap_or_default(),
@@ -122,7 +122,7 @@ fn quiesce(d: &Driver, r: &VolumeRecord) -> Result<Box<dyn Quiesced>, PoolError>
 }
 
 /// Snapshot classes carry no loopvol parameters yet; refuse typos like StorageClasses do.
-fn check_snapshot_parameters(parameters: &HashMap<String, String>) -> Result<()> {
+pub fn check_snapshot_parameters(parameters: &HashMap<String, String>) -> Result<()> {
     match parameters
         .keys()
         .find(|k| !k.starts_with("csi.storage.k8s.io/"))

@@ -71,6 +71,8 @@ impl Identity for IdentityService {
             // Served wherever the Controller is (the sidecar shares the controller's socket);
             // csi-test v5.4 names this value, so it is advertised by default.
             capabilities.push(service_cap(service::Type::SnapshotMetadataService));
+            // Group snapshots (spec v1.11, named by csi-test v5.4), wherever the Controller is.
+            capabilities.push(service_cap(service::Type::GroupControllerService));
         }
         capabilities.push(PluginCapability {
             r#type: Some(plugin_capability::Type::VolumeExpansion(

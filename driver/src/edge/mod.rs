@@ -3,6 +3,7 @@
 
 pub mod capability;
 pub mod controller;
+pub mod group_controller;
 pub mod identity;
 pub mod node;
 pub mod snapshot_metadata;

@@ -15,9 +15,16 @@ pub fn unstage(d: &Engine, id: &str, staging: &Path) -> Result<()> {
     let _g = hold(d, &vol)?;
     let state_dir = d.pool.node_state_dir();
     let record = node_state::load(&state_dir, &vol.hex)?;
-    // Every device backed by the image (normally one): unstage leaks none, even one attached
-    // by hand.
-    let loops = d.data_path.find_all(&vol.image);
+    // The device the staging record remembers, checked with the kernel (one open and one
+    // ioctl), or else every device backed by the image. A second device attached next to the
+    // remembered one (by hand, behind loopvol's back) is found after the first is detached.
+    let loops = match record
+        .as_ref()
+        .and_then(|r| d.data_path.attachment_at(&r.device, &vol.image))
+    {
+        Some(l) => vec![l],
+        None => d.data_path.find_all(&vol.image),
+    };
     let all = mount::mounts()?;
     if let Some(st) = &record {
         // Staged at another path, unless the recorded path shows nothing to this process and
@@ -74,6 +81,27 @@ pub fn unstage(d: &Engine, id: &str, staging: &Path) -> Result<()> {
                 l.device.display()
             )));
         }
+        d.data_path.detach(&l.device)?;
+    }
+    // Unstage leaks no device, even one attached by hand: once the known devices are gone,
+    // whatever still backs the image (free to find: with nothing holding the image open the
+    // kernel says so without a scan) is detached too, or refused while something uses it.
+    for l in d.data_path.find_all(&vol.image) {
+        if loops.iter().any(|k| k.device == l.device) {
+            // Detached above; its release waits for a holder's last close (autoclear).
+            continue;
+        }
+        if blockdev::claimed(&l.device)
+            || !mount::of_device(&all, l.dev).is_empty()
+            || !mount::device_node_binds(&all, l.dev).is_empty()
+        {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {id} is also attached to {}, which is in use; unmount it there first",
+                l.device.display()
+            )));
+        }
+        tracing::warn!(volume_id = id, device = %l.device.display(),
+            "a second loop device backed the volume (attached outside loopvol); detaching it");
         d.data_path.detach(&l.device)?;
     }
     node_state::remove(&state_dir, &vol.hex)?;

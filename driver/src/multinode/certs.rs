@@ -16,11 +16,13 @@ use rcgen::{
 /// The DNS name every node's pool certificate carries and the router verifies.
 pub use crate::multinode::tls::NODE_SERVER_NAME;
 
-/// The Service in front of the external-snapshot-metadata sidecar (manifests/snapshot-metadata/).
+/// The Service in front of the external-snapshot-metadata sidecar (overlays/snapshot-metadata/).
 pub const SNAPSHOT_METADATA_SERVICE: &str = "loopvol-snapshot-metadata";
 
 pub struct Bundle {
     pub ca_crt: String,
+    /// Kept so that more certificates can be issued later (`loopvol certs --out` writes it).
+    pub ca_key: String,
     pub server_crt: String,
     pub server_key: String,
     pub client_crt: String,
@@ -35,7 +37,13 @@ pub fn generate(namespace: &str) -> anyhow::Result<Bundle> {
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca.distinguished_name.push(DnType::CommonName, "loopvol CA");
     ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate()?)?;
+    // rcgen's default validity is 1975–4096; a CA of ten years and leaves of one instead.
+    let now = time::OffsetDateTime::now_utc();
+    ca.not_before = now - time::Duration::hours(1);
+    ca.not_after = now + time::Duration::days(crate::multinode::cert_bootstrap::CA_DAYS);
+    let ca_key = KeyPair::generate()?;
+    let ca_key_pem = ca_key.serialize_pem();
+    let ca = CertifiedIssuer::self_signed(ca, ca_key)?;
 
     let leaf = |cn: &str,
                 sans: Vec<String>,
@@ -43,6 +51,8 @@ pub fn generate(namespace: &str) -> anyhow::Result<Bundle> {
      -> anyhow::Result<(String, String)> {
         let mut p = CertificateParams::new(sans)?;
         p.distinguished_name.push(DnType::CommonName, cn);
+        p.not_before = now - time::Duration::hours(1);
+        p.not_after = now + time::Duration::days(crate::multinode::cert_bootstrap::LEAF_DAYS);
         p.extended_key_usages = vec![usage];
         p.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
@@ -74,6 +84,7 @@ pub fn generate(namespace: &str) -> anyhow::Result<Bundle> {
     )?;
     Ok(Bundle {
         ca_crt: ca.pem(),
+        ca_key: ca_key_pem,
         server_crt,
         server_key,
         client_crt,
@@ -110,7 +121,7 @@ pub fn snapshot_metadata_service_yaml(b: &Bundle, driver: &str, namespace: &str)
 
 /// Write the bundle into `dir`; keys are 0600. The sidecar's certificate, key and the
 /// SnapshotMetadataService object go to `dir/snapshot-metadata/`, ready to be copied into
-/// `manifests/snapshot-metadata/certs/`.
+/// `overlays/snapshot-metadata/certs/`.
 pub fn write(dir: &Path, namespace: &str) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::create_dir_all(dir.join("snapshot-metadata"))
@@ -119,6 +130,7 @@ pub fn write(dir: &Path, namespace: &str) -> anyhow::Result<()> {
     let smd = snapshot_metadata_service_yaml(&b, "loopvol.csi.dev", namespace);
     let files = [
         ("ca.crt", &b.ca_crt, 0o644),
+        ("ca.key", &b.ca_key, 0o600),
         ("server.crt", &b.server_crt, 0o644),
         ("server.key", &b.server_key, 0o600),
         ("client.crt", &b.client_crt, 0o644),

@@ -5,6 +5,7 @@
 pub mod csi;
 pub mod doctor;
 pub mod fs_name;
+pub mod output;
 pub mod snapshot;
 pub mod status;
 pub mod volume;

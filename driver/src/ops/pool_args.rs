@@ -17,6 +17,10 @@ pub struct PoolArgs {
     /// How far thin volumes may overcommit the pool's free space (1.0 = never).
     #[arg(long, default_value_t = 1.0, value_parser = parse_overcommit_ratio)]
     pub overcommit_ratio: f64,
+    /// The most the pool's volumes may be provisioned in total (a quantity, e.g. 500Gi), so a
+    /// pool on a shared disk cannot promise all of it; unlimited when not given.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, env = "LOOPVOL_MAX_POOL_BYTES")]
+    pub max_pool_bytes: Option<u64>,
 }
 
 #[derive(Debug, Args)]
@@ -26,13 +30,16 @@ pub struct VolumeCreateArgs {
     /// Name of the volume (and of the printed PV; the PVC gets `<name>-claim`).
     #[arg(long)]
     pub name: String,
-    /// Size, e.g. 10Gi, 512Mi or a number of bytes.
+    /// Size as a Kubernetes quantity: 10Gi, 1.5Gi, 512Mi, 10G or a number of bytes.
     #[arg(long, value_parser = parse_size)]
     pub size: u64,
+    /// Filesystem to format the volume with on first stage: ext4, xfs or btrfs.
     #[arg(long, default_value = "ext4")]
     pub fs_type: String,
+    /// thin (sparse, blocks allocated on write) or thick (allocated now).
     #[arg(long, default_value = "thin")]
     pub allocation: String,
+    /// The CSI driver name the printed PersistentVolume names.
     #[arg(long, default_value = "loopvol.csi.dev")]
     pub driver_name: String,
     /// Namespace of the printed PVC.

@@ -127,6 +127,7 @@ pub fn create(args: &VolumeCreateArgs) -> anyhow::Result<()> {
             source: None,
         })
         .context("create volume")?;
+    crate::ops::admin::csi::note_rounding(args.size, record.size_bytes);
     print!(
         "{}",
         static_manifest(&record, &args.driver_name, pool.node_id(), &args.namespace)
@@ -178,27 +179,6 @@ spec:
       storage: \"{size}\"
 "
     )
-}
-
-/// Reads the records without the pool's lock, so it also works while a driver serves the pool.
-pub fn list(pool: &PoolArgs) -> anyhow::Result<()> {
-    let listing = provisioner::listing::read_records(&pool.pool_dir)?;
-    let all = listing.volumes.iter().map(|v| &v.record);
-    println!(
-        "{:<48} {:<32} {:>14} {:<6} {:<6}",
-        "ID", "NAME", "SIZE", "FS", "ALLOC"
-    );
-    for r in all {
-        println!(
-            "{:<48} {:<32} {:>14} {:<6} {:<6}",
-            r.id,
-            r.name,
-            r.size_bytes,
-            r.fs_type,
-            r.allocation.as_str()
-        );
-    }
-    Ok(())
 }
 
 /// Delete by ID. An ID of another node, or one the pool does not hold, is an error (exit 1):

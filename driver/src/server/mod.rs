@@ -18,10 +18,12 @@ use crate::shared::{socket_path, Mode};
 
 pub mod unix_authority;
 use crate::csi::controller_server::ControllerServer;
+use crate::csi::group_controller_server::GroupControllerServer;
 use crate::csi::identity_server::IdentityServer;
 use crate::csi::node_server::NodeServer;
 use crate::csi::snapshot_metadata_server::SnapshotMetadataServer;
 use crate::edge::controller::ControllerService;
+use crate::edge::group_controller::GroupControllerService;
 use crate::edge::identity::IdentityService;
 use crate::edge::node::NodeService;
 use crate::edge::snapshot_metadata::SnapshotMetadataService;
@@ -68,6 +70,15 @@ pub async fn serve(
     if (multi.is_router() || multi.pool_listen.is_some()) && multi.tls().is_none() {
         bail!("the pool API is mTLS only: give --tls-cert, --tls-key and --tls-ca");
     }
+    // Before the pool is opened (and its directory created): a second `serve` on a busy socket
+    // must change nothing. `bind` checks again, for a server that starts in between.
+    let socket = socket_path(&args.endpoint)?;
+    if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+        bail!(
+            "{} is in use by a running server; stop it first, or give another --endpoint",
+            socket.display()
+        );
+    }
     // One shutdown signal fans out to every listener.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
@@ -95,6 +106,12 @@ async fn serve_socket(
 ) -> anyhow::Result<()> {
     let path = socket_path(endpoint)?;
     let listener = bind(&path)?;
+    tracing::info!(
+        socket = %path.display(),
+        "ready; next: `loopvol csi --endpoint unix://{0} info`, `loopvol csi --endpoint \
+         unix://{0} create-volume --name demo --size 1Gi`, `loopvol status` (docs/operations.md)",
+        path.display()
+    );
     tracing::info!(socket = %path.display(), "listening");
     let result = tonic::transport::Server::builder()
         .layer(crate::metrics::rpc_layer::RpcMetricsLayer)
@@ -149,6 +166,9 @@ where
                 Advertised::new(&args.advertise_capabilities),
             ),
         ))
+        .add_service(GroupControllerServer::new(
+            crate::multinode::group_router::GroupRouter::new(dir.clone()),
+        ))
         .add_service(SnapshotMetadataServer::new(
             crate::multinode::snapshot_metadata_router::SnapshotMetadataRouter::new(dir),
         ));
@@ -174,9 +194,10 @@ where
         node: matches!(args.mode, Mode::Node | Mode::All),
         in_use: crate::datapath::in_use_hook(crate::datapath::default_path()),
     };
-    let (pool, repairs) = tokio::task::spawn_blocking(move || Pool::open(pool_opts))
+    let (mut pool, repairs) = tokio::task::spawn_blocking(move || Pool::open(pool_opts))
         .await?
         .with_context(|| format!("open pool {}", args.pool.pool_dir.display()))?;
+    pool.set_max_bytes(args.pool.max_pool_bytes);
     for r in &repairs {
         tracing::warn!(repair = %r, "pool repaired at start-up");
     }
@@ -233,6 +254,7 @@ where
         args.max_concurrent_ops,
     ));
     if matches!(args.mode, Mode::Node | Mode::All) {
+        driver.data_path.start(&driver.pool.node_state_dir());
         let d = driver.clone();
         let report = tokio::task::spawn_blocking(move || crate::engine::recover(&d)).await?;
         for line in report {
@@ -260,6 +282,9 @@ where
                 .add_service(ControllerServer::new(ControllerService::new(
                     driver.clone(),
                 )))
+                .add_service(GroupControllerServer::new(GroupControllerService::new(
+                    driver.clone(),
+                )))
                 .add_service(SnapshotMetadataServer::new(SnapshotMetadataService::new(
                     driver.clone(),
                 )))
@@ -275,6 +300,9 @@ where
     routes.add_service(identity(matches!(args.mode, Mode::Controller | Mode::All)));
     if matches!(args.mode, Mode::Controller | Mode::All) {
         routes.add_service(ControllerServer::new(ControllerService::new(
+            driver.clone(),
+        )));
+        routes.add_service(GroupControllerServer::new(GroupControllerService::new(
             driver.clone(),
         )));
         // The external-snapshot-metadata sidecar shares the controller's socket.
@@ -298,6 +326,14 @@ where
     let result = serve_socket(&args.endpoint, routes.routes(), stopped()).await;
     if let Some(h) = pool_server {
         h.await?.context("pool API server")?;
+    }
+    if matches!(args.mode, Mode::Node | Mode::All) {
+        let state_dir = driver.pool.node_state_dir();
+        let data_path = driver.data_path;
+        tokio::task::spawn_blocking(move || {
+            data_path.stop(&state_dir, std::time::Duration::from_secs(2))
+        })
+        .await?;
     }
     result
 }

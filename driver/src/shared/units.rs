@@ -17,30 +17,25 @@ pub fn bytes(n: u64) -> String {
     }
 }
 
-/// Parse `10Gi`, `512Mi`, `1G`, `4096`. Binary (Ki/Mi/Gi/Ti) and decimal (K/M/G/T) suffixes,
-/// as Kubernetes quantities write them.
+/// A size as Kubernetes writes a quantity (`10Gi`, `1.5Gi`, `500M`, `1e9`, `4096`), parsed
+/// exactly by the same code that reads StorageClass parameters; not zero. `10GB` is not a
+/// Kubernetes quantity and is refused with the two spellings that are.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size like 10Gi"))?;
-    let mult: u64 = match unit {
-        "" => 1,
-        "Ki" => 1 << 10,
-        "Mi" => 1 << 20,
-        "Gi" => 1 << 30,
-        "Ti" => 1 << 40,
-        "K" | "k" => 1_000,
-        "M" => 1_000_000,
-        "G" => 1_000_000_000,
-        "T" => 1_000_000_000_000,
-        _ => return Err(format!("unknown size unit {unit:?} in {s:?}")),
-    };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("{s:?} is too large"))
+    if let Some(stem) = s
+        .strip_suffix('B')
+        .filter(|t| t.ends_with(char::is_alphabetic))
+    {
+        return Err(format!(
+            "{s:?} is not a Kubernetes quantity: write {stem} (powers of 1000) or {stem}i (powers of 1024)"
+        ));
+    }
+    match provisioner::quantity::parse_whole(s)? {
+        0 => Err("a size of 0 is not a volume; give e.g. 1Gi".into()),
+        n => Ok(n),
+    }
 }
+
 /// An overcommit ratio is a finite number ≥ 1: below 1 the pool would refuse space it has, and
 /// NaN or infinity would make every capacity figure meaningless.
 pub fn parse_overcommit_ratio(s: &str) -> Result<f64, String> {

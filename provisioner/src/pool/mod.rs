@@ -35,6 +35,7 @@ use crate::record::{ContentSource, SnapshotRecord, VolumeRecord, RECORD_FORMAT};
 use crate::size;
 use crate::PoolError;
 
+pub mod group_snapshot;
 mod quiesce;
 mod repair;
 mod space;
@@ -110,6 +111,8 @@ pub struct Pool {
     reserved_cache: Mutex<Option<(Instant, u64)>>,
     /// Whether the pool's filesystem can reflink, once probed.
     reflink: std::sync::OnceLock<bool>,
+    /// `--max-pool-bytes`: the most all volumes together may be provisioned.
+    max_bytes: Option<u64>,
     pub(crate) writer: bool,
     in_use: crate::InUse,
     _locks: Vec<Flock<File>>,
@@ -162,10 +165,14 @@ impl Pool {
             alloc: Mutex::new(()),
             reserved_cache: Mutex::new(None),
             reflink: std::sync::OnceLock::new(),
+            max_bytes: None,
             writer: opts.writer,
             in_use: opts.in_use,
             _locks: locks,
         };
+        if pool.writer {
+            crate::group_snapshot::recover(&pool, &mut repairs)?;
+        }
         Ok((pool, repairs))
     }
 

@@ -3,10 +3,28 @@
 use super::*;
 
 impl Pool {
+    /// Cap what the pool may promise: the provisioned sizes of all its volumes together stay
+    /// at or below `max` (a pool on a shared disk then cannot take all of it). Snapshots are
+    /// not counted.
+    pub fn set_max_bytes(&mut self, max: Option<u64>) {
+        self.max_bytes = max;
+    }
+
     /// Current capacity of the pool.
     pub fn capacity(&self) -> Result<Capacity, PoolError> {
         let reserved = self.reserved_bytes();
-        Capacity::measure(&self.dir, reserved, self.overcommit_ratio)
+        let mut c = Capacity::measure(&self.dir, reserved, self.overcommit_ratio)?;
+        if let Some(max) = self.max_bytes {
+            let provisioned: u64 = self
+                .volumes
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .values()
+                .map(|r| r.size_bytes)
+                .sum();
+            c.cap_left_bytes = Some(max.saturating_sub(provisioned));
+        }
+        Ok(c)
     }
 
     pub(super) fn reserved_bytes(&self) -> u64 {

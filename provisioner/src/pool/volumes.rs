@@ -377,9 +377,14 @@ pub(super) fn check_compatible(
     if (req.required_bytes > 0 && size < req.required_bytes as u64)
         || (req.limit_bytes > 0 && size > req.limit_bytes as u64)
     {
+        // A limit of 0 means none (CSI), which "[5368709120, 0]" hid.
+        let limit = match req.limit_bytes {
+            0 => "no upper limit".to_string(),
+            l => format!("at most {l}"),
+        };
         return conflict(format!(
-            "size {size}, outside the requested range [{}, {}]",
-            req.required_bytes, req.limit_bytes
+            "size {size} bytes, outside the requested range (at least {} bytes, {limit})",
+            req.required_bytes
         ));
     }
     if existing.allocation != req.params.allocation {

@@ -26,6 +26,7 @@ pub struct SourceFile {
 
 impl SourceFile {
     pub fn new(path: &str, text: &str) -> Self {
+        // Component files (manifests/components/*/) install like the base, when chosen.
         let origin = if path.starts_with("manifests/examples/") {
             Origin::Example
         } else {
@@ -39,6 +40,11 @@ impl SourceFile {
     }
 
     /// The file name relative to `manifests/`, as kustomization.yaml refers to it.
+    /// An optional component's file, installed only when an overlay picks the component.
+    pub fn in_component(&self) -> bool {
+        self.path.starts_with("manifests/components/")
+    }
+
     pub fn relative_to_manifests(&self) -> &str {
         self.path.strip_prefix("manifests/").unwrap_or(&self.path)
     }
@@ -79,10 +85,26 @@ impl Doc {
 }
 
 /// Everything loaded: the files (even unparseable ones) and the objects that parsed.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Inventory {
     pub files: Vec<SourceFile>,
     pub docs: Vec<Doc>,
+    /// The output of a kustomize build rather than the source files: no kustomization, and
+    /// the driver image already mapped.
+    pub rendered: bool,
+    /// The kubelet root directory of the cluster this set is for.
+    pub kubelet_dir: String,
+}
+
+impl Default for Inventory {
+    fn default() -> Self {
+        Inventory {
+            files: Vec::new(),
+            docs: Vec::new(),
+            rendered: false,
+            kubelet_dir: crate::DEFAULT_KUBELET_DIR.to_string(),
+        }
+    }
 }
 
 impl Inventory {
@@ -105,7 +127,14 @@ impl Inventory {
                 Err(e) => findings.push(Finding::file(&file.path, format!("not valid YAML: {e}"))),
             }
         }
-        (Inventory { files, docs }, findings)
+        (
+            Inventory {
+                files,
+                docs,
+                ..Default::default()
+            },
+            findings,
+        )
     }
 
     /// All objects of type `T`, with their documents.

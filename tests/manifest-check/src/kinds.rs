@@ -125,6 +125,9 @@ objects! {
     PersistentVolumeClaim(PersistentVolumeClaim),
     VolumeSnapshotClass(VolumeSnapshotClass),
     VolumeSnapshot(VolumeSnapshot),
+    VolumeGroupSnapshotClass(VolumeGroupSnapshotClass),
+    VolumeGroupSnapshot(VolumeGroupSnapshot),
+    ServiceMonitor(ServiceMonitor),
     Kustomization(Kustomization),
 }
 
@@ -218,6 +221,97 @@ pub struct VolumeSnapshotSource {
     pub persistent_volume_claim_name: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volume_snapshot_content_name: Option<String>,
+}
+
+/// groupsnapshot.storage.k8s.io/v1 VolumeGroupSnapshotClass (external-snapshotter v8.6).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct VolumeGroupSnapshotClass {
+    pub api_version: String,
+    pub kind: String,
+    pub metadata: ObjectMeta,
+    pub driver: String,
+    pub deletion_policy: DeletionPolicy,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parameters: Option<BTreeMap<String, String>>,
+}
+
+custom_resource!(VolumeGroupSnapshotClass, group: "groupsnapshot.storage.k8s.io", version: "v1",
+    kind: "VolumeGroupSnapshotClass", plural: "volumegroupsnapshotclasses",
+    scope: ClusterResourceScope);
+
+/// groupsnapshot.storage.k8s.io/v1 VolumeGroupSnapshot.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct VolumeGroupSnapshot {
+    pub api_version: String,
+    pub kind: String,
+    pub metadata: ObjectMeta,
+    pub spec: VolumeGroupSnapshotSpec,
+}
+
+custom_resource!(VolumeGroupSnapshot, group: "groupsnapshot.storage.k8s.io", version: "v1",
+    kind: "VolumeGroupSnapshot", plural: "volumegroupsnapshots", scope: NamespaceResourceScope);
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct VolumeGroupSnapshotSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_group_snapshot_class_name: Option<String>,
+    pub source: VolumeGroupSnapshotSource,
+}
+
+/// Exactly one of the two must be set: a label selector for a new group, or the content of a
+/// group snapshot taken before.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct VolumeGroupSnapshotSource {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_group_snapshot_content_name: Option<String>,
+}
+
+/// monitoring.coreos.com/v1 ServiceMonitor (Prometheus Operator), limited to the fields the
+/// monitoring component uses.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ServiceMonitor {
+    pub api_version: String,
+    pub kind: String,
+    pub metadata: ObjectMeta,
+    pub spec: ServiceMonitorSpec,
+}
+
+custom_resource!(ServiceMonitor, group: "monitoring.coreos.com", version: "v1",
+    kind: "ServiceMonitor", plural: "servicemonitors", scope: NamespaceResourceScope);
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ServiceMonitorSpec {
+    pub selector: k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector,
+    pub endpoints: Vec<MonitorEndpoint>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct MonitorEndpoint {
+    pub port: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub relabelings: Vec<Relabeling>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Relabeling {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub source_labels: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_label: Option<String>,
 }
 
 /// kustomize.config.k8s.io/v1beta1 Kustomization, limited to what loopvol uses.

@@ -17,8 +17,8 @@ fn misspelled_field_is_reported_with_its_path() {
     assert_exactly(
         &findings,
         &[
-            "manifests/node.yaml DaemonSet/loopvol-node container loopvol: unknown field \
-           spec.template.spec.containers[0].imagePullPolicyy: it is dropped when parsed, so it \
+            "manifests/node.yaml DaemonSet/loopvol-node container certs: unknown field \
+           spec.template.spec.initContainers[0].imagePullPolicyy: it is dropped when parsed, so it \
            is misspelled, misplaced or not part of this API version",
         ],
     );
@@ -44,11 +44,11 @@ fn misplaced_field_is_reported() {
 #[test]
 fn misspelled_field_in_a_snapshot_class_is_reported() {
     let findings = findings_after(&[(
-        "manifests/volumesnapshotclass.yaml",
+        "manifests/components/snapshots/volumesnapshotclass.yaml",
         "deletionPolicy: Delete",
         "deletionPolcy: Delete",
     )]);
-    let unknown = "manifests/volumesnapshotclass.yaml VolumeSnapshotClass/loopvol-snapshots: does not \
+    let unknown = "manifests/components/snapshots/volumesnapshotclass.yaml VolumeSnapshotClass/loopvol-snapshots: does not \
                    parse as VolumeSnapshotClass snapshot.storage.k8s.io/v1: unknown field `deletionPolcy`";
     assert!(
         findings.iter().any(|f| f.starts_with(unknown)),
@@ -141,8 +141,8 @@ fn missing_service_account_is_reported() {
     );
     assert_eq!(
         findings.len(),
-        1 + 6,
-        "pod + 3 cluster and 3 namespaced bindings: {findings:#?}"
+        1 + 7,
+        "pod + 3 cluster and 4 namespaced bindings: {findings:#?}"
     );
 }
 
@@ -192,16 +192,16 @@ fn same_path_on_another_volume_is_not_the_same_socket() {
 fn kustomization_must_list_exactly_the_manifest_files() {
     let findings = findings_after(&[(
         "manifests/kustomization.yaml",
-        "  - volumesnapshotclass.yaml\n",
-        "  - volumesnapshotclasses.yaml\n",
+        "  - storageclasses.yaml\n",
+        "  - storageclass.yaml\n",
     )]);
     assert_exactly(
         &findings,
         &[
-            "manifests/kustomization.yaml Kustomization/kustomization.yaml: manifests/volumesnapshotclass.yaml \
+            "manifests/kustomization.yaml Kustomization/kustomization.yaml: manifests/storageclasses.yaml \
              is not listed in resources, so `kubectl apply -k` would not install it",
             "manifests/kustomization.yaml Kustomization/kustomization.yaml: resources lists \
-             volumesnapshotclasses.yaml, but there is no manifests/volumesnapshotclasses.yaml",
+             storageclass.yaml, but there is no manifests/storageclass.yaml",
         ],
     );
 
@@ -219,8 +219,8 @@ fn images_must_be_mapped_and_pinned() {
     let findings = findings_after(&[
         (
             CONTROLLER,
-            "image: loopvol\n",
-            "image: ghcr.io/loopvol/loopvol:0.1.0\n",
+            "- name: loopvol\n          image: loopvol\n",
+            "- name: loopvol\n          image: ghcr.io/loopvol/loopvol:0.1.0\n",
         ),
         (CONTROLLER, "csi-resizer:v2.3.0", "csi-resizer:latest"),
         (

@@ -8,7 +8,10 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::api::storage::v1::{CSIDriver, StorageClass, VolumeAttributesClass};
-use manifest_check::kinds::{Kustomization, Pick, VolumeSnapshot, VolumeSnapshotClass};
+use manifest_check::kinds::{
+    Kustomization, Pick, ServiceMonitor, VolumeGroupSnapshot, VolumeGroupSnapshotClass,
+    VolumeSnapshot, VolumeSnapshotClass,
+};
 use manifest_check::{check_files, Inventory, Origin};
 
 #[test]
@@ -52,21 +55,34 @@ fn real_manifests_contain_the_whole_install() {
             count::<ClusterRoleBinding>(&inv, Origin::Install),
             3,
         ),
-        // Leader election, CSIStorageCapacity, and the router's pod watch.
-        ("Role", count::<Role>(&inv, Origin::Install), 3),
+        // Leader election, CSIStorageCapacity, the router's pod watch, the CA Secret.
+        ("Role", count::<Role>(&inv, Origin::Install), 4),
         (
             "RoleBinding",
             count::<RoleBinding>(&inv, Origin::Install),
-            3,
+            4,
         ),
         (
             "StorageClass",
             count::<StorageClass>(&inv, Origin::Install),
             2,
         ),
+        // From components/snapshots.
         (
             "VolumeSnapshotClass",
             count::<VolumeSnapshotClass>(&inv, Origin::Install),
+            1,
+        ),
+        // From components/group-snapshots.
+        (
+            "VolumeGroupSnapshotClass",
+            count::<VolumeGroupSnapshotClass>(&inv, Origin::Install),
+            1,
+        ),
+        // From components/monitoring.
+        (
+            "ServiceMonitor",
+            count::<ServiceMonitor>(&inv, Origin::Install),
             1,
         ),
         (
@@ -79,9 +95,14 @@ fn real_manifests_contain_the_whole_install() {
         (
             "PersistentVolumeClaim",
             count::<PersistentVolumeClaim>(&inv, Origin::Example),
-            4,
+            6,
         ),
-        ("Pod", count::<Pod>(&inv, Origin::Example), 3),
+        ("Pod", count::<Pod>(&inv, Origin::Example), 4),
+        (
+            "VolumeGroupSnapshot",
+            count::<VolumeGroupSnapshot>(&inv, Origin::Example),
+            1,
+        ),
         (
             "StatefulSet",
             count::<StatefulSet>(&inv, Origin::Example),

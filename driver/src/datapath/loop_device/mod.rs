@@ -65,6 +65,14 @@ impl BlockDataPath for LoopDevices {
         })
     }
 
+    fn start(&self, state_dir: &Path) {
+        ioctl::adopt_node_cleanup(state_dir);
+    }
+
+    fn stop(&self, state_dir: &Path, wait: std::time::Duration) {
+        ioctl::finish_node_cleanup(state_dir, wait);
+    }
+
     fn ready(&self) -> std::result::Result<String, NotReady> {
         if !Path::new(ioctl::LOOP_CONTROL).exists() {
             return Err(NotReady {
@@ -158,6 +166,9 @@ mod tests {
         }
         let _guard = Detach(att.device.clone());
         assert!(att.created);
+        // The attached image is held open by the device: the lease probe says so.
+        assert_eq!(scan::open_elsewhere(&image), Some(true));
+        assert_eq!(scan::open_elsewhere(&other), Some(false));
         let hinted = loop_if_backed_by(&att.device, &image).expect("hint");
         assert_eq!(hinted.device, att.device);
         assert_eq!(hinted.direct_io, att.direct_io);

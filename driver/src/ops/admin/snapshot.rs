@@ -21,7 +21,8 @@ pub struct SnapshotArgs {
         env = "CSI_ENDPOINT"
     )]
     pub endpoint: String,
-    #[arg(long, global = true, value_enum, default_value_t)]
+    /// Output format.
+    #[arg(long, short = 'o', global = true, value_enum, default_value_t)]
     pub output: Output,
     /// Start at this byte offset (resume an interrupted listing).
     #[arg(long, global = true, default_value_t = 0)]
@@ -33,10 +34,15 @@ pub struct SnapshotArgs {
 #[derive(Debug, clap::Subcommand)]
 pub enum SnapshotCommand {
     /// The ranges of SNAP that hold data: what a full backup reads.
-    Allocated { snapshot_id: String },
+    Allocated {
+        /// The snapshot ID.
+        snapshot_id: String,
+    },
     /// The ranges where TARGET may differ from BASE: what an incremental backup reads.
     Diff {
+        /// The older snapshot, already backed up.
         base_snapshot_id: String,
+        /// The newer snapshot of the same volume.
         target_snapshot_id: String,
     },
 }

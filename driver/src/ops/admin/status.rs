@@ -23,7 +23,8 @@ pub struct StatusArgs {
     /// The driver's --overcommit-ratio, to compute how much can still be promised.
     #[arg(long, default_value_t = 1.0, value_parser = crate::shared::units::parse_overcommit_ratio)]
     pub overcommit_ratio: f64,
-    #[arg(long, value_enum, default_value_t)]
+    /// Output format.
+    #[arg(long, short = 'o', value_enum, default_value_t)]
     pub output: Output,
 }
 
@@ -107,6 +108,14 @@ pub fn run(args: &StatusArgs) -> anyhow::Result<()> {
     }
 }
 
+/// total − free (f_bfree), as df's "Used": total − available (f_bavail) would count the
+/// blocks ext4 reserves for root (5 % by default) as used.
+fn used_bytes(dir: &Path) -> Option<u64> {
+    let st = nix::sys::statvfs::statvfs(dir).ok()?;
+    let frsize = st.fragment_size() as u64;
+    Some((st.blocks() as u64).saturating_sub(st.blocks_free() as u64) * frsize)
+}
+
 /// Gather the report (blocking; reads files, sysfs and mountinfo only).
 pub fn collect(pool_dir: &Path, overcommit_ratio: f64) -> anyhow::Result<Status> {
     if !pool_dir.join("volumes").is_dir() {
@@ -124,7 +133,9 @@ pub fn collect(pool_dir: &Path, overcommit_ratio: f64) -> anyhow::Result<Status>
         capacity: CapacityView {
             total_bytes: cap.total_bytes,
             available_bytes: cap.available_bytes,
-            used_bytes: cap.total_bytes.saturating_sub(cap.available_bytes),
+            // As df counts it: blocks in use, not the blocks ext4 keeps for root.
+            used_bytes: used_bytes(&pool)
+                .unwrap_or(cap.total_bytes.saturating_sub(cap.available_bytes)),
             reserved_bytes: cap.reserved_bytes,
             overcommit_ratio,
             headroom_bytes: cap.headroom(),

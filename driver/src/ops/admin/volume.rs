@@ -18,6 +18,8 @@ use crate::shared::units::bytes;
 #[derive(Debug, Serialize)]
 pub struct Inspection {
     pub record: VolumeRecord,
+    /// `record.created_unix` as RFC 3339.
+    pub created: String,
     pub image: PathBuf,
     pub image_present: bool,
     /// Bytes the image occupies on disk (less than the size for a thin volume).
@@ -54,6 +56,7 @@ pub fn collect(pool_dir: &Path, id: &str) -> anyhow::Result<Inspection> {
         .map(|s| staged_view(&l, &v.hex, s));
     Ok(Inspection {
         record: v.record.clone(),
+        created: super::output::rfc3339(v.record.created_unix),
         image: v.image.clone(),
         image_present: v.image.exists(),
         allocated_bytes: v.allocated_bytes(),
@@ -87,7 +90,7 @@ fn print_table(i: &Inspection) {
     println!("filesystem   {}", r.fs_type);
     println!("allocation   {}", r.allocation.as_str());
     println!("io limits    {}", r.io_limits.describe());
-    println!("created      {} (unix time)", r.created_unix);
+    println!("created      {}", super::output::rfc3339(r.created_unix));
     if let Some(src) = &r.source {
         println!("source       {src:?}");
     }

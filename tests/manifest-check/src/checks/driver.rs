@@ -4,7 +4,7 @@
 use super::workload::{env_from_field, pods, CommandLine, PodRef, Sidecar};
 use crate::finding::Finding;
 use crate::inventory::{Doc, Inventory, Origin};
-use crate::kinds::VolumeSnapshotClass;
+use crate::kinds::{VolumeGroupSnapshotClass, VolumeSnapshotClass};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{PersistentVolume, Pod};
 use k8s_openapi::api::storage::v1::{CSIDriver, StorageClass, VolumeAttributesClass};
@@ -32,6 +32,7 @@ pub fn check(inv: &Inventory) -> Vec<Finding> {
     out.extend(storage_class_provisioners(inv, name));
     out.extend(attribute_class_drivers(inv, name));
     out.extend(snapshot_class_drivers(inv, name));
+    out.extend(group_snapshot_class_drivers(inv, name));
     out.extend(persistent_volume_drivers(inv, name));
     out.extend(features(inv, doc, driver));
     out.extend(pods(inv).iter().flat_map(capacity_publishing));
@@ -84,6 +85,18 @@ fn snapshot_class_drivers(inv: &Inventory, name: &str) -> Vec<Finding> {
             doc.finding(format!(
                 "driver {} but the CSIDriver is named {name}",
                 vsc.driver
+            ))
+        })
+        .collect()
+}
+
+fn group_snapshot_class_drivers(inv: &Inventory, name: &str) -> Vec<Finding> {
+    inv.all::<VolumeGroupSnapshotClass>()
+        .filter(|(_, c)| c.driver != name)
+        .map(|(doc, c)| {
+            doc.finding(format!(
+                "driver {} but the CSIDriver is named {name}",
+                c.driver
             ))
         })
         .collect()

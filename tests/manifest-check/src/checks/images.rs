@@ -11,14 +11,20 @@ pub fn check(inv: &Inventory) -> Vec<Finding> {
         .iter()
         .flat_map(|pod| {
             pod.containers()
-                .filter_map(|c| problem(c).map(|m| pod.finding(c, m)))
+                .filter_map(|c| problem(c, inv.rendered).map(|m| pod.finding(c, m)))
                 .collect::<Vec<_>>()
         })
         .collect()
 }
 
-fn problem(c: &Container) -> Option<String> {
+fn problem(c: &Container, rendered: bool) -> Option<String> {
     let image = image(c);
+    if is_driver(c) && rendered {
+        // After a build, `images:` must have given the bare name a registry and a tag.
+        return (image == DRIVER_IMAGE || image_tag(image).is_none()).then(|| {
+            format!("image {image}: the build left the driver image unmapped; `images:` must name {DRIVER_IMAGE}")
+        });
+    }
     if is_driver(c) {
         return (image != DRIVER_IMAGE).then(|| {
             format!(

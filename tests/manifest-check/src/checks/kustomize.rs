@@ -13,6 +13,10 @@ pub const IMAGE_TAG: &str = env!("CARGO_PKG_VERSION");
 const KUSTOMIZATION: &str = "kustomization.yaml";
 
 pub fn check(inv: &Inventory) -> Vec<Finding> {
+    // A rendered set has no kustomization left to check.
+    if inv.rendered {
+        return Vec::new();
+    }
     let path = format!("manifests/{KUSTOMIZATION}");
     let Some((doc, k)) = inv
         .in_origin::<Kustomization>(Origin::Install)
@@ -33,7 +37,7 @@ fn listed_files(inv: &Inventory, doc: &Doc, k: &Kustomization) -> Vec<Finding> {
     let installable: Vec<&str> = inv
         .files
         .iter()
-        .filter(|f| f.origin == Origin::Install)
+        .filter(|f| f.origin == Origin::Install && !f.in_component())
         .map(|f| f.relative_to_manifests())
         .filter(|name| *name != KUSTOMIZATION)
         .collect();

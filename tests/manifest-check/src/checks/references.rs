@@ -5,7 +5,9 @@ use super::storage;
 use super::workload::{pods, PodRef};
 use crate::finding::Finding;
 use crate::inventory::{Doc, Inventory};
-use crate::kinds::{VolumeSnapshot, VolumeSnapshotClass};
+use crate::kinds::{
+    VolumeGroupSnapshot, VolumeGroupSnapshotClass, VolumeSnapshot, VolumeSnapshotClass,
+};
 use k8s_openapi::api::core::v1::{
     ConfigMap, Container, PersistentVolumeClaim, PodSpec, Secret, ServiceAccount,
 };
@@ -23,6 +25,7 @@ pub fn check(inv: &Inventory) -> Vec<Finding> {
     out.extend(role_bindings(inv));
     out.extend(claims(inv));
     out.extend(snapshots(inv));
+    out.extend(group_snapshots(inv));
     out
 }
 
@@ -69,6 +72,8 @@ fn pod_references(inv: &Inventory, pod: &PodRef) -> Vec<Finding> {
 fn exists(inv: &Inventory, kind: &str, namespace: &str, name: &str) -> bool {
     match kind {
         "ServiceAccount" => inv.has::<ServiceAccount>(namespace, name),
+        // Published into every namespace by kube-controller-manager (the API server's CA).
+        "ConfigMap" if name == "kube-root-ca.crt" => true,
         "ConfigMap" => inv.has::<ConfigMap>(namespace, name),
         "Secret" => inv.has::<Secret>(namespace, name) || generated_secret(inv, namespace, name),
         "PersistentVolumeClaim" => inv.has::<PersistentVolumeClaim>(namespace, name),
@@ -333,6 +338,53 @@ fn claim(inv: &Inventory, doc: &Doc, pvc: &PersistentVolumeClaim, prefix: &str) 
         .into_iter()
         .map(|p| doc.finding(format!("{prefix}{p}")))
         .collect()
+}
+
+/// A group snapshot names an existing class and exactly one source: a selector that matches
+/// at least one claim in its namespace, or an existing group snapshot's content.
+fn group_snapshots(inv: &Inventory) -> Vec<Finding> {
+    let mut out = Vec::new();
+    for (doc, group) in inv.all::<VolumeGroupSnapshot>() {
+        let spec = &group.spec;
+        match spec.volume_group_snapshot_class_name.as_deref() {
+            Some(class) if !inv.has::<VolumeGroupSnapshotClass>("", class) => {
+                out.push(doc.finding(format!(
+                    "volumeGroupSnapshotClassName {class} is not defined in the manifests"
+                )))
+            }
+            Some(_) => {}
+            None => out.push(doc.finding(
+                "volumeGroupSnapshotClassName is not set; name loopvol's VolumeGroupSnapshotClass",
+            )),
+        }
+        let source = &spec.source;
+        match (&source.selector, &source.volume_group_snapshot_content_name) {
+            (Some(selector), None) => {
+                let want = selector.match_labels.clone().unwrap_or_default();
+                if selector.match_expressions.is_some() {
+                    continue;
+                }
+                let matched = inv
+                    .all::<PersistentVolumeClaim>()
+                    .filter(|(d, _)| d.effective_namespace() == doc.effective_namespace())
+                    .filter(|(_, pvc)| {
+                        let labels = pvc.metadata.labels.clone().unwrap_or_default();
+                        want.iter().all(|(k, v)| labels.get(k) == Some(v))
+                    })
+                    .count();
+                if want.is_empty() || matched == 0 {
+                    out.push(doc.finding(
+                        "source.selector matches no PersistentVolumeClaim in the manifests",
+                    ));
+                }
+            }
+            (None, Some(_)) => {}
+            _ => out.push(doc.finding(
+                "source needs exactly one of selector and volumeGroupSnapshotContentName",
+            )),
+        }
+    }
+    out
 }
 
 /// A snapshot names an existing class and exactly one existing source.

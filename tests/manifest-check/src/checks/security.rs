@@ -6,8 +6,6 @@ use crate::finding::Finding;
 use crate::inventory::{Inventory, Origin};
 use k8s_openapi::api::core::v1::{Container, SecurityContext};
 
-const KUBELET_DIR: &str = "/var/lib/kubelet";
-
 pub fn check(inv: &Inventory) -> Vec<Finding> {
     let mut out = Vec::new();
     for pod in pods(inv) {
@@ -18,7 +16,7 @@ pub fn check(inv: &Inventory) -> Vec<Finding> {
             }
         }
         if pod.doc.origin == Origin::Install && pod.per_node {
-            out.extend(node_plugin_mounts(&pod));
+            out.extend(node_plugin_mounts(&pod, &inv.kubelet_dir));
         }
     }
     out
@@ -40,7 +38,9 @@ fn bidirectional_needs_privilege(c: &Container) -> Option<String> {
 }
 
 fn privilege(pod: &PodRef, c: &Container) -> Vec<String> {
-    let node_plugin = pod.per_node && is_driver(c);
+    // The serving container only: the certs init container runs the same image unprivileged.
+    let node_plugin =
+        pod.per_node && is_driver(c) && pod.driver().is_some_and(|d| std::ptr::eq(d, c));
     match (node_plugin, is_privileged(c)) {
         (true, true) => Vec::new(),
         (true, false) => vec![
@@ -84,7 +84,8 @@ fn minimal(sc: Option<&SecurityContext>) -> Vec<String> {
 
 /// The node plugin needs the host's /dev and the kubelet directory with Bidirectional
 /// propagation, or its mounts never reach the pods.
-fn node_plugin_mounts(pod: &PodRef) -> Vec<Finding> {
+fn node_plugin_mounts(pod: &PodRef, kubelet_dir: &str) -> Vec<Finding> {
+    let kubelet_dir = kubelet_dir.trim_end_matches('/');
     let Some(driver) = pod.driver() else {
         return Vec::new();
     };
@@ -95,7 +96,7 @@ fn node_plugin_mounts(pod: &PodRef) -> Vec<Finding> {
         .map(|m| (m, pod.host_path(&m.name).map(|p| p.trim_end_matches('/'))))
         .collect();
     let kubelet = mounts.iter().find(|(m, host)| {
-        *host == Some(KUBELET_DIR) && m.mount_path.trim_end_matches('/') == KUBELET_DIR
+        *host == Some(kubelet_dir) && m.mount_path.trim_end_matches('/') == kubelet_dir
     });
     let mut out = Vec::new();
     // The plugin stages and publishes only inside --kubelet-dir: it must be the directory the
@@ -103,19 +104,19 @@ fn node_plugin_mounts(pod: &PodRef) -> Vec<Finding> {
     let confined_to = super::workload::CommandLine::of(driver)
         .value("kubelet-dir")
         .map(|d| d.trim_end_matches('/').to_string())
-        .unwrap_or_else(|| KUBELET_DIR.to_string());
-    if confined_to != KUBELET_DIR {
+        .unwrap_or_else(|| kubelet_dir.to_string());
+    if confined_to != kubelet_dir {
         out.push(format!(
-            "--kubelet-dir {confined_to}, but the kubelet's paths arrive under {KUBELET_DIR}: \
+            "--kubelet-dir {confined_to}, but the kubelet's paths arrive under {kubelet_dir}: \
              every NodeStageVolume and NodePublishVolume would be refused"
         ));
     }
     match kubelet {
         None => out.push(format!(
-            "must mount hostPath {KUBELET_DIR} at {KUBELET_DIR}: the kubelet's staging and publish paths are under it"
+            "must mount hostPath {kubelet_dir} at {kubelet_dir}: the kubelet's staging and publish paths are under it"
         )),
         Some((m, _)) if m.mount_propagation.as_deref() != Some("Bidirectional") => out.push(format!(
-            "{KUBELET_DIR} needs mountPropagation: Bidirectional, or mounts made by the plugin stay invisible to the kubelet"
+            "{kubelet_dir} needs mountPropagation: Bidirectional, or mounts made by the plugin stay invisible to the kubelet"
         )),
         Some(_) => {}
     }

@@ -7,8 +7,6 @@ use crate::inventory::Inventory;
 use k8s_openapi::api::core::v1::Container;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-/// Where the kubelet looks for plugin registration sockets.
-const KUBELET_REGISTRY: &str = "/var/lib/kubelet/plugins_registry";
 /// The port the livenessprobe sidecar serves when given neither --http-endpoint nor --health-port.
 const DEFAULT_HEALTH_PORT: i32 = 9808;
 
@@ -21,10 +19,13 @@ struct Socket<'a> {
 }
 
 pub fn check(inv: &Inventory) -> Vec<Finding> {
-    pods(inv).iter().flat_map(check_pod).collect()
+    pods(inv)
+        .iter()
+        .flat_map(|p| check_pod(p, &inv.kubelet_dir))
+        .collect()
 }
 
-fn check_pod(pod: &PodRef) -> Vec<Finding> {
+fn check_pod(pod: &PodRef, kubelet_dir: &str) -> Vec<Finding> {
     let Some(driver) = pod.driver() else {
         return orphan_sidecars(pod);
     };
@@ -51,7 +52,7 @@ fn check_pod(pod: &PodRef) -> Vec<Finding> {
         .filter_map(|c| sidecar_address(pod, c, &socket))
         .collect();
     for registrar in pod.sidecars(Sidecar::Registrar) {
-        out.extend(registration(pod, registrar, &socket));
+        out.extend(registration(pod, registrar, &socket, kubelet_dir));
     }
     out.extend(liveness(pod, driver));
     out
@@ -97,7 +98,14 @@ fn sidecar_address(pod: &PodRef, c: &Container, socket: &Socket) -> Option<Findi
 
 /// The registrar must give the kubelet the socket's path on the host, and must mount the
 /// kubelet's registration directory.
-fn registration(pod: &PodRef, registrar: &Container, socket: &Socket) -> Vec<Finding> {
+fn registration(
+    pod: &PodRef,
+    registrar: &Container,
+    socket: &Socket,
+    kubelet_dir: &str,
+) -> Vec<Finding> {
+    // Where the kubelet looks for plugin registration sockets.
+    let kubelet_registry = format!("{}/plugins_registry", kubelet_dir.trim_end_matches('/'));
     let cl = CommandLine::of(registrar);
     let mut out = Vec::new();
     let on_host = pod
@@ -130,12 +138,13 @@ fn registration(pod: &PodRef, registrar: &Container, socket: &Socket) -> Vec<Fin
         .unwrap_or("/registration");
     let mounted = registrar.volume_mounts.iter().flatten().any(|m| {
         m.mount_path.trim_end_matches('/') == registration_dir
-            && pod.host_path(&m.name).map(|p| p.trim_end_matches('/')) == Some(KUBELET_REGISTRY)
+            && pod.host_path(&m.name).map(|p| p.trim_end_matches('/'))
+                == Some(kubelet_registry.as_str())
     });
     if !mounted {
         out.push(pod.finding(
             registrar,
-            format!("must mount hostPath {KUBELET_REGISTRY} at {registration_dir}, where it registers the driver"),
+            format!("must mount hostPath {kubelet_registry} at {registration_dir}, where it registers the driver"),
         ));
     }
     out

@@ -71,9 +71,10 @@ impl<'a> PodRef<'a> {
             .chain(spec.containers.iter())
     }
 
-    /// The loopvol container, if this pod runs the driver.
+    /// The loopvol container that serves, if this pod runs the driver (init containers run
+    /// the same image for `loopvol certs bootstrap`, and serve nothing).
     pub fn driver(&self) -> Option<&'a Container> {
-        self.containers().find(|c| is_driver(c))
+        self.spec.containers.iter().find(|c| is_driver(c))
     }
 
     /// Sidecars of one kind.
@@ -225,6 +226,11 @@ pub fn env_references(word: &str) -> Vec<&str> {
     let mut out = Vec::new();
     let mut rest = word;
     while let Some(start) = rest.find("$(") {
+        // `$$(` is the kubelet's escape for a literal `$(` (a shell's `$((n+1))`).
+        if rest[..start].ends_with('$') {
+            rest = &rest[start + 2..];
+            continue;
+        }
         let after = &rest[start + 2..];
         match after.find(')') {
             Some(end) => {
@@ -321,6 +327,7 @@ mod tests {
         assert_eq!(env_references("--node-id=$(NODE_NAME)"), vec!["NODE_NAME"]);
         assert_eq!(env_references("$(A)/$(B)"), vec!["A", "B"]);
         assert!(env_references("plain").is_empty());
+        assert!(env_references("n=$$((n+1))").is_empty());
     }
 
     #[test]

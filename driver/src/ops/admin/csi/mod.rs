@@ -34,11 +34,12 @@ pub struct CsiArgs {
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Rpc {
-    /// CreateVolume.
+    /// CreateVolume: a blank volume, a clone (--from-volume) or a restore (--from-snapshot).
     CreateVolume {
+        /// The request name; the same name again returns the same volume.
         #[arg(long)]
         name: String,
-        /// e.g. 1Gi, 512Mi.
+        /// A Kubernetes quantity, e.g. 1Gi, 1.5Gi, 512Mi, 10G.
         #[arg(long, value_parser = parse_size)]
         size: u64,
         #[command(flatten)]
@@ -46,12 +47,23 @@ pub enum Rpc {
         /// A StorageClass parameter, `key=value` (repeatable), e.g. `allocation=thick`.
         #[arg(long = "param", value_parser = parse_kv)]
         params: Vec<(String, String)>,
+        /// Restore this snapshot's content into the new volume.
+        #[arg(long, value_name = "SNAPSHOT_ID", conflicts_with = "from_volume")]
+        from_snapshot: Option<String>,
+        /// Clone this volume's content into the new volume.
+        #[arg(long, value_name = "VOLUME_ID")]
+        from_volume: Option<String>,
     },
     /// DeleteVolume.
-    DeleteVolume { id: String },
+    DeleteVolume {
+        /// The volume ID.
+        id: String,
+    },
     /// NodeStageVolume: attach, make the filesystem if blank, mount at the staging path.
     Stage {
+        /// The volume ID.
         id: String,
+        /// An existing directory to mount the volume on (block volumes: a file is made there).
         #[arg(long)]
         staging_path: PathBuf,
         #[command(flatten)]
@@ -59,11 +71,15 @@ pub enum Rpc {
     },
     /// NodePublishVolume: bind the staged volume onto the target path.
     Publish {
+        /// The volume ID.
         id: String,
+        /// Where the volume was staged.
         #[arg(long)]
         staging_path: PathBuf,
+        /// Where to make the volume appear (created if missing).
         #[arg(long)]
         target_path: PathBuf,
+        /// Publish read-only.
         #[arg(long)]
         readonly: bool,
         #[command(flatten)]
@@ -71,24 +87,31 @@ pub enum Rpc {
     },
     /// NodeUnpublishVolume.
     Unpublish {
+        /// The volume ID.
         id: String,
+        /// The path it was published at.
         #[arg(long)]
         target_path: PathBuf,
     },
     /// NodeUnstageVolume.
     Unstage {
+        /// The volume ID.
         id: String,
+        /// The path it was staged at.
         #[arg(long)]
         staging_path: PathBuf,
     },
     /// NodeGetVolumeStats of a staged or published path.
     Stats {
+        /// The volume ID.
         id: String,
+        /// Its staging or publish path.
         #[arg(long)]
         path: PathBuf,
     },
     /// CreateSnapshot.
     Snapshot {
+        /// The request name; the same name again returns the same snapshot.
         #[arg(long)]
         name: String,
         /// The source volume's ID.
@@ -96,12 +119,34 @@ pub enum Rpc {
         source: String,
     },
     /// DeleteSnapshot.
-    DeleteSnapshot { id: String },
+    DeleteSnapshot {
+        /// The snapshot ID.
+        id: String,
+    },
     /// ListVolumes (every page).
     ListVolumes,
+    /// ListSnapshots (every page), optionally of one volume or one snapshot ID.
+    ListSnapshots {
+        /// Only snapshots of this volume.
+        #[arg(long)]
+        source: Option<String>,
+        /// Only this snapshot.
+        #[arg(long)]
+        id: Option<String>,
+    },
+    /// GetCapacity: what a volume of these parameters could still get.
+    GetCapacity {
+        #[command(flatten)]
+        cap: CapArgs,
+        /// A StorageClass parameter, `key=value` (repeatable), e.g. `allocation=thick`.
+        #[arg(long = "param", value_parser = parse_kv)]
+        params: Vec<(String, String)>,
+    },
     /// ControllerExpandVolume, then NodeExpandVolume on --path when given.
     Expand {
+        /// The volume ID.
         id: String,
+        /// The new size, a Kubernetes quantity.
         #[arg(long, value_parser = parse_size)]
         size: u64,
         /// Where the volume is staged or published, to grow its filesystem too.
@@ -121,6 +166,7 @@ pub struct CapArgs {
     /// Raw block access instead of a filesystem.
     #[arg(long, conflicts_with = "fs_type")]
     block: bool,
+    /// The access mode the workload asks for.
     #[arg(long, value_enum, default_value_t = Access::Writer)]
     access_mode: Access,
     /// A mount option (repeatable), e.g. noatime.
@@ -162,6 +208,19 @@ impl CapArgs {
             access_mode: Some(AccessMode { mode: mode as i32 }),
             access_type: Some(access_type),
         }
+    }
+}
+
+/// Say when the volume is larger than asked (a filesystem's minimum size, block alignment),
+/// instead of leaving the person to notice.
+pub fn note_rounding(requested: u64, got: u64) {
+    if got > requested {
+        eprintln!(
+            "note: asked for {} ({requested} bytes), the volume is {} ({got} bytes): the \
+             driver's minimum size or alignment applies",
+            crate::shared::units::bytes(requested),
+            crate::shared::units::bytes(got)
+        );
     }
 }
 
@@ -231,7 +290,15 @@ async fn run(args: CsiArgs) -> Result<Value, Status> {
             size,
             cap,
             params,
+            from_snapshot,
+            from_volume,
         } => {
+            use volume_content_source::{SnapshotSource, Type, VolumeSource};
+            let source = match (from_snapshot, from_volume) {
+                (Some(snapshot_id), _) => Some(Type::Snapshot(SnapshotSource { snapshot_id })),
+                (None, Some(volume_id)) => Some(Type::Volume(VolumeSource { volume_id })),
+                (None, None) => None,
+            };
             let r = c
                 .controller
                 .create_volume(CreateVolumeRequest {
@@ -243,6 +310,7 @@ async fn run(args: CsiArgs) -> Result<Value, Status> {
                     }),
                     volume_capabilities: vec![cap.capability()],
                     parameters: params.into_iter().collect(),
+                    volume_content_source: source.map(|t| VolumeContentSource { r#type: Some(t) }),
                     ..Default::default()
                 })
                 .await?
@@ -250,6 +318,7 @@ async fn run(args: CsiArgs) -> Result<Value, Status> {
             let v = r
                 .volume
                 .ok_or_else(|| Status::internal("CreateVolume answered no volume"))?;
+            note_rounding(size, v.capacity_bytes.max(0) as u64);
             Ok(volume_json(&v))
         }
         Rpc::DeleteVolume { id } => {
@@ -412,133 +481,93 @@ async fn run(args: CsiArgs) -> Result<Value, Status> {
                 "node_expansion_required": r.node_expansion_required,
             });
             if let Some(p) = path.filter(|_| r.node_expansion_required) {
+                // The controller half is done and not undone: say so, or a person retries the
+                // whole expansion believing nothing happened.
                 let n = c
                     .node
                     .node_expand_volume(NodeExpandVolumeRequest {
-                        volume_id: id,
+                        volume_id: id.clone(),
                         volume_path: path_str(&p),
                         ..Default::default()
                     })
-                    .await?
+                    .await
+                    .map_err(|s| {
+                        Status::new(
+                            s.code(),
+                            format!(
+                                "ControllerExpandVolume succeeded (the volume is now {} bytes), \
+                                 but NodeExpandVolume on {} failed: {}; the filesystem keeps its \
+                                 old size until NodeExpandVolume succeeds (rerun this command, \
+                                 or restage the volume)",
+                                r.capacity_bytes,
+                                p.display(),
+                                s.message()
+                            ),
+                        )
+                    })?
                     .into_inner();
                 out["node_capacity_bytes"] = json!(n.capacity_bytes);
             }
             Ok(out)
         }
+        Rpc::ListSnapshots { source, id } => {
+            let mut all = Vec::new();
+            let mut token = String::new();
+            loop {
+                let r = c
+                    .controller
+                    .list_snapshots(ListSnapshotsRequest {
+                        max_entries: 0,
+                        starting_token: token,
+                        source_volume_id: source.clone().unwrap_or_default(),
+                        snapshot_id: id.clone().unwrap_or_default(),
+                        secrets: HashMap::new(),
+                    })
+                    .await?
+                    .into_inner();
+                all.extend(
+                    r.entries
+                        .iter()
+                        .filter_map(|e| e.snapshot.as_ref())
+                        .map(|s| {
+                            json!({
+                                "snapshot_id": s.snapshot_id,
+                                "source_volume_id": s.source_volume_id,
+                                "size_bytes": s.size_bytes,
+                                "ready_to_use": s.ready_to_use,
+                                "creation_time": s.creation_time.as_ref()
+                                    .map(|t| super::output::rfc3339(t.seconds.max(0) as u64)),
+                            })
+                        }),
+                );
+                if r.next_token.is_empty() {
+                    break;
+                }
+                token = r.next_token;
+            }
+            Ok(Value::Array(all))
+        }
+        Rpc::GetCapacity { cap, params } => {
+            let r = c
+                .controller
+                .get_capacity(GetCapacityRequest {
+                    volume_capabilities: vec![cap.capability()],
+                    parameters: params.into_iter().collect(),
+                    accessible_topology: None,
+                })
+                .await?
+                .into_inner();
+            Ok(json!({
+                "available_capacity": r.available_capacity,
+                "available": crate::shared::units::bytes(r.available_capacity.max(0) as u64),
+                "maximum_volume_size": r.maximum_volume_size,
+                "minimum_volume_size": r.minimum_volume_size,
+            }))
+        }
         Rpc::Info => info(&mut c).await,
     }
 }
 
-/// Everything a person asks first: who answers, what it can do, whether it is ready, which
-/// node it is. Services this process does not serve (`--mode`) show as null.
-async fn info(c: &mut Clients) -> Result<Value, Status> {
-    let plugin = c
-        .identity
-        .get_plugin_info(GetPluginInfoRequest {})
-        .await?
-        .into_inner();
-    let caps = c
-        .identity
-        .get_plugin_capabilities(GetPluginCapabilitiesRequest {})
-        .await?
-        .into_inner();
-    let ready = match c.identity.probe(ProbeRequest {}).await {
-        Ok(r) => json!(r.into_inner().ready.unwrap_or(true)),
-        Err(s) => json!(format!(
-            "{}: {}",
-            crate::metrics::code_name(s.code()),
-            s.message()
-        )),
-    };
-    let controller_caps = optional(
-        c.controller
-            .controller_get_capabilities(ControllerGetCapabilitiesRequest {})
-            .await,
-    )?
-    .map(|r| {
-        r.capabilities
-            .iter()
-            .filter_map(|cap| match &cap.r#type {
-                Some(controller_service_capability::Type::Rpc(rpc)) => {
-                    controller_service_capability::rpc::Type::try_from(rpc.r#type)
-                        .ok()
-                        .map(|t| t.as_str_name())
-                }
-                None => None,
-            })
-            .collect::<Vec<_>>()
-    });
-    let node_info = optional(c.node.node_get_info(NodeGetInfoRequest {}).await)?.map(|n| {
-        json!({
-            "node_id": n.node_id,
-            "max_volumes_per_node": n.max_volumes_per_node,
-            "topology": n.accessible_topology.map(|t| t.segments),
-        })
-    });
-    let node_caps = optional(
-        c.node
-            .node_get_capabilities(NodeGetCapabilitiesRequest {})
-            .await,
-    )?
-    .map(|r| {
-        r.capabilities
-            .iter()
-            .filter_map(|cap| match &cap.r#type {
-                Some(node_service_capability::Type::Rpc(rpc)) => {
-                    node_service_capability::rpc::Type::try_from(rpc.r#type)
-                        .ok()
-                        .map(|t| t.as_str_name())
-                }
-                None => None,
-            })
-            .collect::<Vec<_>>()
-    });
-    Ok(json!({
-        "plugin": {
-            "name": plugin.name,
-            "vendor_version": plugin.vendor_version,
-            "manifest": plugin.manifest,
-        },
-        "plugin_capabilities": caps.capabilities.iter().filter_map(plugin_cap_name).collect::<Vec<_>>(),
-        "ready": ready,
-        "controller_capabilities": controller_caps,
-        "node": node_info,
-        "node_capabilities": node_caps,
-    }))
-}
-
-/// A service the process does not serve answers UNIMPLEMENTED: that is "absent", not an error.
-fn optional<T>(r: Result<tonic::Response<T>, Status>) -> Result<Option<T>, Status> {
-    match r {
-        Ok(r) => Ok(Some(r.into_inner())),
-        Err(s) if s.code() == Code::Unimplemented => Ok(None),
-        Err(s) => Err(s),
-    }
-}
-
-fn plugin_cap_name(c: &PluginCapability) -> Option<String> {
-    use plugin_capability::{service, volume_expansion, Type};
-    match c.r#type.as_ref()? {
-        Type::Service(s) => service::Type::try_from(s.r#type)
-            .ok()
-            .map(|t| t.as_str_name().to_string()),
-        Type::VolumeExpansion(v) => volume_expansion::Type::try_from(v.r#type)
-            .ok()
-            .map(|t| format!("VOLUME_EXPANSION_{}", t.as_str_name())),
-    }
-}
-
-fn unit_name(unit: i32) -> &'static str {
-    volume_usage::Unit::try_from(unit)
-        .map(|u| u.as_str_name())
-        .unwrap_or("UNKNOWN")
-}
-
-fn volume_json(v: &Volume) -> Value {
-    json!({
-        "volume_id": v.volume_id,
-        "capacity_bytes": v.capacity_bytes,
-        "volume_context": v.volume_context,
-        "accessible_topology": v.accessible_topology.iter().map(|t| &t.segments).collect::<Vec<_>>(),
-    })
-}
+mod info;
+#[allow(unused_imports)]
+pub use info::*;
