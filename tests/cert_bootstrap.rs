@@ -156,7 +156,7 @@ async fn reaches_node(router: &Proc) -> Result<i64, tonic::Status> {
             .get_capacity(loopvol::csi::GetCapacityRequest {
                 volume_capabilities: vec![rw_mount("ext4")],
                 parameters: Default::default(),
-                accessible_topology: Some(loopvol::controller_service::topology("n1")),
+                accessible_topology: Some(loopvol::edge::controller::topology("n1")),
             })
             .await
         {

@@ -299,7 +299,7 @@ async fn bad_requests_are_refused_and_change_nothing() {
     cases.push((inverted, Code::OutOfRange, "limit"));
     let mut elsewhere = create_req("x", MIB, rw_mount(""));
     elsewhere.accessibility_requirements = Some(TopologyRequirement {
-        requisite: vec![loopvol::controller_service::topology("other-node")],
+        requisite: vec![loopvol::edge::controller::topology("other-node")],
         preferred: vec![],
     });
     cases.push((elsewhere, Code::ResourceExhausted, "requisite"));
@@ -548,7 +548,7 @@ async fn capacity_counts_thin_promises_and_topology() {
     let other = c
         .get_capacity(cap(
             HashMap::new(),
-            Some(loopvol::controller_service::topology("other-node")),
+            Some(loopvol::edge::controller::topology("other-node")),
         ))
         .await
         .unwrap()
@@ -557,7 +557,7 @@ async fn capacity_counts_thin_promises_and_topology() {
     let mine = c
         .get_capacity(cap(
             HashMap::new(),
-            Some(loopvol::controller_service::topology(NODE)),
+            Some(loopvol::edge::controller::topology(NODE)),
         ))
         .await
         .unwrap()

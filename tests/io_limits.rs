@@ -331,7 +331,7 @@ async fn a_limited_volume_is_not_published_where_limits_cannot_be_enforced() {
     let e = n.node_publish_volume(publish.clone()).await.unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
     assert!(e.message().contains("readIOPS=100"), "{}", e.message());
-    assert!(loopvol::mount::mount_at(&target).unwrap().is_none());
+    assert!(loopvol::fs::mount::mount_at(&target).unwrap().is_none());
     // A pod UID whose cgroup does not exist here is refused the same way, naming the pod.
     publish.volume_context = HashMap::from([(
         "csi.storage.k8s.io/pod.uid".into(),

@@ -213,7 +213,7 @@ impl Cluster {
 
 fn on_node(name: &str, node: u8) -> CreateVolumeRequest {
     let mut r = create_req(name, 16 * MIB, rw_mount("ext4"));
-    let t = loopvol::controller_service::topology(&format!("n{node}"));
+    let t = loopvol::edge::controller::topology(&format!("n{node}"));
     r.accessibility_requirements = Some(TopologyRequirement {
         requisite: vec![t.clone()],
         preferred: vec![t],
@@ -346,7 +346,7 @@ async fn router_places_routes_paginates_and_survives_a_node_outage() {
     // Capacity per node, by topology segment.
     let cap = |node: &str| GetCapacityRequest {
         volume_capabilities: vec![rw_mount("")],
-        accessible_topology: Some(loopvol::controller_service::topology(node)),
+        accessible_topology: Some(loopvol::edge::controller::topology(node)),
         ..Default::default()
     };
     assert!(
@@ -841,7 +841,7 @@ async fn router_waits_for_discovery_and_keeps_a_restarting_node() {
     );
     let cap = |node: &str| GetCapacityRequest {
         volume_capabilities: vec![rw_mount("")],
-        accessible_topology: Some(loopvol::controller_service::topology(node)),
+        accessible_topology: Some(loopvol::edge::controller::topology(node)),
         ..Default::default()
     };
 

@@ -115,8 +115,8 @@ impl Ctx {
         self.unstage(id, staging).await.unwrap();
     }
 
-    fn loops_of(&self, id: &str) -> Vec<provisioner::backing::LoopInfo> {
-        provisioner::backing::loops_backed_by(&self.d.image_of(id))
+    fn loops_of(&self, id: &str) -> Vec<loopvol::datapath::Attachment> {
+        loopvol::datapath::loop_device::loops_backed_by(&self.d.image_of(id))
     }
 }
 
@@ -150,7 +150,7 @@ async fn lifecycle(fs: &str) {
         loops[0].direct_io,
         "direct I/O is on for a pool on {fs}-capable storage"
     );
-    let m = loopvol::mount::mount_at(&staging)
+    let m = loopvol::fs::mount::mount_at(&staging)
         .unwrap()
         .expect("staging mounted");
     assert_eq!(m.fs_type, fs);
@@ -647,7 +647,7 @@ async fn restart_and_simulated_reboot_keep_data() {
     nix::mount::umount2(&target, nix::mount::MntFlags::empty()).unwrap();
     nix::mount::umount2(&staging, nix::mount::MntFlags::empty()).unwrap();
     for l in t.loops_of(&id) {
-        loopvol::loop_device::detach(&l.device).unwrap();
+        loopvol::datapath::loop_device::detach(&l.device).unwrap();
     }
     t.d.spawn().await;
     t.c = t.d.controller().await;

@@ -427,9 +427,9 @@ async fn doctor_checks_a_served_pool_and_names_each_fix() {
         .unwrap()
         .set_len(4 * MIB as u64)
         .unwrap();
-    let att = loopvol::loop_device::attach(&stray, false, false).unwrap();
+    let att = loopvol::datapath::loop_device::attach(&stray, false, false).unwrap();
     let (ok, out) = doctor(&d, &d.pool, None);
-    loopvol::loop_device::detach(&att.device).unwrap();
+    loopvol::datapath::loop_device::detach(&att.device).unwrap();
     std::fs::remove_file(&stray).unwrap();
     assert!(!ok, "{out}");
     assert!(out.contains("✘ orphaned loop devices"), "{out}");
@@ -572,7 +572,7 @@ async fn csi_client_drives_the_lifecycle_and_status_reports_it() {
     assert_eq!(status["snapshots"], 0);
     assert_eq!(
         status["filesystem"],
-        loopvol::admin::fs_name::of(&d.pool).unwrap().as_str()
+        loopvol::ops::admin::fs_name::of(&d.pool).unwrap().as_str()
     );
     let staged = status["staged"].as_array().unwrap();
     assert_eq!(staged.len(), 1, "{status}");

@@ -241,8 +241,8 @@ fn assert_records_match_images(dir: &Path, when: &str) -> BTreeSet<String> {
 
 /// How many mounts sit exactly at `path` (stacked mounts count separately).
 fn mounts_at(path: &Path) -> usize {
-    let want = loopvol::mount::canonical(path);
-    loopvol::mount::mounts()
+    let want = loopvol::fs::mount::canonical(path);
+    loopvol::fs::mount::mounts()
         .unwrap()
         .iter()
         .filter(|m| m.mount_point == want)
@@ -250,13 +250,13 @@ fn mounts_at(path: &Path) -> usize {
 }
 
 fn loops_of(image: &Path) -> usize {
-    provisioner::backing::loops_backed_by(image).len()
+    loopvol::datapath::loop_device::loops_backed_by(image).len()
 }
 
 /// Images of the pool attached to more than one loop device.
 fn doubly_attached(pool: &Path) -> Vec<PathBuf> {
     let mut per_image: BTreeMap<PathBuf, usize> = BTreeMap::new();
-    for l in provisioner::backing::loops_under(pool) {
+    for l in loopvol::datapath::loop_device::loops_under(pool) {
         *per_image.entry(l.backing_file).or_default() += 1;
     }
     per_image
@@ -2161,11 +2161,11 @@ impl Fuzz {
                 }
             }
         }
-        let devices: BTreeSet<String> = provisioner::backing::loops_under(&d.pool)
+        let devices: BTreeSet<String> = loopvol::datapath::loop_device::loops_under(&d.pool)
             .into_iter()
             .map(|l| s(&l.device))
             .collect();
-        for m in loopvol::mount::mounts().unwrap() {
+        for m in loopvol::fs::mount::mounts().unwrap() {
             let ours = devices.contains(&m.source) || m.mount_point.starts_with(&root);
             if ours && !given.contains(&m.mount_point) {
                 bad.push(format!(
@@ -2369,7 +2369,7 @@ async fn staged_volume(d: &Driver, cl: &mut Clients, name: &str) -> Vol {
 }
 
 fn autoclear_pending(image: &Path) -> bool {
-    provisioner::backing::loops_backed_by(image)
+    loopvol::datapath::loop_device::loops_backed_by(image)
         .iter()
         .any(|l| {
             let name = l.device.file_name().unwrap().to_string_lossy().into_owned();
@@ -2699,7 +2699,7 @@ async fn an_image_attached_behind_loopvols_back_is_never_attached_twice() {
     n.node_stage_volume(stage_req(&id, &staging, rw_mount("ext4")))
         .await
         .expect("stage over the outsider's device");
-    let devices: Vec<PathBuf> = provisioner::backing::loops_backed_by(&image)
+    let devices: Vec<PathBuf> = loopvol::datapath::loop_device::loops_backed_by(&image)
         .into_iter()
         .map(|l| l.device)
         .collect();

@@ -23,8 +23,8 @@ use common::*;
 use loopvol::csi::controller_client::ControllerClient;
 use loopvol::csi::node_client::NodeClient;
 use loopvol::csi::*;
+use loopvol::datapath::loop_device;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
-use provisioner::backing;
 use tonic::transport::Channel;
 
 /// What the container runtime does for the node plugin's container, as a shell script run by
@@ -220,13 +220,13 @@ impl Node {
     /// Mounts under the test's kubelet directory as the host sees them (the directory's own
     /// bind mount excluded), and loop devices over the pool.
     fn leftovers(&self) -> (Vec<PathBuf>, Vec<PathBuf>) {
-        let mounts = loopvol::mount::mounts()
+        let mounts = loopvol::fs::mount::mounts()
             .unwrap()
             .into_iter()
             .map(|m| m.mount_point)
             .filter(|p| p.starts_with(&self.host_kubelet) && *p != self.host_kubelet)
             .collect();
-        let loops = backing::loops_under(&self.host_pool)
+        let loops = loop_device::loops_under(&self.host_pool)
             .into_iter()
             .map(|l| l.device)
             .collect();
@@ -241,7 +241,7 @@ impl Drop for Node {
             let _ = c.wait();
         }
         // Deepest first: volume mounts, then the kubelet directory, then the fence itself.
-        let mut mounts: Vec<PathBuf> = loopvol::mount::mounts()
+        let mut mounts: Vec<PathBuf> = loopvol::fs::mount::mounts()
             .unwrap_or_default()
             .into_iter()
             .map(|m| m.mount_point)
@@ -251,8 +251,8 @@ impl Drop for Node {
         for m in mounts {
             let _ = umount2(&m, MntFlags::MNT_DETACH);
         }
-        for l in backing::loops_under(&self.host_pool) {
-            let _ = loopvol::loop_device::detach(&l.device);
+        for l in loop_device::loops_under(&self.host_pool) {
+            let _ = loopvol::datapath::loop_device::detach(&l.device);
         }
         let _ = &self.dir;
     }
@@ -421,8 +421,8 @@ async fn health(n: &mut NodeClient<Channel>, v: &Vol) -> Vec<volume_health::Volu
 }
 
 /// Exactly one loop device backs the volume's image; which one.
-fn the_device(node: &Node, v: &Vol) -> backing::LoopInfo {
-    let loops = backing::loops_backed_by(&node.image(&v.id));
+fn the_device(node: &Node, v: &Vol) -> loopvol::datapath::Attachment {
+    let loops = loop_device::loops_backed_by(&node.image(&v.id));
     assert_eq!(loops.len(), 1, "{}: {loops:?}", v.tag);
     loops.into_iter().next().unwrap()
 }
@@ -729,7 +729,7 @@ async fn a_node_plugin_container_restart_leaves_running_volumes_alone() {
         .await
         .unwrap_or_else(|e| panic!("unstage {}: {e}", v.tag));
         assert!(
-            backing::loops_backed_by(&node.image(&v.id)).is_empty(),
+            loop_device::loops_backed_by(&node.image(&v.id)).is_empty(),
             "{} detached",
             v.tag
         );
@@ -773,7 +773,7 @@ fn a_device_attached_from_a_vanished_namespace_is_found_by_identity() {
         String::from_utf8_lossy(&out.stderr)
     );
     let device = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
-    let found = backing::loops_backed_by(&image);
+    let found = loop_device::loops_backed_by(&image);
     assert_eq!(
         found.iter().map(|l| &l.device).collect::<Vec<_>>(),
         [&device]
@@ -784,7 +784,7 @@ fn a_device_attached_from_a_vanished_namespace_is_found_by_identity() {
         Path::new("/img.img"),
         "the path sysfs prints"
     );
-    assert_eq!(l.backing, backing::FileId::of(&image));
+    assert_eq!(l.backing, loopvol::datapath::FileId::of(&image));
     // The kernel's encoding of the backing device, decoded, agrees with losetup's and stat's.
     let out = Command::new("losetup")
         .args([
@@ -804,17 +804,17 @@ fn a_device_attached_from_a_vanished_namespace_is_found_by_identity() {
         "losetup says {shown:?}"
     );
     assert_eq!(
-        backing::loop_if_backed_by(&device, &image).map(|l| l.device),
+        loop_device::loop_if_backed_by(&device, &image).map(|l| l.device),
         Some(device.clone())
     );
-    let under: Vec<PathBuf> = backing::loops_under(&node.host_pool)
+    let under: Vec<PathBuf> = loop_device::loops_under(&node.host_pool)
         .into_iter()
         .map(|l| l.device)
         .collect();
     assert_eq!(under, std::slice::from_ref(&device));
-    let again = loopvol::loop_device::attach(&image, false, true).unwrap();
+    let again = loopvol::datapath::loop_device::attach(&image, false, true).unwrap();
     assert!(!again.created, "attached a second time");
     assert_eq!(again.device, device);
-    loopvol::loop_device::detach(&device).unwrap();
-    assert!(backing::loops_backed_by(&image).is_empty());
+    loopvol::datapath::loop_device::detach(&device).unwrap();
+    assert!(loop_device::loops_backed_by(&image).is_empty());
 }

@@ -709,7 +709,7 @@ async fn hostile_staging_and_target_paths_are_refused_without_touching_anything(
     }
     assert!(mounts_under(&d).is_empty(), "{:?}", mounts_under(&d));
     assert!(
-        provisioner::backing::loops_under(&d.pool).is_empty(),
+        loopvol::datapath::loop_device::loops_under(&d.pool).is_empty(),
         "a refused stage attached a loop device"
     );
 
@@ -997,7 +997,9 @@ async fn offline_volume_commands_use_the_pools_own_node_id() {
 
 /// The loop device under a staging mount, e.g. `loop3`.
 fn device_name_at(path: &Path) -> String {
-    let m = loopvol::mount::mount_at(path).unwrap().expect("mounted");
+    let m = loopvol::fs::mount::mount_at(path)
+        .unwrap()
+        .expect("mounted");
     Path::new(&m.source)
         .file_name()
         .unwrap()
@@ -1196,7 +1198,7 @@ async fn publishes_carry_their_restrictions_from_the_start() {
     let mut req = publish_req(&id, &staging, &target, cap);
     req.readonly = true;
     n.node_publish_volume(req.clone()).await.unwrap();
-    let m = loopvol::mount::mount_at(&target)
+    let m = loopvol::fs::mount::mount_at(&target)
         .unwrap()
         .expect("published");
     for flag in ["ro", "nosuid", "noexec", "noatime"] {

@@ -346,19 +346,19 @@ impl XfsPool {
             .unwrap();
         let img = dir.path().join("xfs.img");
         File::create(&img).unwrap().set_len(1 << 30).unwrap();
-        let att = loopvol::loop_device::attach(&img, false, false).unwrap();
+        let att = loopvol::datapath::loop_device::attach(&img, false, false).unwrap();
         let x = XfsPool {
             device: att.device,
             _dir: dir,
         };
-        loopvol::format::mkfs(&x.device, provisioner::FsType::Xfs).unwrap();
+        loopvol::fs::format::mkfs(&x.device, provisioner::FsType::Xfs).unwrap();
         x
     }
 }
 
 impl Drop for XfsPool {
     fn drop(&mut self) {
-        let _ = loopvol::loop_device::detach(&self.device);
+        let _ = loopvol::datapath::loop_device::detach(&self.device);
     }
 }
 
@@ -372,7 +372,7 @@ async fn a_backup_rebuilt_from_deltas_is_identical_on_an_xfs_reflink_pool() {
     let mut d = Driver::start().await;
     d.stop();
     std::fs::create_dir_all(&d.pool).unwrap();
-    loopvol::mount::mount_fs(
+    loopvol::fs::mount::mount_fs(
         &xfs.device,
         &d.pool,
         "xfs",

@@ -505,7 +505,7 @@ struct XfsPool {
 
 impl Drop for XfsPool {
     fn drop(&mut self) {
-        let _ = loopvol::loop_device::detach(&self.device);
+        let _ = loopvol::datapath::loop_device::detach(&self.device);
     }
 }
 
@@ -524,16 +524,16 @@ async fn reflink_snapshots_on_an_xfs_pool_share_extents() {
         .unwrap()
         .set_len(2 << 30)
         .unwrap();
-    let att = loopvol::loop_device::attach(&img, false, false).unwrap();
+    let att = loopvol::datapath::loop_device::attach(&img, false, false).unwrap();
     let xfs = XfsPool {
         device: att.device.clone(),
     };
-    loopvol::format::mkfs(&xfs.device, provisioner::FsType::Xfs).unwrap();
+    loopvol::fs::format::mkfs(&xfs.device, provisioner::FsType::Xfs).unwrap();
 
     let mut d = Driver::start().await;
     d.stop();
     std::fs::create_dir_all(&d.pool).unwrap();
-    loopvol::mount::mount_fs(
+    loopvol::fs::mount::mount_fs(
         &xfs.device,
         &d.pool,
         "xfs",

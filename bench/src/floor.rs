@@ -87,7 +87,7 @@ fn sync_dir(dir: &Path) -> anyhow::Result<()> {
 }
 
 /// The mkfs command loopvol would run for `fs` on this machine: same program, same arguments
-/// (from `loopvol::format::mkfs_args`, for this mkfs version and this kernel).
+/// (from `loopvol::fs::format::mkfs_args`, for this mkfs version and this kernel).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Mkfs {
     pub program: String,
@@ -99,9 +99,9 @@ impl Mkfs {
         let program = format!("mkfs.{}", fs.as_str());
         let text = tools::output_text(&program, &["-V"])
             .with_context(|| format!("{program} is not installed"))?;
-        let tool = loopvol::kernel::parse_version(&text)
+        let tool = loopvol::shared::kernel::parse_version(&text)
             .with_context(|| format!("cannot tell the version of {program} from {text:?}"))?;
-        let args = loopvol::format::mkfs_args(fs, tool, loopvol::kernel::running());
+        let args = loopvol::fs::format::mkfs_args(fs, tool, loopvol::shared::kernel::running());
         Ok(Mkfs { program, args })
     }
 

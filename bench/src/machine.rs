@@ -30,7 +30,7 @@ pub fn describe(pool_dir: &Path) -> Machine {
         })
         .unwrap_or_default();
     // The filesystem the pool lives on: the deepest mount containing it.
-    let fs = loopvol::mount::mounts()
+    let fs = loopvol::fs::mount::mounts()
         .unwrap_or_default()
         .into_iter()
         .filter(|m| pool_dir.starts_with(&m.mount_point))
@@ -44,7 +44,7 @@ pub fn describe(pool_dir: &Path) -> Machine {
         pool_fs: fs.as_ref().map(|m| m.fs_type.clone()).unwrap_or_default(),
         pool_device: fs.map(|m| m.source).unwrap_or_default(),
         loop_devices: crate::workspace::loop_nodes().len(),
-        loop_devices_attached: provisioner::backing::attached_loops().len(),
+        loop_devices_attached: loopvol::datapath::loop_device::attached_loops().len(),
     }
 }
 

@@ -71,7 +71,7 @@ where
 
 fn ours(ws: &Workspace, driver: &Driver) -> (usize, usize) {
     let (mounts, _) = ws.leftovers();
-    let loops = provisioner::backing::loops_under(&driver.pool).len();
+    let loops = loopvol::datapath::loop_device::loops_under(&driver.pool).len();
     (loops, mounts.len())
 }
 

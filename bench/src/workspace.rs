@@ -103,13 +103,13 @@ impl Drop for Workspace {
 }
 
 fn leftovers_under(root: &Path) -> (Vec<PathBuf>, Vec<PathBuf>) {
-    let mounts = loopvol::mount::mounts()
+    let mounts = loopvol::fs::mount::mounts()
         .unwrap_or_default()
         .into_iter()
         .filter(|m| m.mount_point.starts_with(root))
         .map(|m| m.mount_point)
         .collect();
-    let loops = provisioner::backing::loops_under(root)
+    let loops = loopvol::datapath::loop_device::loops_under(root)
         .into_iter()
         .map(|l| l.device)
         .collect();
@@ -132,8 +132,8 @@ fn sweep_under(root: &Path) -> Swept {
             }
         }
     }
-    for l in provisioner::backing::loops_under(root) {
-        if loopvol::loop_device::detach(&l.device).is_ok() {
+    for l in loopvol::datapath::loop_device::loops_under(root) {
+        if loopvol::datapath::loop_device::detach(&l.device).is_ok() {
             swept.detached.push(l.device);
         }
     }

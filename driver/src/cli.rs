@@ -3,6 +3,10 @@
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 
+pub use crate::ops::pool_args::{PoolArgs, VolumeCreateArgs};
+pub use crate::shared::units::{parse_overcommit_ratio, parse_size};
+pub use crate::shared::Mode;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "loopvol",
@@ -28,20 +32,21 @@ pub enum Command {
     #[command(subcommand)]
     Volume(VolumeCommand),
     /// Report on a pool: capacity, volumes, what this node staged and attached. Read-only.
-    Status(crate::admin::status::StatusArgs),
+    Status(crate::ops::admin::status::StatusArgs),
     /// Check that this node can run loopvol and that its pool is sound; exit 1 on a failure.
-    Doctor(crate::admin::doctor::DoctorArgs),
+    Doctor(crate::ops::admin::doctor::DoctorArgs),
     /// A CSI client, to drive a running driver by hand (create, stage, publish...).
-    Csi(crate::admin::csi::CsiArgs),
+    Csi(crate::ops::admin::csi::CsiArgs),
     /// Changed-block tracking of snapshots, asked of a running driver: the ranges a full
     /// (`allocated`) or incremental (`diff`) backup would read.
-    Snapshot(crate::admin::snapshot::SnapshotArgs),
+    Snapshot(crate::ops::admin::snapshot::SnapshotArgs),
     /// Internal: the process that guards one filesystem freeze (started by the driver).
     #[command(hide = true)]
-    FreezeGuard(crate::freeze::GuardArgs),
+    FreezeGuard(crate::fs::freeze::GuardArgs),
     /// The pool API's mTLS certificates: bootstrap them in the cluster (CA kept in a Secret),
     /// rotate the CA, or write a set into a directory with --out.
-    Certs(crate::cert_bootstrap::CertsArgs),
+    #[cfg(feature = "certs")]
+    Certs(crate::multinode::cert_bootstrap::CertsArgs),
 }
 
 /// Where a router finds the node plugins.
@@ -86,8 +91,8 @@ pub struct MultiNodeArgs {
 }
 
 impl MultiNodeArgs {
-    pub fn tls(&self) -> Option<crate::tls::TlsFiles> {
-        Some(crate::tls::TlsFiles {
+    pub fn tls(&self) -> Option<crate::multinode::tls::TlsFiles> {
+        Some(crate::multinode::tls::TlsFiles {
             cert: self.tls_cert.clone()?,
             key: self.tls_key.clone()?,
             ca: self.tls_ca.clone()?,
@@ -101,36 +106,9 @@ impl MultiNodeArgs {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Mode {
-    /// Identity + Controller (CreateVolume, DeleteVolume, capacity...).
-    Controller,
-    /// Identity + Node (stage, publish, stats, expand).
-    Node,
-    /// Identity + Controller + Node on one socket: the single-machine embedded default.
-    All,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
     Json,
-}
-
-#[derive(Debug, Clone, Args)]
-pub struct PoolArgs {
-    /// Directory holding the pool's backing files and records.
-    #[arg(long, default_value = "/var/lib/loopvol", env = "LOOPVOL_POOL_DIR")]
-    pub pool_dir: PathBuf,
-    /// This node's ID (also the topology value). Defaults to the hostname.
-    #[arg(long, env = "LOOPVOL_NODE_ID")]
-    pub node_id: Option<String>,
-    /// How far thin volumes may overcommit the pool's free space (1.0 = never).
-    #[arg(long, default_value_t = 1.0, value_parser = parse_overcommit_ratio)]
-    pub overcommit_ratio: f64,
-    /// The most the pool's volumes may be provisioned in total (a quantity, e.g. 500Gi), so a
-    /// pool on a shared disk cannot promise all of it; unlimited when not given.
-    #[arg(long, value_name = "SIZE", value_parser = parse_size, env = "LOOPVOL_MAX_POOL_BYTES")]
-    pub max_pool_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -176,7 +154,7 @@ pub struct ServeArgs {
     /// Also advertise capability groups that the released sidecars and csi-test v5.4 cannot
     /// name: `volume-health` (CSI v1.13), `get-snapshot`. Their RPCs are served either way.
     #[arg(long, value_enum, value_delimiter = ',', value_name = "LIST")]
-    pub advertise_capabilities: Vec<crate::advertise::Extra>,
+    pub advertise_capabilities: Vec<crate::shared::advertise::Extra>,
     #[command(flatten)]
     pub multi: MultiNodeArgs,
     /// The kubelet's root directory: staging and target paths must lie inside it (or inside
@@ -207,7 +185,7 @@ pub enum VolumeCommand {
         pool: PoolArgs,
         /// Output format.
         #[arg(long, short = 'o', value_enum, default_value_t)]
-        output: crate::admin::output::ListOutput,
+        output: crate::ops::admin::output::ListOutput,
     },
     /// Delete a volume by ID (the driver must be stopped).
     Delete {
@@ -224,77 +202,8 @@ pub enum VolumeCommand {
         id: String,
         /// Output format.
         #[arg(long, short = 'o', value_enum, default_value_t)]
-        output: crate::admin::Output,
+        output: crate::ops::admin::Output,
     },
-}
-
-#[derive(Debug, Args)]
-pub struct VolumeCreateArgs {
-    #[command(flatten)]
-    pub pool: PoolArgs,
-    /// Name of the volume (and of the printed PV; the PVC gets `<name>-claim`).
-    #[arg(long)]
-    pub name: String,
-    /// Size as a Kubernetes quantity: 10Gi, 1.5Gi, 512Mi, 10G or a number of bytes.
-    #[arg(long, value_parser = parse_size)]
-    pub size: u64,
-    /// Filesystem to format the volume with on first stage: ext4, xfs or btrfs.
-    #[arg(long, default_value = "ext4")]
-    pub fs_type: String,
-    /// thin (sparse, blocks allocated on write) or thick (allocated now).
-    #[arg(long, default_value = "thin")]
-    pub allocation: String,
-    /// The CSI driver name the printed PersistentVolume names.
-    #[arg(long, default_value = "loopvol.csi.dev")]
-    pub driver_name: String,
-    /// Namespace of the printed PVC.
-    #[arg(long, default_value = "default")]
-    pub namespace: String,
-}
-
-/// A size as Kubernetes writes a quantity (`10Gi`, `1.5Gi`, `500M`, `1e9`, `4096`), parsed
-/// exactly by the same code that reads StorageClass parameters; not zero. `10GB` is not a
-/// Kubernetes quantity and is refused with the two spellings that are.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    if let Some(stem) = s
-        .strip_suffix('B')
-        .filter(|t| t.ends_with(char::is_alphabetic))
-    {
-        return Err(format!(
-            "{s:?} is not a Kubernetes quantity: write {stem} (powers of 1000) or {stem}i (powers of 1024)"
-        ));
-    }
-    match provisioner::quantity::parse_whole(s)? {
-        0 => Err("a size of 0 is not a volume; give e.g. 1Gi".into()),
-        n => Ok(n),
-    }
-}
-
-/// An overcommit ratio is a finite number ≥ 1: below 1 the pool would refuse space it has, and
-/// NaN or infinity would make every capacity figure meaningless.
-pub fn parse_overcommit_ratio(s: &str) -> Result<f64, String> {
-    let r: f64 = s
-        .trim()
-        .parse()
-        .map_err(|_| format!("{s:?} is not a number like 1.5"))?;
-    if !r.is_finite() || r < 1.0 {
-        return Err(format!(
-            "overcommit ratio must be a finite number of at least 1.0, not {s}"
-        ));
-    }
-    Ok(r)
-}
-
-impl PoolArgs {
-    pub fn node_id(&self) -> String {
-        self.node_id.clone().unwrap_or_else(|| {
-            nix::unistd::gethostname()
-                .ok()
-                .and_then(|h| h.into_string().ok())
-                .unwrap_or_else(|| "localhost".into())
-        })
-    }
 }
 
 #[cfg(test)]
@@ -302,23 +211,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sizes() {
-        assert_eq!(parse_size("10Gi").unwrap(), 10 << 30);
-        assert_eq!(parse_size("512Mi").unwrap(), 512 << 20);
-        assert_eq!(parse_size("1G").unwrap(), 1_000_000_000);
-        assert_eq!(parse_size("4096").unwrap(), 4096);
-        assert!(parse_size("1Qi").is_err());
-        assert!(parse_size("abc").is_err());
-        assert!(parse_size("99999999999999Ti").is_err());
-    }
-
-    #[test]
-    fn overcommit_ratios() {
-        assert_eq!(parse_overcommit_ratio("1").unwrap(), 1.0);
-        assert_eq!(parse_overcommit_ratio("2.5").unwrap(), 2.5);
-        for bad in ["0.5", "-1", "NaN", "inf", "", "two"] {
-            assert!(parse_overcommit_ratio(bad).is_err(), "{bad:?} accepted");
-        }
+    fn overcommit_ratio_flag_is_checked() {
         assert!(Cli::try_parse_from(["loopvol", "serve", "--overcommit-ratio", "0"]).is_err());
     }
 

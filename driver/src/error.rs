@@ -9,7 +9,7 @@ use tonic::{Code, Status};
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
-    Pool(#[from] PoolError),
+    Pool(PoolError),
     #[error("{0}")]
     InvalidArgument(String),
     #[error("{0}")]
@@ -49,6 +49,31 @@ pub enum Error {
     MissingTool { program: String, package: String },
     #[error("{0}")]
     Internal(String),
+    /// Not reachable now; the caller retries (a router's node plugin that is restarting).
+    #[error("{0}")]
+    Unavailable(String),
+    /// Another loopvol's answer, passed on as it came (a router forwarding to a node).
+    #[error("{}", .0.message())]
+    Forwarded(Status),
+}
+
+/// A pool error, unless it is one of ours coming back through a pool hook: then ours, as it was.
+impl From<PoolError> for Error {
+    fn from(p: PoolError) -> Self {
+        match p {
+            PoolError::Hook(h) => match h.downcast::<Error>() {
+                Ok(e) => *e,
+                Err(other) => Error::Pool(PoolError::Hook(other)),
+            },
+            p => Error::Pool(p),
+        }
+    }
+}
+
+impl From<Status> for Error {
+    fn from(s: Status) -> Self {
+        Error::Forwarded(s)
+    }
 }
 
 impl Error {
@@ -70,6 +95,9 @@ impl Error {
                 PoolError::FailedPrecondition(_) => Code::FailedPrecondition,
                 PoolError::Aborted(_) => Code::Aborted,
                 PoolError::PoolLocked(_) => Code::Unavailable,
+                PoolError::Hook(h) => h
+                    .downcast_ref::<Error>()
+                    .map_or(Code::Internal, Error::code),
                 PoolError::Io { .. } => Code::Internal,
             },
             Error::InvalidArgument(_) => Code::InvalidArgument,
@@ -81,12 +109,19 @@ impl Error {
             Error::Unimplemented(_) => Code::Unimplemented,
             Error::OutOfRange(_) => Code::OutOfRange,
             Error::Io { .. } | Error::Command { .. } | Error::Internal(_) => Code::Internal,
+            Error::Unavailable(_) => Code::Unavailable,
+            Error::Forwarded(s) => s.code(),
         }
     }
 }
 
 impl From<Error> for Status {
     fn from(e: Error) -> Status {
+        // The node that answered has counted and logged it; its details stay intact.
+        let e = match e {
+            Error::Forwarded(s) => return s,
+            e => e,
+        };
         let code = e.code();
         crate::metrics::count_error(code);
         if code == Code::Internal {
@@ -100,22 +135,14 @@ impl From<Error> for Status {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Back into the pool's terms, for driver code the pool calls (its quiesce hook), keeping
-/// what the caller should do: a full pool stays RESOURCE_EXHAUSTED, a busy volume ABORTED.
+/// Back into the pool's terms, for driver code the pool calls (its quiesce hook): the pool's
+/// own errors as they were, and ours carried whole, so that what comes out of the pool's call
+/// is the typed error the hook returned (a full pool stays RESOURCE_EXHAUSTED, a busy volume
+/// ABORTED, a failed freeze keeps its context).
 pub fn to_pool_error(e: Error) -> PoolError {
     match e {
         Error::Pool(p) => p,
-        Error::InvalidArgument(m) => PoolError::InvalidArgument(m),
-        Error::NotFound(m) => PoolError::NotFound(m),
-        Error::AlreadyExists(m) => PoolError::AlreadyExists(m),
-        Error::FailedPrecondition(m) => PoolError::FailedPrecondition(m),
-        Error::Aborted(m) => PoolError::Aborted(m),
-        Error::ResourceExhausted(m) => PoolError::ResourceExhausted(m),
-        Error::Io { context, source } => PoolError::Io { context, source },
-        e => PoolError::io(
-            "freeze the source filesystem",
-            io::Error::other(e.to_string()),
-        ),
+        e => PoolError::Hook(Box::new(e)),
     }
 }
 
@@ -139,5 +166,33 @@ mod tests {
         let s: Status = Error::from(PoolError::io("x", io::Error::other("y"))).into();
         assert_eq!(s.code(), Code::Internal);
         assert!(required("volume_id", "").is_err());
+    }
+
+    #[test]
+    fn hook_errors_come_back_typed() {
+        let e = Error::Aborted("volume busy".into());
+        let back = Error::from(to_pool_error(e));
+        assert!(
+            matches!(&back, Error::Aborted(m) if m == "volume busy"),
+            "{back:?}"
+        );
+        let io = Error::io("FIFREEZE /mnt", io::Error::from_raw_os_error(libc::ENOSPC));
+        let p = to_pool_error(io);
+        assert_eq!(
+            Error::Pool(PoolError::Hook(Box::new(Error::Internal("x".into())))).code(),
+            Code::Internal
+        );
+        let back = Error::from(p);
+        assert!(
+            matches!(&back, Error::Io { context, .. } if context == "FIFREEZE /mnt"),
+            "{back:?}"
+        );
+        let s: Status = back.into();
+        assert_eq!(s.code(), Code::Internal);
+        assert!(
+            s.message().starts_with("FIFREEZE /mnt: "),
+            "{}",
+            s.message()
+        );
     }
 }

@@ -1,6 +1,7 @@
 use clap::Parser;
 use loopvol::cli::{Cli, Command, LogFormat, VolumeCommand};
-use loopvol::{server, static_volume};
+use loopvol::ops::static_volume;
+use loopvol::server;
 use tracing_subscriber::EnvFilter;
 
 fn init_logging(format: LogFormat, level: &str) {
@@ -9,7 +10,7 @@ fn init_logging(format: LogFormat, level: &str) {
     // One event, one line, whatever request text its fields hold (see `logsafe`).
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(loopvol::logsafe::Stderr { ansi })
+        .with_writer(loopvol::shared::logsafe::Stderr { ansi })
         .with_ansi(ansi);
     match format {
         LogFormat::Text => builder.init(),
@@ -42,40 +43,41 @@ fn run() -> anyhow::Result<()> {
         }
         Command::FreezeGuard(a) => {
             init_logging(LogFormat::Text, "info");
-            std::process::exit(loopvol::freeze::guard_main(&a))
+            std::process::exit(loopvol::fs::freeze::guard_main(&a))
         }
+        #[cfg(feature = "certs")]
         Command::Certs(a) => {
             init_logging(LogFormat::Text, "info");
-            loopvol::cert_bootstrap::main(a)
+            loopvol::multinode::cert_bootstrap::main(a)
         }
         Command::Volume(cmd) => {
             init_logging(LogFormat::Text, "warn");
             match cmd {
                 VolumeCommand::Create(a) => static_volume::create(&a),
                 VolumeCommand::List { pool, output } => {
-                    loopvol::admin::output::volume_list(&pool, output)
+                    loopvol::ops::admin::output::volume_list(&pool, output)
                 }
                 VolumeCommand::Delete { pool, id } => static_volume::delete(&pool, &id),
                 VolumeCommand::Inspect { pool, id, output } => {
-                    loopvol::admin::volume::inspect(&pool.pool_dir, &id, output)
+                    loopvol::ops::admin::volume::inspect(&pool.pool_dir, &id, output)
                 }
             }
         }
         Command::Status(a) => {
             init_logging(LogFormat::Text, "warn");
-            loopvol::admin::status::run(&a)
+            loopvol::ops::admin::status::run(&a)
         }
         Command::Doctor(a) => {
             init_logging(LogFormat::Text, "warn");
-            std::process::exit(loopvol::admin::doctor::main(&a))
+            std::process::exit(loopvol::ops::admin::doctor::main(&a))
         }
         Command::Csi(a) => {
             init_logging(LogFormat::Text, "warn");
-            std::process::exit(loopvol::admin::csi::main(a))
+            std::process::exit(loopvol::ops::admin::csi::main(a))
         }
         Command::Snapshot(a) => {
             init_logging(LogFormat::Text, "warn");
-            std::process::exit(loopvol::admin::snapshot::main(a))
+            std::process::exit(loopvol::ops::admin::snapshot::main(a))
         }
     }
 }

@@ -27,6 +27,10 @@ pub enum PoolError {
     Aborted(String),
     #[error("{0} is locked: another loopvol process serves this pool in the same role")]
     PoolLocked(PathBuf),
+    /// A hook the caller installed (the driver's quiesce) failed: its own error, kept whole
+    /// so the caller gets back exactly what its hook said (see the driver's `to_pool_error`).
+    #[error("{0}")]
+    Hook(Box<dyn std::error::Error + Send + Sync>),
     #[error("{context}: {source}")]
     Io {
         context: String,

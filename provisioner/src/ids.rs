@@ -41,6 +41,12 @@ pub struct VolumeId {
     pub node: String,
 }
 
+/// The part of every ID (and of every file name in a pool, and of the driver's list tokens)
+/// that names an object: exactly 20 lowercase hex digits.
+pub fn is_hex_id(s: &str) -> bool {
+    s.len() == HEX_LEN && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
 impl VolumeId {
     /// The ID a name gets on `node`.
     pub fn from_name(kind: Kind, name: &str, node: &str) -> Self {
@@ -57,7 +63,7 @@ impl VolumeId {
     pub fn parse(kind: Kind, id: &str) -> Option<Self> {
         let rest = id.strip_prefix(kind.prefix())?.strip_prefix('-')?;
         let (hex, node) = rest.split_once('@')?;
-        if hex.len() != HEX_LEN || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        if !is_hex_id(hex) {
             return None;
         }
         validate_node_id(node).ok()?;

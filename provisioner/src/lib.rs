@@ -4,14 +4,13 @@
 //! implementation of the on-disk format and its crash-safety rules.
 
 pub mod atomic;
-pub mod backing;
 pub mod capacity;
 pub mod chunk_digest;
 pub mod copy;
 pub mod error;
 pub mod extents;
-pub mod group_snapshot;
 pub mod ids;
+pub mod in_use;
 pub mod io_limits;
 pub mod keyed_lock;
 pub mod listing;
@@ -25,7 +24,10 @@ pub mod snapshot_metadata;
 
 pub use error::PoolError;
 pub use ids::{validate_name, VolumeId};
+pub use in_use::InUse;
 pub use io_limits::{IoLimits, IoLimitsChange};
 pub use params::{Allocation, FsType, VolumeParams};
+/// Group snapshots live with the pool (its start-up repair finishes interrupted groups).
+pub use pool::group_snapshot;
 pub use pool::{CreateRequest, Pool, PoolOptions};
 pub use record::{SnapshotRecord, VolumeRecord};

@@ -111,7 +111,7 @@ fn read_kind<T: DeserializeOwned>(
 }
 
 fn is_hex(stem: &str) -> bool {
-    stem.len() == 20 && stem.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    crate::ids::is_hex_id(stem)
 }
 
 #[cfg(test)]

@@ -268,13 +268,13 @@ impl Driver {
     /// Mounts under the temp dir and loop devices over the pool, left right now.
     pub fn leftovers(&self) -> (Vec<PathBuf>, Vec<PathBuf>) {
         let root = std::fs::canonicalize(self.dir.path()).unwrap();
-        let mounts = loopvol::mount::mounts()
+        let mounts = loopvol::fs::mount::mounts()
             .unwrap()
             .into_iter()
             .filter(|m| m.mount_point.starts_with(&root))
             .map(|m| m.mount_point)
             .collect();
-        let loops = provisioner::backing::loops_under(&self.pool)
+        let loops = loopvol::datapath::loop_device::loops_under(&self.pool)
             .into_iter()
             .map(|l| l.device)
             .collect();
@@ -301,8 +301,8 @@ impl Drop for Driver {
         for m in mounts {
             let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
         }
-        for l in provisioner::backing::loops_under(&self.pool) {
-            let _ = loopvol::loop_device::detach(&l.device);
+        for l in loopvol::datapath::loop_device::loops_under(&self.pool) {
+            let _ = loopvol::datapath::loop_device::detach(&l.device);
         }
     }
 }
@@ -336,7 +336,7 @@ impl SmallFs {
             "mkfs.ext4: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let device = loopvol::loop_device::attach(&image, false, false)
+        let device = loopvol::datapath::loop_device::attach(&image, false, false)
             .expect("attach the small filesystem")
             .device;
         let mount_point = dir.path().join("mnt");
@@ -346,7 +346,7 @@ impl SmallFs {
             device,
             _dir: dir,
         };
-        loopvol::mount::mount_fs(
+        loopvol::fs::mount::mount_fs(
             &fs.device,
             &fs.mount_point,
             "ext4",
@@ -363,11 +363,11 @@ impl Drop for SmallFs {
         // Loop devices over images inside (left when a test failed with the filesystem full:
         // their flush-and-detach fails with EIO) would keep it busy: detach them without a
         // flush first, then unmount, then detach the filesystem's own device.
-        for l in provisioner::backing::loops_under(&self.mount_point) {
+        for l in loopvol::datapath::loop_device::loops_under(&self.mount_point) {
             let _ = Command::new("losetup").arg("-d").arg(&l.device).status();
         }
         let _ = nix::mount::umount2(&self.mount_point, nix::mount::MntFlags::MNT_DETACH);
-        let _ = loopvol::loop_device::detach(&self.device);
+        let _ = loopvol::datapath::loop_device::detach(&self.device);
     }
 }
 

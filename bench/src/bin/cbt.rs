@@ -49,7 +49,7 @@ impl PoolFs {
     fn new(dir: &Path, fs: &str, bytes: u64) -> anyhow::Result<PoolFs> {
         let img = dir.join(format!("{fs}.img"));
         File::create(&img)?.set_len(bytes)?;
-        let device = loopvol::loop_device::attach(&img, false, false)
+        let device = loopvol::datapath::loop_device::attach(&img, false, false)
             .context("attach")?
             .device;
         let p = PoolFs {
@@ -61,9 +61,9 @@ impl PoolFs {
         } else {
             provisioner::FsType::Ext4
         };
-        loopvol::format::mkfs(&p.device, fs_type).context("mkfs")?;
+        loopvol::fs::format::mkfs(&p.device, fs_type).context("mkfs")?;
         std::fs::create_dir_all(&p.mount)?;
-        loopvol::mount::mount_fs(&p.device, &p.mount, fs, nix::mount::MsFlags::empty(), "")
+        loopvol::fs::mount::mount_fs(&p.device, &p.mount, fs, nix::mount::MsFlags::empty(), "")
             .context("mount")?;
         Ok(p)
     }
@@ -72,7 +72,7 @@ impl PoolFs {
 impl Drop for PoolFs {
     fn drop(&mut self) {
         let _ = nix::mount::umount2(&self.mount, nix::mount::MntFlags::empty());
-        let _ = loopvol::loop_device::detach(&self.device);
+        let _ = loopvol::datapath::loop_device::detach(&self.device);
     }
 }
 

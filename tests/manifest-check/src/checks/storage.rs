@@ -13,19 +13,12 @@ use k8s_openapi::api::storage::v1::{StorageClass, VolumeAttributesClass};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use provisioner::io_limits::{self, IoLimitsChange};
 
-const PARAM_FS_TYPE: &str = "fsType";
-const PARAM_ALLOCATION: &str = "allocation";
+use provisioner::params::{Allocation, FsType, PARAM_ALLOCATION, PARAM_FS_TYPE};
+
 const SIDECAR_PREFIX: &str = "csi.storage.k8s.io/";
 const SIDECAR_FS_TYPE: &str = "csi.storage.k8s.io/fstype";
-/// Filesystems loopvol formats, and the smallest volume each mkfs accepts.
-const FILESYSTEMS: &[(&str, f64)] = &[
-    ("ext4", 8.0 * MIB),
-    ("xfs", 300.0 * MIB),
-    ("btrfs", 128.0 * MIB),
-];
-const MIB: f64 = 1048576.0;
 /// Used when neither the StorageClass nor the PV names one (csi-provisioner --default-fstype).
-const DEFAULT_FS: &str = "ext4";
+const DEFAULT_FS: FsType = FsType::Ext4;
 
 pub fn check(inv: &Inventory) -> Vec<Finding> {
     let mut out = Vec::new();
@@ -51,11 +44,12 @@ pub fn check(inv: &Inventory) -> Vec<Finding> {
     out
 }
 
+/// The smallest volume loopvol's mkfs of `fs` accepts, if loopvol formats `fs` at all.
 fn fs_minimum(fs: &str) -> Option<f64> {
-    FILESYSTEMS
+    FsType::ALL
         .iter()
-        .find(|(name, _)| *name == fs)
-        .map(|(_, min)| *min)
+        .find(|t| t.as_str() == fs)
+        .map(|t| t.min_size() as f64)
 }
 
 fn storage_class(sc: &StorageClass) -> Vec<String> {
@@ -65,7 +59,7 @@ fn storage_class(sc: &StorageClass) -> Vec<String> {
             PARAM_FS_TYPE | SIDECAR_FS_TYPE if fs_minimum(value).is_none() => out.push(format!(
                 "parameter {key}: {value} is not one of ext4, xfs, btrfs"
             )),
-            PARAM_ALLOCATION if !matches!(value.as_str(), "thin" | "thick") => out.push(format!(
+            PARAM_ALLOCATION if value.parse::<Allocation>().is_err() => out.push(format!(
                 "parameter {PARAM_ALLOCATION}: {value} is not thin or thick"
             )),
             PARAM_FS_TYPE | SIDECAR_FS_TYPE | PARAM_ALLOCATION => {}
@@ -118,7 +112,7 @@ fn class_fs_type(sc: &StorageClass) -> &str {
     let params = sc.parameters.as_ref();
     params
         .and_then(|p| p.get(PARAM_FS_TYPE).or_else(|| p.get(SIDECAR_FS_TYPE)))
-        .map_or(DEFAULT_FS, String::as_str)
+        .map_or(DEFAULT_FS.as_str(), String::as_str)
 }
 
 /// A loopvol PV: a volume ID of ours, pinned to the node named in it, kept on release.
@@ -181,7 +175,7 @@ fn persistent_volume(spec: &PersistentVolumeSpec) -> Vec<String> {
 /// The node of a volume ID `vol-<20 lowercase hex>@<node>`.
 fn volume_node(handle: &str) -> Option<&str> {
     let (hex, node) = handle.strip_prefix("vol-")?.split_once('@')?;
-    let hex_ok = hex.len() == 20 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    let hex_ok = provisioner::ids::is_hex_id(hex);
     (hex_ok && !node.is_empty()).then_some(node)
 }
 
@@ -226,7 +220,7 @@ fn claim_size(inv: &Inventory, pvc: &PersistentVolumeClaim) -> Option<String> {
         Some(_) => Some(format!(
             "requests {} but {fs} volumes (StorageClass {class}) must be at least {}Mi",
             size.0,
-            min / MIB
+            min / provisioner::size::MIB as f64
         )),
         None => Some(format!("requests {}, which is not a quantity", size.0)),
     }

@@ -1,0 +1,445 @@
+//! Loop devices through raw ioctls: attach (`LOOP_CONFIGURE`), detach, capacity.
+//!
+//! Written by hand rather than with the `loopdev` crate because we need `LOOP_CONFIGURE` (attach
+//! the file, set flags and direct I/O in one atomic call: `LOOP_SET_STATUS64` silently drops the
+//! direct-I/O flag) and because loopdev's bindgen build needs libclang on every build machine.
+//! The whole surface is six ioctls.
+
+use std::collections::HashSet;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Mutex, OnceLock};
+use std::time::Duration;
+
+use super::scan::{
+    self as backing, LoopInfo64, LO_FLAGS_DIRECT_IO, LO_FLAGS_READ_ONLY, LO_NAME_SIZE,
+};
+use crate::datapath::Attached;
+use crate::error::{Error, Result};
+use nix::errno::Errno;
+
+pub(super) const LOOP_CONTROL: &str = "/dev/loop-control";
+const LOOP_MAJOR: u64 = 7;
+
+#[repr(C)]
+struct LoopConfig {
+    fd: u32,
+    block_size: u32,
+    info: LoopInfo64,
+    reserved: [u64; 8],
+}
+
+nix::ioctl_none_bad!(loop_ctl_get_free, 0x4C82);
+nix::ioctl_write_int_bad!(loop_ctl_remove, 0x4C81);
+nix::ioctl_write_ptr_bad!(loop_configure, 0x4C0A, LoopConfig);
+nix::ioctl_none_bad!(loop_clr_fd, 0x4C01);
+nix::ioctl_none_bad!(loop_set_capacity, 0x4C07);
+nix::ioctl_write_int_bad!(loop_set_direct_io, 0x4C08);
+
+/// Attach `file` to a loop device, or return the one already backed by it: one image on two
+/// loop devices means two page caches over one filesystem, which corrupts it.
+pub(super) fn attach(file: &Path, read_only: bool, want_direct_io: bool) -> Result<Attached> {
+    if let Some(l) = backing::loops_backed_by(file).into_iter().next() {
+        if l.read_only && !read_only {
+            return Err(Error::FailedPrecondition(format!(
+                "{} is already attached read-only to {}; unstage it first",
+                file.display(),
+                l.device.display()
+            )));
+        }
+        return Ok(Attached {
+            device: l.device,
+            created: false,
+            direct_io: l.direct_io,
+            read_only: l.read_only,
+        });
+    }
+    let backing_file = OpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(file)
+        .map_err(|e| Error::io(format!("open {}", file.display()), e))?;
+    let control = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(LOOP_CONTROL)
+        .map_err(|e| Error::io(format!("open {LOOP_CONTROL}"), e))?;
+
+    let mut flags = if read_only { LO_FLAGS_READ_ONLY } else { 0 };
+    if want_direct_io {
+        flags |= LO_FLAGS_DIRECT_IO;
+    }
+    // LOOP_CTL_GET_FREE hands the same free device to every caller until one binds it, so
+    // racing attachers (other processes, other drivers) get EBUSY: take the next one.
+    let mut last_err = None;
+    for _ in 0..64 {
+        let n = unsafe { loop_ctl_get_free(control.as_raw_fd()) }
+            .map_err(|e| Error::io("LOOP_CTL_GET_FREE", e))?;
+        let device = ensure_node(n as u64)?;
+        let dev = match open_rw(&device) {
+            Ok(f) => f,
+            Err(e) => {
+                last_err = Some(e);
+                continue;
+            }
+        };
+        match configure(&dev, &backing_file, file, flags) {
+            Ok(()) => {}
+            // EBUSY: another attacher bound it first. ENXIO/ENODEV: another process is
+            // removing that device right now. Either way, ask for the next free one.
+            Err(e @ (Errno::EBUSY | Errno::ENXIO | Errno::ENODEV)) => {
+                last_err = Some(io::Error::from(e));
+                std::thread::sleep(Duration::from_millis(1));
+                continue;
+            }
+            Err(Errno::EINVAL) if flags & LO_FLAGS_DIRECT_IO != 0 => {
+                tracing::warn!(file = %file.display(),
+                    "loop direct I/O refused by the pool filesystem; falling back to buffered I/O");
+                flags &= !LO_FLAGS_DIRECT_IO;
+                if let Err(e) = configure(&dev, &backing_file, file, flags) {
+                    last_err = Some(e.into());
+                    continue;
+                }
+            }
+            Err(e) => return Err(Error::io(format!("LOOP_CONFIGURE {}", device.display()), e)),
+        }
+        let direct_io = dio_enabled(&device);
+        return Ok(Attached {
+            device,
+            created: true,
+            direct_io,
+            read_only,
+        });
+    }
+    Err(Error::io(
+        "no free loop device after 64 attempts",
+        last_err.unwrap_or_else(|| io::Error::from(Errno::EBUSY)),
+    ))
+}
+
+/// The post-attach step for direct I/O: older kernels ignore the flag in `LOOP_CONFIGURE`, so
+/// ask again explicitly; a pool filesystem that cannot do direct I/O keeps the page cache.
+pub(super) fn ensure_direct_io(att: &mut Attached, file: &Path) {
+    if att.direct_io {
+        return;
+    }
+    att.direct_io = open_rw(&att.device)
+        .is_ok_and(|dev| unsafe { loop_set_direct_io(dev.as_raw_fd(), 1) }.is_ok())
+        && dio_enabled(&att.device);
+    if !att.direct_io {
+        tracing::warn!(device = %att.device.display(), file = %file.display(),
+            "direct I/O unavailable on this pool filesystem; loop device uses the page cache");
+    }
+}
+
+/// The number of a loop device that is free now, without attaching anything (the kernel adds
+/// a device when none is free). `loopvol doctor` uses it to prove loop devices can be had.
+pub fn free_device() -> Result<u32> {
+    let control = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(LOOP_CONTROL)
+        .map_err(|e| Error::io(format!("open {LOOP_CONTROL}"), e))?;
+    let n = unsafe { loop_ctl_get_free(control.as_raw_fd()) }
+        .map_err(|e| Error::io("LOOP_CTL_GET_FREE", e))?;
+    Ok(n as u32)
+}
+
+fn configure(dev: &File, backing_file: &File, path: &Path, flags: u32) -> nix::Result<()> {
+    let mut info = LoopInfo64::zeroed();
+    info.lo_flags = flags;
+    let name = path.as_os_str().as_encoded_bytes();
+    let n = name.len().min(LO_NAME_SIZE - 1);
+    info.lo_file_name[..n].copy_from_slice(&name[..n]);
+    let cfg = LoopConfig {
+        fd: backing_file.as_raw_fd() as u32,
+        block_size: 0,
+        info,
+        reserved: [0; 8],
+    };
+    unsafe { loop_configure(dev.as_raw_fd(), &cfg) }.map(|_| ())
+}
+
+/// `/dev/loopN`, created if devtmpfs has not made it yet (or /dev is a plain directory).
+fn ensure_node(n: u64) -> Result<PathBuf> {
+    let device = PathBuf::from(format!("/dev/loop{n}"));
+    match std::fs::metadata(&device) {
+        Ok(m) if m.file_type().is_block_device() => Ok(device),
+        Ok(_) => Err(Error::Internal(format!(
+            "{} exists but is not a block device",
+            device.display()
+        ))),
+        Err(_) => {
+            use nix::sys::stat::{makedev, mknod, Mode, SFlag};
+            match mknod(
+                &device,
+                SFlag::S_IFBLK,
+                Mode::from_bits_truncate(0o660),
+                makedev(LOOP_MAJOR, n),
+            ) {
+                Ok(()) | Err(Errno::EEXIST) => Ok(device),
+                Err(e) => Err(Error::io(format!("mknod {}", device.display()), e)),
+            }
+        }
+    }
+}
+
+fn open_rw(device: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(device)
+}
+
+fn sysfs_dir(device: &Path) -> PathBuf {
+    let name = device.file_name().unwrap_or_default();
+    Path::new("/sys/block").join(name)
+}
+
+fn dio_enabled(device: &Path) -> bool {
+    std::fs::read_to_string(sysfs_dir(device).join("loop/dio")).is_ok_and(|s| s.trim() == "1")
+}
+
+/// The kernel makes this many loop devices at boot (`CONFIG_BLK_DEV_LOOP_MIN_COUNT`, default 8)
+/// and tools expect them to exist: never removed.
+const BOOT_NODES: u32 = 8;
+
+/// Which idle loop device nodes loopvol may remove after a detach.
+///
+/// `LOOP_CTL_GET_FREE` adds a node whenever none is free, and a detached node stays until
+/// someone removes it: without removal a node that staged a thousand volumes keeps a thousand
+/// idle `/dev/loopN`, and every later sysfs scan pays for each. loopvol removes the nodes it
+/// attached and detached, except nodes that were already idle when it started (the system's
+/// spare nodes, or another tool's) and the boot-time ones. A node attached to a pool image when
+/// loopvol started was attached by an earlier loopvol and counts as its own, and so do the
+/// nodes a previous loopvol had queued for removal when it stopped (see [`finish_node_cleanup`]).
+///
+/// Removal is slow (the kernel deletes a whole gendisk and waits out an RCU grace period: about
+/// 45 ms each on this machine kind) but mostly waiting, so a few threads do it in parallel, off
+/// the RPC path: an unstage answers as soon as its device is detached.
+struct NodeReaper {
+    spare_at_start: HashSet<u32>,
+    queue: Mutex<mpsc::Sender<u32>>,
+    /// Queued and not yet removed (or given up on).
+    pending: Mutex<HashSet<u32>>,
+}
+
+static REAPER: OnceLock<NodeReaper> = OnceLock::new();
+const REAPER_THREADS: usize = 8;
+/// Under the node state directory: the nodes a stopping loopvol had not removed yet.
+const PENDING_FILE: &str = "loop-nodes-to-remove";
+
+fn loop_node_numbers() -> Vec<(u32, bool)> {
+    let Ok(entries) = std::fs::read_dir("/sys/block") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let n = e.file_name().to_str()?.strip_prefix("loop")?.parse().ok()?;
+            Some((n, e.path().join("loop/backing_file").exists()))
+        })
+        .collect()
+}
+
+/// Note the idle loop nodes that exist now, so that [`detach`] removes only the ones loopvol
+/// used, and start the threads that remove them. Called once by a node plugin at start;
+/// processes that never call it (the admin CLI) remove no node.
+pub fn adopt_node_cleanup(state_dir: &Path) {
+    let file = state_dir.join(PENDING_FILE);
+    let left_by_predecessor: HashSet<u32> = std::fs::read_to_string(&file)
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    let _ = std::fs::remove_file(&file);
+    let idle: Vec<u32> = loop_node_numbers()
+        .into_iter()
+        .filter(|&(_, attached)| !attached)
+        .map(|(n, _)| n)
+        .collect();
+    let (tx, rx) = mpsc::channel();
+    let reaper = NodeReaper {
+        spare_at_start: idle
+            .iter()
+            .copied()
+            .filter(|n| !left_by_predecessor.contains(n))
+            .collect(),
+        queue: Mutex::new(tx),
+        pending: Mutex::new(HashSet::new()),
+    };
+    if REAPER.set(reaper).is_err() {
+        return;
+    }
+    let rx = std::sync::Arc::new(Mutex::new(rx));
+    for i in 0..REAPER_THREADS {
+        let rx = rx.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("loop-reaper-{i}"))
+            .spawn(move || reap_worker(&rx));
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start a loop node reaper thread");
+        }
+    }
+    for n in idle.into_iter().filter(|n| left_by_predecessor.contains(n)) {
+        queue_removal(n);
+    }
+}
+
+/// Remove queued nodes one at a time. EBUSY right after a detach is normal (the kernel
+/// finishes tearing a device down after its last close, and udev probes it on the change
+/// event): retried for a while, then left. The kernel refuses atomically to remove a device
+/// that is attached or open, so a node another attacher picked up meanwhile is never pulled
+/// away.
+fn reap_worker(rx: &Mutex<mpsc::Receiver<u32>>) {
+    loop {
+        let next = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+        let Ok(n) = next else { return };
+        let started = std::time::Instant::now();
+        let control = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(LOOP_CONTROL);
+        if let Ok(control) = control {
+            // SAFETY: LOOP_CTL_REMOVE takes the device number by value; no memory is passed.
+            while let Err(Errno::EBUSY) =
+                unsafe { loop_ctl_remove(control.as_raw_fd(), n as libc::c_int) }
+            {
+                if started.elapsed() > Duration::from_secs(5) {
+                    tracing::debug!(device = n, "loop node still busy; not removed");
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        if let Some(r) = REAPER.get() {
+            r.pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&n);
+        }
+    }
+}
+
+fn queue_removal(n: u32) {
+    let Some(r) = REAPER.get() else { return };
+    if r.pending
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(n)
+    {
+        let _ = r.queue.lock().unwrap_or_else(|e| e.into_inner()).send(n);
+    }
+}
+
+/// At shutdown: give the queued removals up to `wait` to finish, and leave the rest to the
+/// next loopvol in the node state directory (written plainly, not fsynced: a lost list leaks
+/// idle nodes, nothing else).
+pub fn finish_node_cleanup(state_dir: &Path, wait: Duration) {
+    let Some(r) = REAPER.get() else { return };
+    let started = std::time::Instant::now();
+    loop {
+        let left: Vec<u32> = r
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .copied()
+            .collect();
+        if left.is_empty() {
+            return;
+        }
+        if started.elapsed() >= wait {
+            let list: String = left.iter().map(|n| format!("{n}\n")).collect();
+            let tmp = state_dir.join(format!("{PENDING_FILE}.tmp"));
+            if std::fs::write(&tmp, list).is_ok() {
+                let _ = std::fs::rename(&tmp, state_dir.join(PENDING_FILE));
+            }
+            tracing::info!(
+                nodes = left.len(),
+                "idle loop nodes not removed yet; the next start removes them"
+            );
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn loop_number(device: &Path) -> Option<u32> {
+    device.to_str()?.strip_prefix("/dev/loop")?.parse().ok()
+}
+
+/// Queue the node of a device loopvol detached for removal, if it is its own (see
+/// [`NodeReaper`]).
+fn reap_node(device: &Path) {
+    let Some(reaper) = REAPER.get() else { return };
+    let Some(n) = loop_number(device) else { return };
+    if ours_to_remove(n, &reaper.spare_at_start) {
+        queue_removal(n);
+    }
+}
+
+/// Boot-time nodes and the ones idle when loopvol started are not loopvol's to remove.
+fn ours_to_remove(n: u32, spare_at_start: &HashSet<u32>) -> bool {
+    n >= BOOT_NODES && !spare_at_start.contains(&n)
+}
+
+/// Flush dirty blocks to the backing file, then detach. If something still holds the device
+/// open the kernel defers the detach to the last close (autoclear); we wait briefly for it.
+pub fn detach(device: &Path) -> Result<()> {
+    let dev = match open_rw(device) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io(format!("open {}", device.display()), e)),
+    };
+    dev.sync_all()
+        .map_err(|e| Error::io(format!("flush {}", device.display()), e))?;
+    match unsafe { loop_clr_fd(dev.as_raw_fd()) } {
+        Ok(_) | Err(Errno::ENXIO) => {}
+        Err(e) => return Err(Error::io(format!("LOOP_CLR_FD {}", device.display()), e)),
+    }
+    drop(dev);
+    let backing = sysfs_dir(device).join("loop/backing_file");
+    for _ in 0..200 {
+        if !backing.exists() {
+            tracing::info!(device = %device.display(), "loop device detached");
+            reap_node(device);
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    tracing::warn!(device = %device.display(), "loop device still open elsewhere; detach deferred to its last close");
+    Ok(())
+}
+
+/// Make the loop device pick up its backing file's new size (after an expansion).
+pub fn refresh_capacity(device: &Path) -> Result<u64> {
+    let dev = open_rw(device).map_err(|e| Error::io(format!("open {}", device.display()), e))?;
+    unsafe { loop_set_capacity(dev.as_raw_fd()) }
+        .map_err(|e| Error::io(format!("LOOP_SET_CAPACITY {}", device.display()), e))?;
+    crate::datapath::blockdev::size_of(device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_nodes_loopvol_used_are_removed() {
+        let spare: HashSet<u32> = [0, 1, 9].into_iter().collect();
+        assert!(!ours_to_remove(3, &spare), "boot-time node");
+        assert!(!ours_to_remove(9, &spare), "idle before loopvol started");
+        assert!(ours_to_remove(10, &spare));
+        assert_eq!(loop_number(Path::new("/dev/loop12")), Some(12));
+        assert_eq!(loop_number(Path::new("/dev/sda")), None);
+        assert_eq!(loop_number(Path::new("/dev/loop-control")), None);
+    }
+}

@@ -1,0 +1,225 @@
+//! NodeStageVolume: attach the image, make its filesystem ready (format a blank volume, check
+//! and grow an existing one) and mount it at the staging path.
+
+use std::path::{Path, PathBuf};
+
+use super::access::{Access, Checked};
+use super::volume::*;
+use super::Engine;
+use crate::datapath::{blockdev, DeviceSettings};
+use crate::error::{Error, Result};
+use crate::fs::format;
+use crate::fs::mount::{self};
+use crate::fs::mount_options;
+use crate::node_state::{self, Staged, StagedAccess};
+
+pub fn stage(d: &Engine, id: &str, staging: &Path, cap: &Checked) -> Result<()> {
+    let started = std::time::Instant::now();
+    let vol = volume(d, id)?;
+    let _g = hold(d, &vol)?;
+    if !vol.image.exists() {
+        return Err(Error::FailedPrecondition(format!(
+            "backing file {} of volume {id} is missing",
+            vol.image.display()
+        )));
+    }
+    let want = Staged {
+        volume_id: id.to_string(),
+        staging_path: staging.to_path_buf(),
+        access: staged_access(cap, &vol.record),
+        read_only: cap.read_only(),
+        device: PathBuf::new(),
+    };
+    let state_dir = d.pool.node_state_dir();
+    // A record whose staging is gone (the node rebooted, or the record outlived its unstage
+    // through a power cut) describes nothing and must not block a new stage.
+    if let Some(mut prev) = node_state::load(&state_dir, &vol.hex)? {
+        match current_loop(d, &vol, Some(&prev.device)) {
+            None => {
+                tracing::info!(volume_id = id, staged_at = %prev.staging_path.display(), "staging record found but the volume is no longer attached (reboot?); staging again");
+            }
+            Some(l) => {
+                let all = match prev.access {
+                    StagedAccess::Mount { .. } => mount::mounts()?,
+                    StagedAccess::Block => Vec::new(),
+                };
+                if !same_path(&prev.staging_path, staging) && record_path_visible(&prev, &l, &all) {
+                    return Err(Error::FailedPrecondition(format!(
+                        "volume {id} is already staged at {}",
+                        prev.staging_path.display()
+                    )));
+                }
+                if staged_at(&prev, staging, &l, &all) {
+                    if prev.access != want.access || prev.read_only != want.read_only {
+                        return Err(Error::AlreadyExists(format!(
+                            "volume {id} is staged at {} with a different capability ({:?}, read-only {})",
+                            staging.display(),
+                            prev.access,
+                            prev.read_only
+                        )));
+                    }
+                    return rehome(d, &vol, &mut prev, staging, &l);
+                }
+                tracing::info!(volume_id = id, staged_at = %prev.staging_path.display(), device = %l.device.display(), "volume attached but its staging path is not mounted; mounting it again");
+            }
+        }
+    }
+
+    if let Access::Mount { flags, .. } = &cap.access {
+        mount_options::check_flags_for(vol.record.fs_type, flags)?;
+    }
+    if let Access::Mount {
+        fs_type: Some(t), ..
+    } = &cap.access
+    {
+        if *t != vol.record.fs_type {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {id} was created for {} but the capability asks for {t}; loopvol never \
+                 formats a volume as anything else",
+                vol.record.fs_type
+            )));
+        }
+    }
+    // Block volumes read-only at the device; mounted ones stay writable underneath so a blank
+    // volume can still be formatted, and the mount itself is made read-only.
+    let block_ro = matches!(want.access, StagedAccess::Block) && want.read_only;
+    // Asked before attaching, so nothing written through the device can have happened yet.
+    let never_written = d.pool.allocated_bytes(&vol.hex) == Some(0);
+    let att = d.data_path.attach_ready(
+        &vol.image,
+        &DeviceSettings {
+            read_only: block_ro,
+            direct_io: true,
+        },
+    )?;
+    let result = match &want.access {
+        StagedAccess::Block => Ok(()),
+        StagedAccess::Mount { fs_type, flags } => mount_staging(
+            &d.paths,
+            &att.device,
+            staging,
+            *fs_type,
+            flags,
+            want.read_only,
+            never_written && att.created,
+        ),
+    };
+    if let Err(e) = result {
+        if att.created {
+            if let Err(de) = d.data_path.detach(&att.device) {
+                tracing::error!(error = %de, "could not detach after a failed stage");
+            }
+        }
+        return Err(e);
+    }
+    let mut rec = want;
+    rec.device = att.device;
+    node_state::save(&state_dir, &vol.hex, &rec)?;
+    let fs = match &rec.access {
+        StagedAccess::Mount { fs_type, .. } => Some(*fs_type),
+        StagedAccess::Block => None,
+    };
+    crate::metrics::observe_stage(fs, started.elapsed());
+    tracing::info!(volume_id = id, device = %rec.device.display(), staging = %staging.display(), direct_io = att.direct_io, "volume staged");
+    Ok(())
+}
+
+fn mount_staging(
+    paths: &crate::engine::paths::Confinement,
+    device: &Path,
+    staging: &Path,
+    fs: provisioner::FsType,
+    flags: &[String],
+    read_only: bool,
+    never_written: bool,
+) -> Result<()> {
+    if let Some(m) = mount::mount_at(staging)? {
+        if blockdev::rdev_of(device).is_some_and(|dev| m.is_from(dev)) {
+            return Ok(());
+        }
+        return Err(Error::FailedPrecondition(format!(
+            "staging path {} already has {} mounted on it",
+            staging.display(),
+            m.source
+        )));
+    }
+    if blockdev::claimed(device) {
+        // Mounted already, somewhere: publishes left mounted while the staging mount went, or a
+        // mount this process cannot see (made by a driver in a mount namespace that is gone).
+        // That filesystem is live: it is not probed, checked or grown offline, and mounting it
+        // here shares its superblock.
+        tracing::info!(device = %device.display(), staging = %staging.display(),
+            "filesystem already mounted elsewhere; mounting it at the staging path too");
+    } else {
+        prepare_filesystem(device, fs, read_only, never_written)?;
+    }
+    let at = paths.open_dir("staging_target_path", staging, true)?;
+    let (mut bits, mut data) = mount_options::split_flags(flags);
+    if read_only {
+        bits |= nix::mount::MsFlags::MS_RDONLY;
+    }
+    // Clones and restores of an xfs volume carry their source's UUID, which xfs refuses to
+    // mount twice; the UUID means nothing to loopvol, so never let it block a mount.
+    if fs == provisioner::FsType::Xfs && !data.split(',').any(|o| o == "nouuid") {
+        data = if data.is_empty() {
+            "nouuid".into()
+        } else {
+            format!("{data},nouuid")
+        };
+    }
+    mount::mount_fs_shown(device, &at.proc_path(), staging, fs.as_str(), bits, &data)?;
+    // xfs and btrfs grow only while mounted (ext4 was grown above, before mounting).
+    if fs != provisioner::FsType::Ext4
+        && !read_only
+        && format::needs_growing(device, fs, blockdev::size_of(device)?)?
+    {
+        if let Err(e) = format::grow(fs, device, staging) {
+            let _ = mount::unmount(staging);
+            return Err(e);
+        }
+        tracing::info!(device = %device.display(), "filesystem grown to its expanded volume");
+    }
+    Ok(())
+}
+
+/// Make the unmounted filesystem on `device` ready to mount: format it when blank, check it
+/// and grow it offline (ext4) when it already holds `fs`, and refuse any other content.
+fn prepare_filesystem(
+    device: &Path,
+    fs: provisioner::FsType,
+    read_only: bool,
+    never_written: bool,
+) -> Result<()> {
+    // A backing file with no allocated block has never been written: it is blank without
+    // asking blkid (the common first stage of a thin volume, one exec saved).
+    let found = if never_written {
+        None
+    } else {
+        format::probe(device)?
+    };
+    match found {
+        None if read_only => {
+            return Err(Error::FailedPrecondition(
+                "the volume is blank and cannot be formatted for a read-only stage".into(),
+            ))
+        }
+        None => {
+            let started = std::time::Instant::now();
+            format::mkfs(device, fs)?;
+            crate::metrics::observe_mkfs(fs, started.elapsed());
+            tracing::info!(fs = %fs, ms = started.elapsed().as_millis() as u64, "filesystem created");
+        }
+        Some(found) if found == fs.as_str() => {
+            format::check(device, fs)?;
+            if format::grow_offline_if_needed(device, fs, blockdev::size_of(device)?)? {
+                tracing::info!(device = %device.display(), "filesystem grown offline to its expanded volume");
+            }
+        }
+        Some(found) => {
+            return Err(Error::FailedPrecondition(format!(
+                "the volume already holds {found}, not {fs}; loopvol never reformats existing data"
+            )))
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,128 @@
+//! `loopvol doctor`: can this node run loopvol, and is its pool sound? Each check prints ✔ or ✘,
+//! and every ✘ says what to do about it. The exit status is non-zero when any check fails.
+//!
+//! Everything here is safe next to a running driver: the pool is read without its locks, and
+//! the only writes are two small scratch files (O_DIRECT and reflink probes) that are removed
+//! again, named so that nothing in the pool ever mistakes them for a volume.
+
+mod frozen;
+mod kernel;
+mod orphans;
+mod pool_fs;
+mod propagation;
+mod space;
+mod staged;
+mod tools;
+
+use std::path::{Path, PathBuf};
+
+use provisioner::FsType;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct DoctorArgs {
+    /// The pool directory (it need not exist yet: its future filesystem is checked then).
+    #[arg(long, default_value = "/var/lib/loopvol", env = "LOOPVOL_POOL_DIR")]
+    pub pool_dir: PathBuf,
+    /// The kubelet's root directory, whose mount must propagate mounts to the host.
+    #[arg(long, default_value = "/var/lib/kubelet")]
+    pub kubelet_dir: PathBuf,
+    /// The driver's --overcommit-ratio, for the free space check.
+    #[arg(long, default_value_t = 1.0, value_parser = crate::shared::units::parse_overcommit_ratio)]
+    pub overcommit_ratio: f64,
+    /// Filesystems to check tools for (the ones your StorageClasses use).
+    #[arg(
+        long = "fs-type",
+        value_delimiter = ',',
+        default_value = "ext4,xfs,btrfs"
+    )]
+    pub fs_types: Vec<FsType>,
+}
+
+/// The result of one check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Check {
+    pub name: String,
+    pub verdict: Verdict,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Fine; the text says what was found (and notes anything worth knowing).
+    Pass(String),
+    /// A problem, and the fix to apply.
+    Fail { problem: String, fix: String },
+}
+
+impl Check {
+    fn pass(name: impl Into<String>, detail: impl Into<String>) -> Check {
+        Check {
+            name: name.into(),
+            verdict: Verdict::Pass(detail.into()),
+        }
+    }
+
+    fn fail(name: impl Into<String>, problem: impl Into<String>, fix: impl Into<String>) -> Check {
+        Check {
+            name: name.into(),
+            verdict: Verdict::Fail {
+                problem: problem.into(),
+                fix: fix.into(),
+            },
+        }
+    }
+
+    pub fn failed(&self) -> bool {
+        matches!(self.verdict, Verdict::Fail { .. })
+    }
+}
+
+/// Run every check and print the report; returns the process exit code (0: all passed).
+pub fn main(args: &DoctorArgs) -> i32 {
+    let checks = run(args);
+    for c in &checks {
+        match &c.verdict {
+            Verdict::Pass(detail) => println!("✔ {}: {detail}", c.name),
+            Verdict::Fail { problem, fix } => {
+                println!("✘ {}: {problem}", c.name);
+                println!("    fix: {fix}");
+            }
+        }
+    }
+    let failed = checks.iter().filter(|c| c.failed()).count();
+    if failed == 0 {
+        println!("all {} checks passed", checks.len());
+        0
+    } else {
+        println!("{failed} of {} checks failed", checks.len());
+        1
+    }
+}
+
+/// Every check, in the order a person would fix them.
+pub fn run(args: &DoctorArgs) -> Vec<Check> {
+    let mut checks = vec![kernel::loop_support()];
+    checks.extend(tools::check(&args.fs_types));
+    let probe_dir = existing_ancestor(&args.pool_dir);
+    checks.push(pool_fs::pool_dir(&args.pool_dir));
+    checks.push(pool_fs::direct_io(&probe_dir));
+    checks.push(pool_fs::reflink(&probe_dir));
+    checks.push(space::free_space(
+        &args.pool_dir,
+        &probe_dir,
+        args.overcommit_ratio,
+    ));
+    checks.push(propagation::kubelet_dir(&args.kubelet_dir));
+    checks.extend(orphans::check(&args.pool_dir));
+    checks.push(frozen::check(&args.pool_dir));
+    checks.push(staged::check(&args.pool_dir));
+    checks
+}
+
+/// The pool directory, or where it will be created: the filesystem checks need a directory on
+/// the filesystem the pool will live on.
+fn existing_ancestor(dir: &Path) -> PathBuf {
+    dir.ancestors()
+        .find(|d| d.is_dir())
+        .unwrap_or(Path::new("/"))
+        .to_path_buf()
+}

@@ -1,0 +1,314 @@
+//! `loopvol status`: what a pool holds and what this node has attached and mounted from it,
+//! read from the pool's files, `/sys/block` and mountinfo without taking any pool lock.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use crate::datapath::{default_path, Attachment as LoopInfo, FileId};
+use anyhow::{bail, Context};
+use provisioner::capacity::Capacity;
+use provisioner::listing::{self, Listing};
+use serde::Serialize;
+
+use super::{fs_name, print_json, Output};
+use crate::fs::mount;
+use crate::node_state::{self, Staged, StagedAccess};
+use crate::shared::units::bytes;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct StatusArgs {
+    /// The pool directory to report on.
+    #[arg(long, default_value = "/var/lib/loopvol", env = "LOOPVOL_POOL_DIR")]
+    pub pool_dir: PathBuf,
+    /// The driver's --overcommit-ratio, to compute how much can still be promised.
+    #[arg(long, default_value_t = 1.0, value_parser = crate::shared::units::parse_overcommit_ratio)]
+    pub overcommit_ratio: f64,
+    /// Output format.
+    #[arg(long, short = 'o', value_enum, default_value_t)]
+    pub output: Output,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub pool: PathBuf,
+    /// The filesystem holding the pool (`ext4`, `xfs`, ... or a hex statfs magic).
+    pub filesystem: String,
+    pub capacity: CapacityView,
+    pub volumes: usize,
+    pub snapshots: usize,
+    /// Bytes the volumes' images occupy on disk.
+    pub allocated_bytes: u64,
+    pub staged: Vec<StagedView>,
+    pub loop_devices: Vec<LoopView>,
+    /// Record files that do not parse; the driver quarantines them at its next start.
+    pub unreadable_records: Vec<PathBuf>,
+    /// Volumes with IO limits, and the limits.
+    pub io_limits: Vec<IoLimitView>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct IoLimitView {
+    pub volume_id: String,
+    pub limits: provisioner::IoLimits,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CapacityView {
+    pub total_bytes: u64,
+    pub available_bytes: u64,
+    pub used_bytes: u64,
+    /// Promised to thin volumes but not yet written.
+    pub reserved_bytes: u64,
+    pub overcommit_ratio: f64,
+    /// What new thin volumes may still be promised: available × ratio − reserved.
+    pub headroom_bytes: u64,
+}
+
+/// A staging record of this node, checked against the kernel.
+#[derive(Debug, Serialize)]
+pub struct StagedView {
+    pub volume_id: String,
+    pub staging_path: PathBuf,
+    /// `ext4`, `xfs`, `btrfs` or `block`.
+    pub access: String,
+    pub read_only: bool,
+    /// The loop device backing the volume now, if any.
+    pub device: Option<PathBuf>,
+    /// Where the volume's filesystem is mounted, as this process sees it (the staging path and
+    /// its publishes; mount access only).
+    pub mounted_at: Vec<PathBuf>,
+    /// `staged`; `not attached` (after a reboot: the next NodeStageVolume restores it);
+    /// `staged, mounted out of sight` (mounted only in another mount namespace); or
+    /// `attached, not mounted`.
+    pub state: &'static str,
+}
+
+#[derive(Debug, Serialize)]
+pub struct LoopView {
+    pub device: PathBuf,
+    /// As the kernel prints it to this process: relative to a vanished bind mount when a
+    /// restarted container attached it. The volume is matched by the file's identity.
+    pub backing_file: PathBuf,
+    /// The backing file was deleted while attached.
+    pub backing_deleted: bool,
+    pub direct_io: bool,
+    pub read_only: bool,
+    /// The volume whose image backs the device, when it has a record.
+    pub volume_id: Option<String>,
+}
+
+pub fn run(args: &StatusArgs) -> anyhow::Result<()> {
+    let status = collect(&args.pool_dir, args.overcommit_ratio)?;
+    match args.output {
+        Output::Json => print_json(&status),
+        Output::Table => {
+            print_table(&status);
+            Ok(())
+        }
+    }
+}
+
+/// total − free (f_bfree), as df's "Used": total − available (f_bavail) would count the
+/// blocks ext4 reserves for root (5 % by default) as used.
+fn used_bytes(dir: &Path) -> Option<u64> {
+    let st = nix::sys::statvfs::statvfs(dir).ok()?;
+    let frsize = st.fragment_size() as u64;
+    Some((st.blocks() as u64).saturating_sub(st.blocks_free() as u64) * frsize)
+}
+
+/// Gather the report (blocking; reads files, sysfs and mountinfo only).
+pub fn collect(pool_dir: &Path, overcommit_ratio: f64) -> anyhow::Result<Status> {
+    if !pool_dir.join("volumes").is_dir() {
+        bail!(
+            "{} is not a loopvol pool (no volumes/ directory); give --pool-dir",
+            pool_dir.display()
+        );
+    }
+    let pool = mount::canonical(pool_dir);
+    let l = listing::read_records(&pool)?;
+    let cap = Capacity::measure(&pool, l.reserved_bytes(), overcommit_ratio)?;
+    let loops = default_path().list_under(&pool);
+    Ok(Status {
+        filesystem: fs_name::of(&pool).with_context(|| format!("statfs {}", pool.display()))?,
+        capacity: CapacityView {
+            total_bytes: cap.total_bytes,
+            available_bytes: cap.available_bytes,
+            // As df counts it: blocks in use, not the blocks ext4 keeps for root.
+            used_bytes: used_bytes(&pool)
+                .unwrap_or(cap.total_bytes.saturating_sub(cap.available_bytes)),
+            reserved_bytes: cap.reserved_bytes,
+            overcommit_ratio,
+            headroom_bytes: cap.headroom(),
+        },
+        volumes: l.volumes.len(),
+        snapshots: l.snapshots.len(),
+        allocated_bytes: l.volumes.iter().filter_map(|v| v.allocated_bytes()).sum(),
+        staged: node_state::all(&pool.join("node"))
+            .into_iter()
+            .map(|(hex, s)| staged_view(&l, &hex, s))
+            .collect(),
+        loop_devices: {
+            let by_file = volumes_by_file(&l);
+            loops
+                .into_iter()
+                .map(|li| loop_view(&by_file, li))
+                .collect()
+        },
+        unreadable_records: l.unreadable.clone(),
+        io_limits: l
+            .volumes
+            .iter()
+            .filter(|v| !v.record.io_limits.is_empty())
+            .map(|v| IoLimitView {
+                volume_id: v.record.id.clone(),
+                limits: v.record.io_limits,
+            })
+            .collect(),
+        pool,
+    })
+}
+
+/// A staging record next to what the kernel says about it now: the device by the image's
+/// identity, the mounts by the device's number (a record written by a driver in another mount
+/// namespace names paths this process may not see).
+pub(crate) fn staged_view(l: &Listing, hex: &str, s: Staged) -> StagedView {
+    let lo = l
+        .volume(hex)
+        .and_then(|v| default_path().find(&v.image, None));
+    let mounted_at: Vec<PathBuf> = match (&lo, &s.access) {
+        (Some(lo), StagedAccess::Mount { .. }) => mount::mounts()
+            .map(|all| {
+                mount::of_device(&all, lo.dev)
+                    .into_iter()
+                    .map(|m| m.mount_point.clone())
+                    .collect()
+            })
+            .unwrap_or_default(),
+        _ => Vec::new(),
+    };
+    let state = match (&lo, &s.access) {
+        (None, _) => "not attached",
+        (Some(_), StagedAccess::Block) => "staged",
+        (Some(_), StagedAccess::Mount { .. }) if !mounted_at.is_empty() => "staged",
+        (Some(lo), StagedAccess::Mount { .. })
+            if crate::datapath::blockdev::claimed(&lo.device) =>
+        {
+            "staged, mounted out of sight"
+        }
+        (Some(_), StagedAccess::Mount { .. }) => "attached, not mounted",
+    };
+    StagedView {
+        volume_id: s.volume_id,
+        staging_path: s.staging_path,
+        access: match s.access {
+            StagedAccess::Mount { fs_type, .. } => fs_type.to_string(),
+            StagedAccess::Block => "block".into(),
+        },
+        read_only: s.read_only,
+        device: lo.map(|li| li.device),
+        mounted_at,
+        state,
+    }
+}
+
+/// Volume IDs by the identity of their images, to name the volume behind each loop device.
+pub(crate) fn volumes_by_file(l: &Listing) -> HashMap<FileId, String> {
+    l.volumes
+        .iter()
+        .filter_map(|v| FileId::of(&v.image).map(|id| (id, v.record.id.clone())))
+        .collect()
+}
+
+pub(crate) fn loop_view(volumes: &HashMap<FileId, String>, li: LoopInfo) -> LoopView {
+    LoopView {
+        volume_id: li.backing.and_then(|id| volumes.get(&id).cloned()),
+        device: li.device,
+        backing_file: li.backing_file,
+        backing_deleted: li.backing_deleted,
+        direct_io: li.direct_io,
+        read_only: li.read_only,
+    }
+}
+
+fn print_table(s: &Status) {
+    let c = &s.capacity;
+    println!("pool         {} ({})", s.pool.display(), s.filesystem);
+    println!(
+        "capacity     {} total, {} used, {} available",
+        bytes(c.total_bytes),
+        bytes(c.used_bytes),
+        bytes(c.available_bytes)
+    );
+    println!(
+        "reserved     {} promised to thin volumes; overcommit ratio {}, headroom {}",
+        bytes(c.reserved_bytes),
+        c.overcommit_ratio,
+        bytes(c.headroom_bytes)
+    );
+    println!(
+        "volumes      {} ({} allocated)",
+        s.volumes,
+        bytes(s.allocated_bytes)
+    );
+    println!("snapshots    {}", s.snapshots);
+    for p in &s.unreadable_records {
+        println!("unreadable   {}", p.display());
+    }
+    println!();
+    if s.staged.is_empty() {
+        println!("staged       none");
+    } else {
+        println!(
+            "{:<48} {:<6} {:<3} {:<12} {:<22} STAGING PATH",
+            "STAGED VOLUME", "ACCESS", "RO", "DEVICE", "STATE"
+        );
+        for v in &s.staged {
+            println!(
+                "{:<48} {:<6} {:<3} {:<12} {:<22} {}",
+                v.volume_id,
+                v.access,
+                yes_no(v.read_only),
+                v.device
+                    .as_deref()
+                    .map_or("-".into(), |d| d.display().to_string()),
+                v.state,
+                v.staging_path.display()
+            );
+        }
+    }
+    if !s.io_limits.is_empty() {
+        println!();
+        println!("{:<48} IO LIMITS", "VOLUME");
+        for v in &s.io_limits {
+            println!("{:<48} {}", v.volume_id, v.limits.describe());
+        }
+    }
+    println!();
+    if s.loop_devices.is_empty() {
+        println!("loop devices none");
+    } else {
+        println!(
+            "{:<12} {:<3} {:<3} {:<48} BACKING FILE",
+            "LOOP DEVICE", "DIO", "RO", "VOLUME"
+        );
+        for d in &s.loop_devices {
+            println!(
+                "{:<12} {:<3} {:<3} {:<48} {}{}",
+                d.device.display(),
+                yes_no(d.direct_io),
+                yes_no(d.read_only),
+                d.volume_id.as_deref().unwrap_or("-"),
+                d.backing_file.display(),
+                if d.backing_deleted { " (deleted)" } else { "" }
+            );
+        }
+    }
+}
+
+pub(crate) fn yes_no(b: bool) -> &'static str {
+    if b {
+        "yes"
+    } else {
+        "no"
+    }
+}

@@ -1,0 +1,203 @@
+//! `loopvol volume ...`: work on a pool directly, for admins preparing static PVs.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use provisioner::ids::Kind;
+use provisioner::pool::CreateRequest;
+use provisioner::{Pool, PoolOptions, VolumeId, VolumeParams, VolumeRecord};
+
+use crate::ops::pool_args::{PoolArgs, VolumeCreateArgs};
+use crate::TOPOLOGY_KEY;
+
+/// `<pool>/.node-id`: the node ID of the process that last served the pool, so that the
+/// offline CLI opens the pool as the same node.
+fn node_id_file(pool_dir: &Path) -> PathBuf {
+    pool_dir.join(".node-id")
+}
+
+/// Remember which node serves `pool_dir` (called when the driver or the CLI opens it).
+pub fn remember_node_id(pool_dir: &Path, node_id: &str) -> std::io::Result<()> {
+    if std::fs::read_to_string(node_id_file(pool_dir)).is_ok_and(|s| s.trim() == node_id) {
+        return Ok(());
+    }
+    provisioner::atomic::write_file(&node_id_file(pool_dir), format!("{node_id}\n").as_bytes())
+}
+
+/// The node ID to open the pool as: `--node-id` when given, else the one the pool was last
+/// served as, else the node its records name, else (a new pool) the hostname. The hostname
+/// alone is right only for a pool served with the default `--node-id`; for any other, a
+/// delete by ID found nothing ("does not exist", exit 0) and a create made a volume the driver
+/// never sees.
+pub fn pool_node_id(pool: &PoolArgs) -> anyhow::Result<String> {
+    if let Some(id) = &pool.node_id {
+        return Ok(id.clone());
+    }
+    if let Ok(s) = std::fs::read_to_string(node_id_file(&pool.pool_dir)) {
+        let id = s.trim();
+        provisioner::ids::validate_node_id(id)
+            .with_context(|| format!("{}", node_id_file(&pool.pool_dir).display()))?;
+        return Ok(id.to_string());
+    }
+    let mut nodes = std::collections::BTreeSet::new();
+    if pool.pool_dir.join("volumes").is_dir() {
+        let l = provisioner::listing::read_records(&pool.pool_dir)?;
+        let ids = l
+            .volumes
+            .iter()
+            .map(|v| (Kind::Volume, v.record.id.as_str()));
+        let snaps = l
+            .snapshots
+            .iter()
+            .map(|s| (Kind::Snapshot, s.record.id.as_str()));
+        for (kind, id) in ids.chain(snaps) {
+            if let Some(v) = VolumeId::parse(kind, id) {
+                nodes.insert(v.node);
+            }
+        }
+    }
+    match nodes.len() {
+        0 => Ok(pool.node_id()),
+        1 => Ok(nodes.pop_first().expect("one")),
+        _ => bail!(
+            "the pool {} holds volumes of several nodes ({}); say which with --node-id",
+            pool.pool_dir.display(),
+            nodes.into_iter().collect::<Vec<_>>().join(", ")
+        ),
+    }
+}
+
+fn open(pool: &PoolArgs) -> anyhow::Result<Pool> {
+    let (p, repairs) = Pool::open(PoolOptions {
+        dir: pool.pool_dir.clone(),
+        node_id: pool_node_id(pool)?,
+        overcommit_ratio: pool.overcommit_ratio,
+        writer: true,
+        node: false,
+        in_use: crate::datapath::in_use_hook(crate::datapath::default_path()),
+    })
+    .map_err(|e| match e {
+        provisioner::PoolError::PoolLocked(dir) => anyhow::anyhow!(
+            "{} is being served by a running loopvol; stop it or create the volume through CSI",
+            dir.display()
+        ),
+        e => anyhow::Error::from(e),
+    })?;
+    for r in repairs {
+        eprintln!("repaired: {r}");
+    }
+    remember_node_id(&pool.pool_dir, p.node_id())
+        .with_context(|| format!("write {}", node_id_file(&pool.pool_dir).display()))?;
+    Ok(p)
+}
+
+/// Kubernetes object names must be DNS-1123 subdomains; check before printing a manifest that
+/// `kubectl apply` would reject.
+fn check_k8s_name(name: &str) -> anyhow::Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 253
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name.ends_with(|c: char| c.is_ascii_alphanumeric());
+    if !ok {
+        bail!("--name {name:?} must be a Kubernetes object name: lowercase letters, digits, '-' and '.'");
+    }
+    Ok(())
+}
+
+pub fn create(args: &VolumeCreateArgs) -> anyhow::Result<()> {
+    check_k8s_name(&args.name)?;
+    let params = VolumeParams::parse(
+        [
+            ("fsType", args.fs_type.as_str()),
+            ("allocation", args.allocation.as_str()),
+        ],
+        None,
+    )?;
+    let pool = open(&args.pool)?;
+    let record = pool
+        .create_volume(&CreateRequest {
+            name: args.name.clone(),
+            required_bytes: i64::try_from(args.size).context("--size is too large")?,
+            limit_bytes: 0,
+            params,
+            needs_filesystem: true,
+            source: None,
+        })
+        .context("create volume")?;
+    crate::ops::admin::csi::note_rounding(args.size, record.size_bytes);
+    print!(
+        "{}",
+        static_manifest(&record, &args.driver_name, pool.node_id(), &args.namespace)
+    );
+    Ok(())
+}
+
+/// A PersistentVolume naming the volume by ID, pinned to its node, and a claim bound to it.
+pub fn static_manifest(r: &VolumeRecord, driver: &str, node: &str, namespace: &str) -> String {
+    let name = &r.name;
+    let size = r.size_bytes;
+    let fs = r.fs_type;
+    let id = &r.id;
+    format!(
+        "apiVersion: v1
+kind: PersistentVolume
+metadata:
+  name: {name}
+spec:
+  capacity:
+    storage: \"{size}\"
+  accessModes: [ReadWriteOnce]
+  persistentVolumeReclaimPolicy: Retain
+  storageClassName: \"\"
+  volumeMode: Filesystem
+  csi:
+    driver: {driver}
+    volumeHandle: {id}
+    fsType: {fs}
+  nodeAffinity:
+    required:
+      nodeSelectorTerms:
+        - matchExpressions:
+            - key: {TOPOLOGY_KEY}
+              operator: In
+              values: [\"{node}\"]
+---
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata:
+  name: {name}-claim
+  namespace: {namespace}
+spec:
+  accessModes: [ReadWriteOnce]
+  storageClassName: \"\"
+  volumeName: {name}
+  resources:
+    requests:
+      storage: \"{size}\"
+"
+    )
+}
+
+/// Delete by ID. An ID of another node, or one the pool does not hold, is an error (exit 1):
+/// an admin deleting by hand means a volume that exists, and must not be told "done".
+pub fn delete(args: &PoolArgs, id: &str) -> anyhow::Result<()> {
+    let pool = open(args)?;
+    if let Some(v) = VolumeId::parse(Kind::Volume, id) {
+        if v.node != pool.node_id() {
+            bail!(
+                "{id} is a volume of node {:?}, but the pool {} belongs to node {:?}",
+                v.node,
+                args.pool_dir.display(),
+                pool.node_id()
+            );
+        }
+    }
+    if !pool.delete_volume(id)? {
+        bail!("volume {id} does not exist in {}", args.pool_dir.display());
+    }
+    println!("deleted {id}");
+    Ok(())
+}

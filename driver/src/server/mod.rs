@@ -1,0 +1,350 @@
+//! Wiring: open the pool, build the engine and the services for the chosen mode, and serve
+//! them on the unix socket (and the pool API, and the metrics endpoint).
+
+use std::future::Future;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use provisioner::{Pool, PoolOptions};
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
+use tokio_stream::StreamExt;
+
+use crate::cli::ServeArgs;
+use crate::shared::advertise::Advertised;
+use crate::shared::{socket_path, Mode};
+
+pub mod unix_authority;
+use crate::csi::controller_server::ControllerServer;
+use crate::csi::group_controller_server::GroupControllerServer;
+use crate::csi::identity_server::IdentityServer;
+use crate::csi::node_server::NodeServer;
+use crate::csi::snapshot_metadata_server::SnapshotMetadataServer;
+use crate::edge::controller::ControllerService;
+use crate::edge::group_controller::GroupControllerService;
+use crate::edge::identity::IdentityService;
+use crate::edge::node::NodeService;
+use crate::edge::snapshot_metadata::SnapshotMetadataService;
+use crate::engine::Engine;
+use crate::state::Driver;
+
+/// Bind the socket: mode 0600, replacing a stale socket file only if nothing answers on it.
+fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            bail!(
+                "{} is in use by a running server; refusing to replace it",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("remove stale socket {}", path.display()))?;
+        tracing::info!(socket = %path.display(), "removed stale socket");
+    }
+    // umask-independent: create, then tighten before anyone is told we are ready.
+    let listener = UnixListener::bind(path).with_context(|| format!("bind {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("chmod {}", path.display()))?;
+    Ok(listener)
+}
+
+/// Serve until `shutdown` resolves; in-flight RPCs finish, then the socket file is removed.
+/// A controller given node endpoints (or Kubernetes discovery) is a stateless router; every
+/// other mode serves a local pool.
+pub async fn serve(
+    args: ServeArgs,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let multi = &args.multi;
+    if multi.is_router() && args.mode != Mode::Controller {
+        bail!("--nodes-from / --node-endpoints make a router: they need --mode controller");
+    }
+    if multi.pool_listen.is_some() && args.mode != Mode::Node {
+        bail!("--pool-listen serves a node's pool to the router: it needs --mode node");
+    }
+    if (multi.is_router() || multi.pool_listen.is_some()) && multi.tls().is_none() {
+        bail!("the pool API is mTLS only: give --tls-cert, --tls-key and --tls-ca");
+    }
+    // Before the pool is opened (and its directory created): a second `serve` on a busy socket
+    // must change nothing. `bind` checks again, for a server that starts in between.
+    let socket = socket_path(&args.endpoint)?;
+    if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+        bail!(
+            "{} is in use by a running server; stop it first, or give another --endpoint",
+            socket.display()
+        );
+    }
+    // One shutdown signal fans out to every listener.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    if multi.is_router() {
+        serve_router(&args, stopped).await
+    } else {
+        serve_pool(&args, stopped).await
+    }
+}
+
+/// Bind the unix socket and serve `routes` on it until `stop` resolves.
+async fn serve_socket(
+    endpoint: &str,
+    routes: tonic::service::Routes,
+    stop: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let path = socket_path(endpoint)?;
+    let listener = bind(&path)?;
+    tracing::info!(
+        socket = %path.display(),
+        "ready; next: `loopvol csi --endpoint unix://{0} info`, `loopvol csi --endpoint \
+         unix://{0} create-volume --name demo --size 1Gi`, `loopvol status` (docs/operations.md)",
+        path.display()
+    );
+    tracing::info!(socket = %path.display(), "listening");
+    let result = tonic::transport::Server::builder()
+        .layer(crate::metrics::rpc_layer::RpcMetricsLayer)
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(
+            UnixListenerStream::new(listener)
+                .map(|conn| conn.map(crate::server::unix_authority::AuthorityFix::new)),
+            stop,
+        )
+        .await;
+    let _ = std::fs::remove_file(&path);
+    tracing::info!("loopvol stopped");
+    result.context("gRPC server")
+}
+
+async fn serve_router<F, Fut>(args: &ServeArgs, stopped: F) -> anyhow::Result<()>
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let tls = args.multi.tls().expect("checked by serve").client()?;
+    let dir = Arc::new(crate::multinode::router::NodeDirectory::new(tls));
+    if let Some(spec) = &args.multi.node_endpoints {
+        dir.set(crate::multinode::router::parse_endpoints(spec)?);
+    }
+    #[cfg(not(feature = "kubernetes"))]
+    if args.multi.nodes_from.is_some() {
+        bail!("this loopvol was built without the kubernetes feature: give --node-endpoints");
+    }
+    #[cfg(feature = "kubernetes")]
+    if args.multi.nodes_from.is_some() {
+        crate::multinode::discovery::watch(
+            dir.clone(),
+            args.multi.node_pod_namespace.clone(),
+            args.multi.node_pod_selector.clone(),
+            args.multi.node_pool_port,
+        )
+        .await?;
+    }
+    tracing::info!(nodes = ?dir.names(), "loopvol serving as a router");
+    let mut routes = tonic::service::Routes::builder();
+    routes
+        .add_service(IdentityServer::new(IdentityService::new(
+            args.driver_name.clone(),
+            args.mode,
+            true,
+            None,
+        )))
+        .add_service(ControllerServer::new(
+            crate::multinode::router::Router::new(
+                dir.clone(),
+                Advertised::new(&args.advertise_capabilities),
+            ),
+        ))
+        .add_service(GroupControllerServer::new(
+            crate::multinode::group_router::GroupRouter::new(dir.clone()),
+        ))
+        .add_service(SnapshotMetadataServer::new(
+            crate::multinode::snapshot_metadata_router::SnapshotMetadataRouter::new(dir),
+        ));
+    let metrics = crate::ops::metrics_http::Sources::without_pool();
+    let _metrics = crate::ops::metrics_http::start_if(args.metrics_address, metrics).await?;
+    serve_socket(&args.endpoint, routes.routes(), stopped()).await
+}
+
+/// Open the pool, then serve it on the socket (and to the router, with --pool-listen).
+async fn serve_pool<F, Fut>(args: &ServeArgs, stopped: F) -> anyhow::Result<()>
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let node_id = args.pool.node_id();
+    let pool_api = args.multi.pool_listen;
+    let pool_opts = PoolOptions {
+        dir: args.pool.pool_dir.clone(),
+        node_id: node_id.clone(),
+        overcommit_ratio: args.pool.overcommit_ratio,
+        // A node serving its pool to the router owns the pool outright.
+        writer: matches!(args.mode, Mode::Controller | Mode::All) || pool_api.is_some(),
+        node: matches!(args.mode, Mode::Node | Mode::All),
+        in_use: crate::datapath::in_use_hook(crate::datapath::default_path()),
+    };
+    let (mut pool, repairs) = tokio::task::spawn_blocking(move || Pool::open(pool_opts))
+        .await?
+        .with_context(|| format!("open pool {}", args.pool.pool_dir.display()))?;
+    pool.set_max_bytes(args.pool.max_pool_bytes);
+    for r in &repairs {
+        tracing::warn!(repair = %r, "pool repaired at start-up");
+    }
+    if let Err(e) = crate::ops::static_volume::remember_node_id(pool.dir(), pool.node_id()) {
+        tracing::warn!(error = %e, "could not record the pool's node ID for the offline CLI");
+    }
+    if args.max_concurrent_ops == 0 {
+        bail!("--max-concurrent-ops must be at least 1");
+    }
+    let freeze = crate::fs::freeze::Settings {
+        node_dir: pool.node_state_dir(),
+        pool_dir: pool.dir().to_path_buf(),
+        timeout: std::time::Duration::from_secs(args.freeze_timeout),
+        hold: std::time::Duration::from_millis(args.test_freeze_hold_ms),
+    };
+    // Before anything is served: no filesystem stays frozen by a loopvol that was killed
+    // (in any mode: whichever process took a snapshot may have been the one killed).
+    let image_of = {
+        let pool_dir = pool.dir().to_path_buf();
+        move |hex: &str| pool_dir.join("volumes").join(format!("{hex}.img"))
+    };
+    let node_dir = freeze.node_dir.clone();
+    for line in
+        tokio::task::spawn_blocking(move || crate::fs::freeze::recover(&node_dir, image_of)).await?
+    {
+        tracing::warn!(recovery = %line, "abandoned filesystem freeze cleared at start-up");
+    }
+    let roots: Vec<PathBuf> = std::iter::once(args.kubelet_dir.clone())
+        .chain(args.allowed_root.iter().cloned())
+        .collect();
+    if let Some(r) = roots.iter().find(|r| !r.is_absolute()) {
+        bail!(
+            "--kubelet-dir and --allowed-root take absolute paths, not {}",
+            r.display()
+        );
+    }
+    let paths = crate::engine::paths::Confinement::new(roots, pool.dir());
+    let engine = Engine {
+        pool,
+        paths,
+        cgroups: crate::engine::io_throttle::CgroupConfig {
+            root: args.cgroup_root.clone(),
+            default_cgroup: args.io_cgroup.clone(),
+        },
+        freeze,
+        data_path: crate::datapath::default_path(),
+    };
+    let driver = Arc::new(Driver::new(
+        engine,
+        args.driver_name.clone(),
+        args.mode,
+        args.max_volumes_per_node,
+        Advertised::new(&args.advertise_capabilities),
+        args.max_concurrent_ops,
+    ));
+    if matches!(args.mode, Mode::Node | Mode::All) {
+        driver.data_path.start(&driver.pool.node_state_dir());
+        let d = driver.clone();
+        let report = tokio::task::spawn_blocking(move || crate::engine::recover(&d)).await?;
+        for line in report {
+            tracing::info!(recovery = %line, "node state at start-up");
+        }
+    }
+    let identity = |controller: bool| {
+        IdentityServer::new(IdentityService::new(
+            args.driver_name.clone(),
+            args.mode,
+            controller,
+            Some(args.pool.pool_dir.clone()),
+        ))
+    };
+    let pool_server = match pool_api {
+        Some(addr) => {
+            let tls = args.multi.tls().expect("checked by serve").server()?;
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("bind pool API on {addr}"))?;
+            tracing::info!(address = %addr, "serving this node's pool to the router (mTLS)");
+            let server = tonic::transport::Server::builder()
+                .tls_config(tls)?
+                .add_service(identity(true))
+                .add_service(ControllerServer::new(ControllerService::new(
+                    driver.clone(),
+                )))
+                .add_service(GroupControllerServer::new(GroupControllerService::new(
+                    driver.clone(),
+                )))
+                .add_service(SnapshotMetadataServer::new(SnapshotMetadataService::new(
+                    driver.clone(),
+                )))
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    stopped(),
+                );
+            Some(tokio::spawn(server))
+        }
+        None => None,
+    };
+    let mut routes = tonic::service::Routes::builder();
+    routes.add_service(identity(matches!(args.mode, Mode::Controller | Mode::All)));
+    if matches!(args.mode, Mode::Controller | Mode::All) {
+        routes.add_service(ControllerServer::new(ControllerService::new(
+            driver.clone(),
+        )));
+        routes.add_service(GroupControllerServer::new(GroupControllerService::new(
+            driver.clone(),
+        )));
+        // The external-snapshot-metadata sidecar shares the controller's socket.
+        routes.add_service(SnapshotMetadataServer::new(SnapshotMetadataService::new(
+            driver.clone(),
+        )));
+    }
+    if matches!(args.mode, Mode::Node | Mode::All) {
+        routes.add_service(NodeServer::new(NodeService::new(driver.clone())));
+    }
+    let metrics = crate::ops::metrics_http::Sources::for_driver(driver.clone());
+    let _metrics = crate::ops::metrics_http::start_if(args.metrics_address, metrics).await?;
+    tracing::info!(
+        mode = ?args.mode,
+        node_id = %node_id,
+        pool = %args.pool.pool_dir.display(),
+        allowed_roots = ?driver.paths.roots(),
+        volumes = driver.pool.len(),
+        "loopvol serving"
+    );
+    let result = serve_socket(&args.endpoint, routes.routes(), stopped()).await;
+    if let Some(h) = pool_server {
+        h.await?.context("pool API server")?;
+    }
+    if matches!(args.mode, Mode::Node | Mode::All) {
+        let state_dir = driver.pool.node_state_dir();
+        let data_path = driver.data_path;
+        tokio::task::spawn_blocking(move || {
+            data_path.stop(&state_dir, std::time::Duration::from_secs(2))
+        })
+        .await?;
+    }
+    result
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: finishing in-flight requests"),
+        _ = int.recv() => tracing::info!("SIGINT: finishing in-flight requests"),
+    }
+}

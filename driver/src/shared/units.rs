@@ -1,0 +1,84 @@
+//! Sizes: byte counts for people (`10.0 GiB` rather than `10737418240`), and the size and
+//! ratio arguments the CLI and the admin tools parse.
+
+/// `n` bytes in the largest binary unit that keeps the number ≥ 1, one decimal.
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+/// A size as Kubernetes writes a quantity (`10Gi`, `1.5Gi`, `500M`, `1e9`, `4096`), parsed
+/// exactly by the same code that reads StorageClass parameters; not zero. `10GB` is not a
+/// Kubernetes quantity and is refused with the two spellings that are.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    if let Some(stem) = s
+        .strip_suffix('B')
+        .filter(|t| t.ends_with(char::is_alphabetic))
+    {
+        return Err(format!(
+            "{s:?} is not a Kubernetes quantity: write {stem} (powers of 1000) or {stem}i (powers of 1024)"
+        ));
+    }
+    match provisioner::quantity::parse_whole(s)? {
+        0 => Err("a size of 0 is not a volume; give e.g. 1Gi".into()),
+        n => Ok(n),
+    }
+}
+
+/// An overcommit ratio is a finite number ≥ 1: below 1 the pool would refuse space it has, and
+/// NaN or infinity would make every capacity figure meaningless.
+pub fn parse_overcommit_ratio(s: &str) -> Result<f64, String> {
+    let r: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number like 1.5"))?;
+    if !r.is_finite() || r < 1.0 {
+        return Err(format!(
+            "overcommit ratio must be a finite number of at least 1.0, not {s}"
+        ));
+    }
+    Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("10Gi").unwrap(), 10 << 30);
+        assert_eq!(parse_size("512Mi").unwrap(), 512 << 20);
+        assert_eq!(parse_size("1G").unwrap(), 1_000_000_000);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert!(parse_size("1Qi").is_err());
+        assert!(parse_size("abc").is_err());
+        assert!(parse_size("99999999999999Ti").is_err());
+    }
+
+    #[test]
+    fn overcommit_ratios() {
+        assert_eq!(parse_overcommit_ratio("1").unwrap(), 1.0);
+        assert_eq!(parse_overcommit_ratio("2.5").unwrap(), 2.5);
+        for bad in ["0.5", "-1", "NaN", "inf", "", "two"] {
+            assert!(parse_overcommit_ratio(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn readable() {
+        assert_eq!(super::bytes(512), "512 B");
+        assert_eq!(super::bytes(10 << 30), "10.0 GiB");
+        assert_eq!(super::bytes(1536 << 10), "1.5 MiB");
+    }
+}
