@@ -679,48 +679,12 @@ async fn group_snapshot_idempotency_error_codes_members_and_restore() {
     t.d.assert_clean();
 }
 
-/// An xfs filesystem (reflink on by default) on a loop device of its own, detached on drop.
-struct XfsPool {
-    device: PathBuf,
-}
-
-impl Drop for XfsPool {
-    fn drop(&mut self) {
-        let _ = loopvol::datapath::loop_device::detach(&self.device);
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn group_members_on_an_xfs_pool_are_reflinks_and_cost_next_to_nothing() {
     if !root_or_skip("group_reflink") {
         return;
     }
-    let xfs_dir = tempfile::Builder::new()
-        .prefix("loopvol-xfs-")
-        .tempdir()
-        .unwrap();
-    let img = xfs_dir.path().join("xfs.img");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(2 << 30)
-        .unwrap();
-    let att = loopvol::datapath::loop_device::attach(&img, false, false).unwrap();
-    let xfs = XfsPool {
-        device: att.device.clone(),
-    };
-    loopvol::fs::format::mkfs(&xfs.device, provisioner::FsType::Xfs).unwrap();
-    let mut d = Driver::start().await;
-    d.stop();
-    std::fs::create_dir_all(&d.pool).unwrap();
-    loopvol::fs::mount::mount_fs(
-        &xfs.device,
-        &d.pool,
-        "xfs",
-        nix::mount::MsFlags::empty(),
-        "",
-    )
-    .unwrap();
-    d.spawn().await;
+    let (d, xfs) = driver_on_xfs_pool().await;
     let mut t = Ctx::connect(d).await;
     let a = t.volume("xa", 128 * MIB).await;
     let b = t.volume("xb", 128 * MIB).await;

@@ -498,50 +498,13 @@ fn sha256_file_from_pattern(len: usize, seed: u64) -> String {
         .collect()
 }
 
-/// An xfs filesystem (reflink on by default) on a loop device of its own, detached on drop.
-struct XfsPool {
-    device: PathBuf,
-}
-
-impl Drop for XfsPool {
-    fn drop(&mut self) {
-        let _ = loopvol::datapath::loop_device::detach(&self.device);
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn reflink_snapshots_on_an_xfs_pool_share_extents() {
     if !root_or_skip("reflink") {
         return;
     }
     // Drop order: `t` (driver, its mounts, loops under its pool) goes before `xfs`.
-    let xfs_dir = tempfile::Builder::new()
-        .prefix("loopvol-xfs-")
-        .tempdir()
-        .unwrap();
-    let img = xfs_dir.path().join("xfs.img");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(2 << 30)
-        .unwrap();
-    let att = loopvol::datapath::loop_device::attach(&img, false, false).unwrap();
-    let xfs = XfsPool {
-        device: att.device.clone(),
-    };
-    loopvol::fs::format::mkfs(&xfs.device, provisioner::FsType::Xfs).unwrap();
-
-    let mut d = Driver::start().await;
-    d.stop();
-    std::fs::create_dir_all(&d.pool).unwrap();
-    loopvol::fs::mount::mount_fs(
-        &xfs.device,
-        &d.pool,
-        "xfs",
-        nix::mount::MsFlags::empty(),
-        "",
-    )
-    .unwrap();
-    d.spawn().await;
+    let (d, xfs) = driver_on_xfs_pool().await;
     let mut t = Ctx::connect(d).await;
 
     let src = t

@@ -494,3 +494,49 @@ pub fn code_of<T: std::fmt::Debug>(r: Result<T, tonic::Status>) -> tonic::Code {
         Err(s) => s.code(),
     }
 }
+
+/// An xfs filesystem (reflink on by default) on a loop device of its own, detached on drop.
+/// Keep it alive longer than the driver whose pool it holds: the driver's mounts and the loop
+/// devices under its pool go first.
+pub struct XfsPool {
+    pub device: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for XfsPool {
+    fn drop(&mut self) {
+        let _ = loopvol::datapath::loop_device::detach(&self.device);
+    }
+}
+
+/// A driver whose pool directory is a fresh 2 GiB xfs filesystem (reflinks), and that pool.
+pub async fn driver_on_xfs_pool() -> (Driver, XfsPool) {
+    let dir = tempfile::Builder::new()
+        .prefix("loopvol-xfs-")
+        .tempdir()
+        .unwrap();
+    let img = dir.path().join("xfs.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(2 << 30)
+        .unwrap();
+    let att = loopvol::datapath::loop_device::attach(&img, false, false).unwrap();
+    let xfs = XfsPool {
+        device: att.device.clone(),
+        _dir: dir,
+    };
+    loopvol::fs::format::mkfs(&xfs.device, provisioner::FsType::Xfs).unwrap();
+    let mut d = Driver::start().await;
+    d.stop();
+    std::fs::create_dir_all(&d.pool).unwrap();
+    loopvol::fs::mount::mount_fs(
+        &xfs.device,
+        &d.pool,
+        "xfs",
+        nix::mount::MsFlags::empty(),
+        "",
+    )
+    .unwrap();
+    d.spawn().await;
+    (d, xfs)
+}
