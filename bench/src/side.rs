@@ -56,3 +56,41 @@ impl Drop for Proc {
         let _ = self.0.wait();
     }
 }
+
+/// `loopvol serve --mode all` over `pool` on the socket `sock`, its log in `log`, with
+/// `extra` flags; returns once the socket answers, with the process (stopped on drop) and a
+/// channel to it.
+pub async fn serve(
+    bin: &Path,
+    pool: &Path,
+    sock: &Path,
+    log: File,
+    extra: &[&std::ffi::OsStr],
+) -> anyhow::Result<(Proc, tonic::transport::Channel)> {
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+    let driver = Proc(
+        Command::new(bin)
+            .args(["serve", "--mode", "all", "--node-id", "bench-node"])
+            .arg("--endpoint")
+            .arg(format!("unix://{}", sock.display()))
+            .arg("--pool-dir")
+            .arg(pool)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()?,
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::os::unix::net::UnixStream::connect(sock).is_err() {
+        if Instant::now() > deadline {
+            anyhow::bail!("loopvol did not come up");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ch = tonic::transport::Endpoint::from_shared(format!("unix://{}", sock.display()))?
+        .connect()
+        .await?;
+    Ok((driver, ch))
+}

@@ -9,10 +9,9 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::Parser;
 use loopvol::csi::controller_client::ControllerClient;
 use loopvol::csi::snapshot_metadata_client::SnapshotMetadataClient;
@@ -41,7 +40,7 @@ struct Args {
 
 #[path = "../side.rs"]
 mod side;
-use side::{PoolFs, Proc};
+use side::PoolFs;
 
 struct Case {
     pool: &'static str,
@@ -140,28 +139,7 @@ async fn run_pool(
     let pool = pool_fs.mount.join("pool");
     let sock = dir.join(format!("{fs}.sock"));
     let log = File::create(dir.join(format!("{fs}.log")))?;
-    let _driver = Proc(
-        Command::new(bin)
-            .args(["serve", "--mode", "all", "--node-id", "bench-node"])
-            .arg("--endpoint")
-            .arg(format!("unix://{}", sock.display()))
-            .arg("--pool-dir")
-            .arg(&pool)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()?,
-    );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
-        if Instant::now() > deadline {
-            bail!("loopvol did not come up");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let ch = tonic::transport::Endpoint::from_shared(format!("unix://{}", sock.display()))?
-        .connect()
-        .await?;
+    let (_driver, ch) = side::serve(bin, &pool, &sock, log, &[]).await?;
     let mut c = ControllerClient::new(ch.clone());
     let mut m = SnapshotMetadataClient::new(ch);
     let vol = c

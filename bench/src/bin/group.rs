@@ -10,10 +10,9 @@
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::Parser;
 use loopvol::csi::controller_client::ControllerClient;
 use loopvol::csi::group_controller_client::GroupControllerClient;
@@ -41,7 +40,7 @@ struct Args {
 
 #[path = "../side.rs"]
 mod side;
-use side::{PoolFs, Proc};
+use side::PoolFs;
 
 struct Case {
     pool: &'static str,
@@ -95,30 +94,14 @@ async fn run_pool(
     let sock = dir.join(format!("{fs}.sock"));
     let log_path = dir.join(format!("{fs}.log"));
     let log = File::create(&log_path)?;
-    let _driver = Proc(
-        Command::new(bin)
-            .args(["serve", "--mode", "all", "--node-id", "bench-node"])
-            .arg("--endpoint")
-            .arg(format!("unix://{}", sock.display()))
-            .arg("--pool-dir")
-            .arg(&pool)
-            .arg("--allowed-root")
-            .arg(dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()?,
-    );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
-        if Instant::now() > deadline {
-            bail!("loopvol did not come up");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let ch = tonic::transport::Endpoint::from_shared(format!("unix://{}", sock.display()))?
-        .connect()
-        .await?;
+    let (_driver, ch) = side::serve(
+        bin,
+        &pool,
+        &sock,
+        log,
+        &["--allowed-root".as_ref(), dir.as_os_str()],
+    )
+    .await?;
     let mut c = ControllerClient::new(ch.clone());
     let mut n = NodeClient::new(ch.clone());
     let mut g = GroupControllerClient::new(ch);
