@@ -96,6 +96,30 @@ impl Drop for Proc {
     }
 }
 
+/// `loopvol serve --mode node` for node `name`: its socket, its pool under `dir`, and the pool
+/// API on `listen` with the certificates in `certs`.
+fn node_args(name: &str, sock: &Path, dir: &Path, listen: &str, certs: &Path) -> Vec<String> {
+    vec![
+        "serve".into(),
+        "--mode".into(),
+        "node".into(),
+        "--node-id".into(),
+        name.into(),
+        "--endpoint".into(),
+        format!("unix://{}", s(sock)),
+        "--pool-dir".into(),
+        s(&dir.join(format!("{name}/pool"))),
+        "--pool-listen".into(),
+        listen.into(),
+        "--tls-cert".into(),
+        s(&certs.join("server.crt")),
+        "--tls-key".into(),
+        s(&certs.join("server.key")),
+        "--tls-ca".into(),
+        s(&certs.join("ca.crt")),
+    ]
+}
+
 fn s(p: &Path) -> String {
     p.to_string_lossy().into_owned()
 }
@@ -137,25 +161,13 @@ impl Cluster {
                 .unwrap()
                 .port();
             let sock = dir.path().join(format!("n{i}.sock"));
-            let args = vec![
-                "serve".into(),
-                "--mode".into(),
-                "node".into(),
-                "--node-id".into(),
-                format!("n{i}"),
-                "--endpoint".into(),
-                format!("unix://{}", s(&sock)),
-                "--pool-dir".into(),
-                s(&dir.path().join(format!("n{i}/pool"))),
-                "--pool-listen".into(),
-                format!("{ip}:{port}"),
-                "--tls-cert".into(),
-                s(&certs.join("server.crt")),
-                "--tls-key".into(),
-                s(&certs.join("server.key")),
-                "--tls-ca".into(),
-                s(&certs.join("ca.crt")),
-            ];
+            let args = node_args(
+                &format!("n{i}"),
+                &sock,
+                dir.path(),
+                &format!("{ip}:{port}"),
+                &certs,
+            );
             nodes.push(Proc::start(
                 args,
                 sock,
@@ -754,25 +766,7 @@ async fn router_waits_for_discovery_and_keeps_a_restarting_node() {
     for (i, ip) in ips.iter().enumerate() {
         let name = format!("n{}", i + 1);
         let sock = dir.path().join(format!("{name}.sock"));
-        let args: Vec<String> = vec![
-            "serve".into(),
-            "--mode".into(),
-            "node".into(),
-            "--node-id".into(),
-            name.clone(),
-            "--endpoint".into(),
-            format!("unix://{}", s(&sock)),
-            "--pool-dir".into(),
-            s(&dir.path().join(format!("{name}/pool"))),
-            "--pool-listen".into(),
-            format!("{ip}:{port}"),
-            "--tls-cert".into(),
-            s(&certs.join("server.crt")),
-            "--tls-key".into(),
-            s(&certs.join("server.key")),
-            "--tls-ca".into(),
-            s(&certs.join("ca.crt")),
-        ];
+        let args = node_args(&name, &sock, dir.path(), &format!("{ip}:{port}"), &certs);
         nodes.push(Proc::start(
             args,
             sock,
