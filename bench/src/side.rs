@@ -94,3 +94,14 @@ pub async fn serve(
         .await?;
     Ok((driver, ch))
 }
+
+/// The loopvol binary: the one given, or `loopvol` next to this binary.
+pub fn loopvol_bin(given: Option<&Path>) -> anyhow::Result<PathBuf> {
+    Ok(match given {
+        Some(p) => p.to_path_buf(),
+        None => std::env::current_exe()?
+            .parent()
+            .context("no dir")?
+            .join("loopvol"),
+    })
+}

@@ -267,13 +267,7 @@ fn mib(b: u64) -> String {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let bin = match &args.loopvol {
-        Some(p) => p.clone(),
-        None => std::env::current_exe()?
-            .parent()
-            .context("no dir")?
-            .join("loopvol"),
-    };
+    let bin = side::loopvol_bin(args.loopvol.as_deref())?;
     let dir = tempfile::Builder::new()
         .prefix("loopvol-cbt-")
         .tempdir_in(&args.work_dir)?;

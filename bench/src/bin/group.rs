@@ -225,13 +225,7 @@ async fn run_pool(
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let bin = match &args.loopvol {
-        Some(p) => p.clone(),
-        None => std::env::current_exe()?
-            .parent()
-            .context("no dir")?
-            .join("loopvol"),
-    };
+    let bin = side::loopvol_bin(args.loopvol.as_deref())?;
     let dir = tempfile::Builder::new()
         .prefix("loopvol-group-")
         .tempdir_in(&args.work_dir)?;
