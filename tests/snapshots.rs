@@ -54,22 +54,11 @@ impl Ctx {
         let staging = self.d.path(&format!("staging-{tag}"));
         let target = self.d.path(&format!("pods/{tag}"));
         self.n
-            .node_stage_volume(NodeStageVolumeRequest {
-                volume_id: id.into(),
-                staging_target_path: staging.to_string_lossy().into(),
-                volume_capability: Some(rw_mount(fs)),
-                ..Default::default()
-            })
+            .node_stage_volume(stage_req(id, &staging, rw_mount(fs)))
             .await
             .unwrap();
         self.n
-            .node_publish_volume(NodePublishVolumeRequest {
-                volume_id: id.into(),
-                staging_target_path: staging.to_string_lossy().into(),
-                target_path: target.to_string_lossy().into(),
-                volume_capability: Some(rw_mount(fs)),
-                ..Default::default()
-            })
+            .node_publish_volume(publish_req(id, &staging, &target, rw_mount(fs)))
             .await
             .unwrap();
         (staging, target)
@@ -77,17 +66,11 @@ impl Ctx {
 
     async fn down(&mut self, id: &str, staging: &Path, target: &Path) {
         self.n
-            .node_unpublish_volume(NodeUnpublishVolumeRequest {
-                volume_id: id.into(),
-                target_path: target.to_string_lossy().into(),
-            })
+            .node_unpublish_volume(unpublish_req(id, target))
             .await
             .unwrap();
         self.n
-            .node_unstage_volume(NodeUnstageVolumeRequest {
-                volume_id: id.into(),
-                staging_target_path: staging.to_string_lossy().into(),
-            })
+            .node_unstage_volume(unstage_req(id, staging))
             .await
             .unwrap();
     }
