@@ -63,12 +63,7 @@ pub(super) fn attach(file: &Path, read_only: bool, want_direct_io: bool) -> Resu
         .custom_flags(libc::O_CLOEXEC)
         .open(file)
         .map_err(|e| Error::io(format!("open {}", file.display()), e))?;
-    let control = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_CLOEXEC)
-        .open(LOOP_CONTROL)
-        .map_err(|e| Error::io(format!("open {LOOP_CONTROL}"), e))?;
+    let control = open_control()?;
 
     let mut flags = if read_only { LO_FLAGS_READ_ONLY } else { 0 };
     if want_direct_io {
@@ -140,12 +135,7 @@ pub(super) fn ensure_direct_io(att: &mut Attached, file: &Path) {
 /// The number of a loop device that is free now, without attaching anything (the kernel adds
 /// a device when none is free). `loopvol doctor` uses it to prove loop devices can be had.
 pub fn free_device() -> Result<u32> {
-    let control = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_CLOEXEC)
-        .open(LOOP_CONTROL)
-        .map_err(|e| Error::io(format!("open {LOOP_CONTROL}"), e))?;
+    let control = open_control()?;
     let n = unsafe { loop_ctl_get_free(control.as_raw_fd()) }
         .map_err(|e| Error::io("LOOP_CTL_GET_FREE", e))?;
     Ok(n as u32)
@@ -190,6 +180,11 @@ fn ensure_node(n: u64) -> Result<PathBuf> {
     }
 }
 
+/// `/dev/loop-control`, opened as `LOOP_CTL_*` needs it.
+fn open_control() -> Result<File> {
+    open_rw(Path::new(LOOP_CONTROL)).map_err(|e| Error::io(format!("open {LOOP_CONTROL}"), e))
+}
+
 fn open_rw(device: &Path) -> io::Result<File> {
     OpenOptions::new()
         .read(true)
@@ -226,7 +221,7 @@ const BOOT_NODES: u32 = 8;
 /// the RPC path: an unstage answers as soon as its device is detached.
 struct NodeReaper {
     spare_at_start: HashSet<u32>,
-    queue: Mutex<mpsc::Sender<u32>>,
+    queue: mpsc::Sender<u32>,
     /// Queued and not yet removed (or given up on).
     pending: Mutex<HashSet<u32>>,
 }
@@ -272,7 +267,7 @@ pub fn adopt_node_cleanup(state_dir: &Path) {
             .copied()
             .filter(|n| !left_by_predecessor.contains(n))
             .collect(),
-        queue: Mutex::new(tx),
+        queue: tx,
         pending: Mutex::new(HashSet::new()),
     };
     if REAPER.set(reaper).is_err() {
@@ -299,16 +294,12 @@ pub fn adopt_node_cleanup(state_dir: &Path) {
 /// that is attached or open, so a node another attacher picked up meanwhile is never pulled
 /// away.
 fn reap_worker(rx: &Mutex<mpsc::Receiver<u32>>) {
+    let control = open_control();
     loop {
         let next = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
         let Ok(n) = next else { return };
         let started = std::time::Instant::now();
-        let control = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(LOOP_CONTROL);
-        if let Ok(control) = control {
+        if let Ok(control) = &control {
             // SAFETY: LOOP_CTL_REMOVE takes the device number by value; no memory is passed.
             while let Err(Errno::EBUSY) =
                 unsafe { loop_ctl_remove(control.as_raw_fd(), n as libc::c_int) }
@@ -336,7 +327,7 @@ fn queue_removal(n: u32) {
         .unwrap_or_else(|e| e.into_inner())
         .insert(n)
     {
-        let _ = r.queue.lock().unwrap_or_else(|e| e.into_inner()).send(n);
+        let _ = r.queue.send(n);
     }
 }
 
