@@ -303,15 +303,26 @@ pub fn restrict_bind(target: &Path, shown: &Path, read_only: bool, extra: MsFlag
 pub fn unmount(target: &Path) -> Result<()> {
     // Never through a symlink: a request's path is checked to have none, and one swapped in
     // since must not redirect the unmount.
-    match umount2(target, MntFlags::UMOUNT_NOFOLLOW) {
-        Ok(()) => Ok(()),
-        Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => Ok(()),
-        Err(nix::errno::Errno::EBUSY) => Err(Error::FailedPrecondition(format!(
-            "{} is busy (a process still uses it); retry when it is released",
-            target.display()
-        ))),
-        Err(e) => Err(Error::io(format!("unmount {}", target.display()), e)),
+    // A busy answer can come from a holder of a moment: another RPC's confinement walk
+    // (paths::check) opens each component of a path that lies in this mount, for microseconds.
+    // Such a holder is waited out briefly before the mount is called busy.
+    for attempt in 0.. {
+        match umount2(target, MntFlags::UMOUNT_NOFOLLOW) {
+            Ok(()) => return Ok(()),
+            Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => return Ok(()),
+            Err(nix::errno::Errno::EBUSY) if attempt < 20 => {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            Err(nix::errno::Errno::EBUSY) => {
+                return Err(Error::FailedPrecondition(format!(
+                    "{} is busy (a process still uses it); retry when it is released",
+                    target.display()
+                )))
+            }
+            Err(e) => return Err(Error::io(format!("unmount {}", target.display()), e)),
+        }
     }
+    unreachable!("the loop above returns")
 }
 
 #[cfg(test)]
