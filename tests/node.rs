@@ -298,10 +298,13 @@ async fn read_only_publish_refuses_writes_and_two_pods_share_a_volume() {
     let err = std::fs::File::create(ro.join("nope")).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EROFS));
 
-    // Unstage while published is refused, and changes nothing.
+    // Unstage while published is refused, names where, and changes nothing: the staging path
+    // still holds the pods' filesystem.
     let e = t.unstage(&id, &staging).await.unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(e.message().contains("pod1"), "{}", e.message());
     assert!(pod1.join("hello").exists());
+    assert_same_filesystem(&staging, &pod1);
 
     for p in [&pod2, &ro] {
         t.unpublish(&id, p).await.unwrap();
@@ -309,6 +312,59 @@ async fn read_only_publish_refuses_writes_and_two_pods_share_a_volume() {
         t.unpublish(&id, p).await.unwrap();
     }
     t.down(&id, &staging, &pod1).await;
+    t.d.assert_clean();
+}
+
+/// `a` is a mount point, and a file written through `a` is read through `b`.
+fn assert_same_filesystem(a: &Path, b: &Path) {
+    let mounted = loopvol::fs::mount::mount_at(a).unwrap();
+    assert!(mounted.is_some(), "{} is not mounted", a.display());
+    let name = format!("probe-{}", std::process::id());
+    write_file(&a.join(&name), b"same filesystem");
+    assert_eq!(std::fs::read(b.join(&name)).unwrap(), b"same filesystem");
+    std::fs::remove_file(a.join(&name)).unwrap();
+}
+
+/// A bind of the staging mount that loopvol did not make (an admin's, or another tool's) still
+/// holds the filesystem: unstage refuses, naming it, and leaves the volume staged; once it is
+/// gone, unstage detaches. The refusal comes from the kernel (the device stays claimed), not
+/// from loopvol's records, so it holds for mounts loopvol never heard of.
+#[tokio::test(flavor = "multi_thread")]
+async fn unstage_refuses_while_a_mount_loopvol_did_not_make_holds_the_filesystem() {
+    if !root_or_skip("unstage_refuses_foreign_bind") {
+        return;
+    }
+    let mut t = Ctx::new().await;
+    let cap = rw_mount("ext4");
+    let id = t.create("foreign-bind", 32 * MIB, cap.clone()).await;
+    let (staging, pod) = t.up(&id, "pod", cap.clone()).await;
+    write_file(&pod.join("data"), b"kept");
+    t.unpublish(&id, &pod).await.unwrap();
+    let foreign = t.d.path("admin/bind");
+    std::fs::create_dir_all(&foreign).unwrap();
+    nix::mount::mount(
+        Some(&staging),
+        &foreign,
+        None::<&str>,
+        nix::mount::MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .unwrap();
+    let e = t.unstage(&id, &staging).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(e.message().contains("admin/bind"), "{}", e.message());
+    assert_eq!(t.loops_of(&id).len(), 1, "still attached");
+    assert_same_filesystem(&staging, &foreign);
+    assert_eq!(std::fs::read(staging.join("data")).unwrap(), b"kept");
+    // Still staged as far as loopvol is concerned: a publish works.
+    t.publish(&id, &staging, &pod, cap.clone(), false)
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(pod.join("data")).unwrap(), b"kept");
+    t.unpublish(&id, &pod).await.unwrap();
+    nix::mount::umount2(&foreign, nix::mount::MntFlags::empty()).unwrap();
+    t.unstage(&id, &staging).await.unwrap();
+    assert!(t.loops_of(&id).is_empty());
     t.d.assert_clean();
 }
 

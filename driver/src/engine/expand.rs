@@ -23,8 +23,8 @@ pub fn expand(d: &Engine, id: &str, path: &str, block_hint: bool) -> Result<u64>
         Some(s) if !block_hint => {
             if let StagedAccess::Mount { fs_type, .. } = s.access {
                 // xfs and btrfs grow through a mount point: one this process can see.
-                let all = mount::mounts()?;
-                let at = visible_mount(&s, &l, &all).map_or(path, |m| m.mount_point);
+                let at = visible_mount(&s, &l, &mount::MountView::new())?
+                    .map_or(path, |m| m.mount_point);
                 format::grow(fs_type, &l.device, &at)?;
             }
         }

@@ -13,6 +13,7 @@ mod quiesce;
 mod recover;
 mod stage;
 mod stats;
+mod steps;
 pub mod targets;
 mod unstage;
 mod volume;

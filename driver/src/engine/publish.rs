@@ -4,11 +4,12 @@
 use std::path::{Path, PathBuf};
 
 use super::access::{Access, Checked};
+use super::steps::Steps;
 use super::volume::*;
 use super::Engine;
 use crate::datapath::blockdev;
 use crate::error::{Error, Result};
-use crate::fs::mount::{self};
+use crate::fs::mount::{self, MountView};
 use crate::fs::mount_options;
 use crate::node_state::{self, StagedAccess};
 
@@ -20,6 +21,7 @@ pub fn publish(
     cap: &Checked,
     readonly: bool,
 ) -> Result<()> {
+    let mut steps = Steps::start();
     let vol = volume(d, id)?;
     let _g = hold(d, &vol)?;
     let not_staged = || {
@@ -30,11 +32,13 @@ pub fn publish(
     };
     let mut state = node_state::load(&d.pool.node_state_dir(), &vol.hex)?.ok_or_else(not_staged)?;
     let l = current_loop(d, &vol, Some(&state.device));
-    // One read of the mount table for the whole check.
-    let all = mount::mounts()?;
+    steps.mark("lookup");
+    // Questions about the staging and target paths are answered for those paths alone; only
+    // a single-writer check asks for every mount of the device (the whole table).
+    let mounts = MountView::new();
     if !same_path(&state.staging_path, staging) {
         match &l {
-            Some(l) if staged_at(&state, staging, l, &all) => {
+            Some(l) if staged_at(&state, staging, l, &mounts)? => {
                 rehome(d, &vol, &mut state, staging, l)?
             }
             _ => return Err(not_staged()),
@@ -48,7 +52,8 @@ pub fn publish(
     let read_only = readonly || cap.read_only();
     match (&cap.access, &state.access) {
         (Access::Mount { flags, .. }, StagedAccess::Mount { .. }) => {
-            let staged = mount::topmost_at(&all, staging)
+            let staged = mounts
+                .at(staging)?
                 .filter(|m| m.is_from(l.dev))
                 .ok_or_else(|| {
                     Error::FailedPrecondition(format!(
@@ -56,7 +61,8 @@ pub fn publish(
                         staging.display()
                     ))
                 })?;
-            if let Some(m) = mount::topmost_at(&all, target) {
+            steps.mark("mounts");
+            if let Some(m) = mounts.at(target)? {
                 if (m.major, m.minor) == (staged.major, staged.minor) && m.read_only() == read_only
                 {
                     return Ok(());
@@ -66,7 +72,7 @@ pub fn publish(
                     target.display()
                 )));
             }
-            single_writer_check(cap, id, other_mounts_of(&all, &l, &staged))?;
+            single_writer_check(cap, id, || Ok(other_mounts_of(mounts.all()?, &l, &staged)))?;
             let at = crate::engine::targets::prepare_dir(d, &vol.hex, target)?;
             let (bits, _) = mount_options::split_flags(flags);
             crate::engine::paths::bind_dir(&d.paths, staging, &at, read_only, bits)
@@ -80,7 +86,8 @@ pub fn publish(
                      does not stop writes to the device"
                 )));
             }
-            if mount::topmost_at(&all, target).is_some() {
+            steps.mark("mounts");
+            if mounts.at(target)?.is_some() {
                 if blockdev::rdev_of(target) == Some(l.dev) {
                     return Ok(());
                 }
@@ -89,7 +96,7 @@ pub fn publish(
                     target.display()
                 )));
             }
-            single_writer_check(cap, id, device_binds(&all, &l))?;
+            single_writer_check(cap, id, || Ok(device_binds(mounts.all()?, &l)))?;
             let at = crate::engine::targets::prepare_file(d, &vol.hex, target)?;
             mount::bind_only(&l.device, &at.proc_path(), &l.device, target)
                 .inspect_err(|_| crate::engine::targets::undo(d, &vol.hex, &at))?;
@@ -101,15 +108,26 @@ pub fn publish(
             )))
         }
     }
-    tracing::info!(volume_id = id, target = %target.display(), read_only, "volume published");
+    steps.mark("bind");
+    tracing::info!(volume_id = id, target = %target.display(), read_only, ms = %steps, "volume published");
     Ok(())
 }
 
 /// SINGLE_NODE_SINGLE_WRITER allows one publication on the node: a second target (the
 /// same target was already answered as idempotent) is FAILED_PRECONDITION, as the spec says.
-fn single_writer_check(cap: &Checked, id: &str, published: Vec<PathBuf>) -> Result<()> {
+/// `published` lists the volume's other publications; it reads the whole mount table, so it
+/// is asked only in this access mode.
+fn single_writer_check(
+    cap: &Checked,
+    id: &str,
+    published: impl FnOnce() -> Result<Vec<PathBuf>>,
+) -> Result<()> {
     use crate::csi::volume_capability::access_mode::Mode;
-    if cap.mode == Mode::SingleNodeSingleWriter && !published.is_empty() {
+    if cap.mode != Mode::SingleNodeSingleWriter {
+        return Ok(());
+    }
+    let published = published()?;
+    if !published.is_empty() {
         return Err(Error::FailedPrecondition(format!(
             "volume {id} has access mode SINGLE_NODE_SINGLE_WRITER and is already published at \
              {published:?}"
@@ -119,9 +137,11 @@ fn single_writer_check(cap: &Checked, id: &str, published: Vec<PathBuf>) -> Resu
 }
 
 pub fn unpublish(d: &Engine, id: &str, target: &Path) -> Result<()> {
+    let mut steps = Steps::start();
     let vol = volume(d, id)?;
     let _g = hold(d, &vol)?;
     let dev = current_loop(d, &vol, remembered_device(d, &vol).as_deref()).map(|l| l.dev);
+    steps.mark("lookup");
     for _ in 0..8 {
         let Some(m) = mount::mount_at(target)? else {
             break;
@@ -137,7 +157,9 @@ pub fn unpublish(d: &Engine, id: &str, target: &Path) -> Result<()> {
         }
         mount::unmount(target)?;
     }
+    steps.mark("unmount");
     crate::engine::targets::remove_if_ours(d, &vol.hex, target)?;
-    tracing::info!(volume_id = id, target = %target.display(), "volume unpublished");
+    steps.mark("cleanup");
+    tracing::info!(volume_id = id, target = %target.display(), ms = %steps, "volume unpublished");
     Ok(())
 }

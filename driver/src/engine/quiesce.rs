@@ -30,7 +30,7 @@ pub fn quiesce(d: &Engine, record: &VolumeRecord) -> Result<Option<crate::fs::fr
     let Some(l) = current_loop(d, &vol, Some(&staged.device)) else {
         return Ok(None);
     };
-    match visible_mount(&staged, &l, &mount::mounts()?) {
+    match visible_mount(&staged, &l, &mount::MountView::new())? {
         Some(m) => {
             crate::fs::freeze::freeze(&d.freeze, &record.id, &vol.hex, &vol.image, &m.mount_point)
                 .map(Some)

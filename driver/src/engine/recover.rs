@@ -25,7 +25,8 @@ pub fn recover(d: &Engine) -> Vec<String> {
         .iter()
         .filter_map(|l| l.backing.map(|id| (id, l)))
         .collect();
-    let all = mount::mounts().unwrap_or_default();
+    let view = mount::MountView::new();
+    let all = view.all().unwrap_or(&[]);
     let paths = |ms: Vec<&MountEntry>| -> Vec<PathBuf> {
         ms.into_iter().map(|m| m.mount_point.clone()).collect()
     };
@@ -40,8 +41,8 @@ pub fn recover(d: &Engine) -> Vec<String> {
         };
         let line = match &s.access {
             StagedAccess::Block => {
-                let binds = paths(mount::device_node_binds(&all, l.dev));
-                let staged = if record_path_visible(&s, l, &all) {
+                let binds = paths(mount::device_node_binds(all, l.dev));
+                let staged = if record_path_visible(&s, l, &view).unwrap_or(false) {
                     format!("staged at {}", s.staging_path.display())
                 } else {
                     format!(
@@ -56,8 +57,8 @@ pub fn recover(d: &Engine) -> Vec<String> {
                 )
             }
             StagedAccess::Mount { fs_type, .. } => {
-                let mounted = paths(mount::of_device(&all, l.dev));
-                if record_path_visible(&s, l, &all) {
+                let mounted = paths(mount::of_device(all, l.dev));
+                if record_path_visible(&s, l, &view).unwrap_or(false) {
                     let published: Vec<_> = mounted
                         .iter()
                         .filter(|p| !same_path(p, &s.staging_path))
@@ -110,8 +111,8 @@ pub fn recover(d: &Engine) -> Vec<String> {
         if !l.backing_deleted {
             continue;
         }
-        let in_use = !mount::of_device(&all, l.dev).is_empty()
-            || !mount::device_node_binds(&all, l.dev).is_empty()
+        let in_use = !mount::of_device(all, l.dev).is_empty()
+            || !mount::device_node_binds(all, l.dev).is_empty()
             || blockdev::claimed(&l.device);
         if in_use {
             report.push(format!(

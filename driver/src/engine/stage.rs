@@ -4,17 +4,18 @@
 use std::path::{Path, PathBuf};
 
 use super::access::{Access, Checked};
+use super::steps::Steps;
 use super::volume::*;
 use super::Engine;
 use crate::datapath::{blockdev, DeviceSettings};
 use crate::error::{Error, Result};
 use crate::fs::format;
-use crate::fs::mount::{self};
+use crate::fs::mount::{self, MountView};
 use crate::fs::mount_options;
 use crate::node_state::{self, Staged, StagedAccess};
 
 pub fn stage(d: &Engine, id: &str, staging: &Path, cap: &Checked) -> Result<()> {
-    let started = std::time::Instant::now();
+    let mut steps = Steps::start();
     let vol = volume(d, id)?;
     let _g = hold(d, &vol)?;
     if !vol.image.exists() {
@@ -39,17 +40,16 @@ pub fn stage(d: &Engine, id: &str, staging: &Path, cap: &Checked) -> Result<()> 
                 tracing::info!(volume_id = id, staged_at = %prev.staging_path.display(), "staging record found but the volume is no longer attached (reboot?); staging again");
             }
             Some(l) => {
-                let all = match prev.access {
-                    StagedAccess::Mount { .. } => mount::mounts()?,
-                    StagedAccess::Block => Vec::new(),
-                };
-                if !same_path(&prev.staging_path, staging) && record_path_visible(&prev, &l, &all) {
+                let mounts = MountView::new();
+                if !same_path(&prev.staging_path, staging)
+                    && record_path_visible(&prev, &l, &mounts)?
+                {
                     return Err(Error::FailedPrecondition(format!(
                         "volume {id} is already staged at {}",
                         prev.staging_path.display()
                     )));
                 }
-                if staged_at(&prev, staging, &l, &all) {
+                if staged_at(&prev, staging, &l, &mounts)? {
                     if prev.access != want.access || prev.read_only != want.read_only {
                         return Err(Error::AlreadyExists(format!(
                             "volume {id} is staged at {} with a different capability ({:?}, read-only {})",
@@ -85,6 +85,7 @@ pub fn stage(d: &Engine, id: &str, staging: &Path, cap: &Checked) -> Result<()> 
     let block_ro = matches!(want.access, StagedAccess::Block) && want.read_only;
     // Asked before attaching, so nothing written through the device can have happened yet.
     let never_written = d.pool.allocated_bytes(&vol.hex) == Some(0);
+    steps.mark("lookup");
     let att = d.data_path.attach_ready(
         &vol.image,
         &DeviceSettings {
@@ -92,16 +93,20 @@ pub fn stage(d: &Engine, id: &str, staging: &Path, cap: &Checked) -> Result<()> 
             direct_io: true,
         },
     )?;
+    steps.mark("attach");
     let result = match &want.access {
         StagedAccess::Block => Ok(()),
         StagedAccess::Mount { fs_type, flags } => mount_staging(
             &d.paths,
             &att.device,
             staging,
-            *fs_type,
-            flags,
-            want.read_only,
+            &MountSpec {
+                fs: *fs_type,
+                flags,
+                read_only: want.read_only,
+            },
             never_written && att.created,
+            &mut steps,
         ),
     };
     if let Err(e) = result {
@@ -115,24 +120,33 @@ pub fn stage(d: &Engine, id: &str, staging: &Path, cap: &Checked) -> Result<()> 
     let mut rec = want;
     rec.device = att.device;
     node_state::save(&state_dir, &vol.hex, &rec)?;
+    steps.mark("record");
     let fs = match &rec.access {
         StagedAccess::Mount { fs_type, .. } => Some(*fs_type),
         StagedAccess::Block => None,
     };
-    crate::metrics::observe_stage(fs, started.elapsed());
-    tracing::info!(volume_id = id, device = %rec.device.display(), staging = %staging.display(), direct_io = att.direct_io, "volume staged");
+    crate::metrics::observe_stage(fs, steps.total());
+    tracing::info!(volume_id = id, device = %rec.device.display(), staging = %staging.display(), direct_io = att.direct_io, ms = %steps, "volume staged");
     Ok(())
+}
+
+/// How a staging mount is made: the volume's filesystem, the capability's mount flags, and
+/// whether the stage is read-only.
+struct MountSpec<'a> {
+    fs: provisioner::FsType,
+    flags: &'a [String],
+    read_only: bool,
 }
 
 fn mount_staging(
     paths: &crate::engine::paths::Confinement,
     device: &Path,
     staging: &Path,
-    fs: provisioner::FsType,
-    flags: &[String],
-    read_only: bool,
+    spec: &MountSpec,
     never_written: bool,
+    steps: &mut Steps,
 ) -> Result<()> {
+    let (fs, read_only) = (spec.fs, spec.read_only);
     if let Some(m) = mount::mount_at(staging)? {
         if blockdev::rdev_of(device).is_some_and(|dev| m.is_from(dev)) {
             return Ok(());
@@ -151,23 +165,12 @@ fn mount_staging(
         tracing::info!(device = %device.display(), staging = %staging.display(),
             "filesystem already mounted elsewhere; mounting it at the staging path too");
     } else {
+        steps.mark("probe");
         prepare_filesystem(device, fs, read_only, never_written)?;
+        steps.mark("format");
     }
-    let at = paths.open_dir("staging_target_path", staging, true)?;
-    let (mut bits, mut data) = mount_options::split_flags(flags);
-    if read_only {
-        bits |= nix::mount::MsFlags::MS_RDONLY;
-    }
-    // Clones and restores of an xfs volume carry their source's UUID, which xfs refuses to
-    // mount twice; the UUID means nothing to loopvol, so never let it block a mount.
-    if fs == provisioner::FsType::Xfs && !data.split(',').any(|o| o == "nouuid") {
-        data = if data.is_empty() {
-            "nouuid".into()
-        } else {
-            format!("{data},nouuid")
-        };
-    }
-    mount::mount_fs_shown(device, &at.proc_path(), staging, fs.as_str(), bits, &data)?;
+    mount_there(paths, device, staging, spec)?;
+    steps.mark("mount");
     // xfs and btrfs grow only while mounted (ext4 was grown above, before mounting).
     if fs != provisioner::FsType::Ext4
         && !read_only
@@ -180,6 +183,46 @@ fn mount_staging(
         tracing::info!(device = %device.display(), "filesystem grown to its expanded volume");
     }
     Ok(())
+}
+
+/// Mount the filesystem on `device` at the (confined) staging path as a stage does.
+fn mount_there(
+    paths: &crate::engine::paths::Confinement,
+    device: &Path,
+    staging: &Path,
+    spec: &MountSpec,
+) -> Result<()> {
+    let fs = spec.fs;
+    let at = paths.open_dir("staging_target_path", staging, true)?;
+    let (mut bits, mut data) = mount_options::split_flags(spec.flags);
+    if spec.read_only {
+        bits |= nix::mount::MsFlags::MS_RDONLY;
+    }
+    // Clones and restores of an xfs volume carry their source's UUID, which xfs refuses to
+    // mount twice; the UUID means nothing to loopvol, so never let it block a mount.
+    if fs == provisioner::FsType::Xfs && !data.split(',').any(|o| o == "nouuid") {
+        data = if data.is_empty() {
+            "nouuid".into()
+        } else {
+            format!("{data},nouuid")
+        };
+    }
+    mount::mount_fs_shown(device, &at.proc_path(), staging, fs.as_str(), bits, &data)
+}
+
+/// Put back the staging mount of record `st` that an unstage took away before finding the
+/// filesystem still mounted elsewhere. The filesystem is live, so this shares its superblock
+/// (nothing is probed, checked or grown).
+pub(super) fn mount_again(d: &Engine, device: &Path, staging: &Path, st: &Staged) -> Result<()> {
+    let StagedAccess::Mount { fs_type, flags } = &st.access else {
+        return Ok(());
+    };
+    let spec = MountSpec {
+        fs: *fs_type,
+        flags,
+        read_only: st.read_only,
+    };
+    mount_there(&d.paths, device, staging, &spec)
 }
 
 /// Make the unmounted filesystem on `device` ready to mount: format it when blank, check it

@@ -52,12 +52,9 @@ pub(super) fn ensure_volume_at(
     if let Some(rdev) = blockdev::rdev_of(path) {
         return (rdev == l.dev).then_some(l).ok_or_else(not_here);
     }
-    if mount::is_mount_root(path) == Some(false) {
-        return Err(not_here());
-    }
-    // kubelet asks for stats of every volume every minute: one read of the mount table each.
-    let all = mount::mounts()?;
-    mount::topmost_at(&all, path)
+    // kubelet asks for stats of every volume every minute: one statmount each, not a read of
+    // the whole mount table.
+    mount::mount_at(path)?
         .filter(|m| m.is_from(l.dev))
         .map(|_| l)
         .ok_or_else(not_here)

@@ -1,16 +1,19 @@
 //! NodeUnstageVolume: unmount the staging path and detach every device over the image, but
 //! only once nothing else uses the volume.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
+use super::steps::Steps;
 use super::volume::*;
 use super::Engine;
 use crate::datapath::blockdev;
+use crate::datapath::Attachment;
 use crate::error::{Error, Result};
-use crate::fs::mount::{self};
-use crate::node_state::{self};
+use crate::fs::mount::{self, MountEntry, MountView};
+use crate::node_state::{self, StagedAccess};
 
 pub fn unstage(d: &Engine, id: &str, staging: &Path) -> Result<()> {
+    let mut steps = Steps::start();
     let vol = volume(d, id)?;
     let _g = hold(d, &vol)?;
     let state_dir = d.pool.node_state_dir();
@@ -25,13 +28,19 @@ pub fn unstage(d: &Engine, id: &str, staging: &Path) -> Result<()> {
         Some(l) => vec![l],
         None => d.data_path.find_all(&vol.image),
     };
-    let all = mount::mounts()?;
+    steps.mark("lookup");
+    let mounts = MountView::new();
     if let Some(st) = &record {
         // Staged at another path, unless the recorded path shows nothing to this process and
         // the volume is found at the path asked (see `staged_at`).
-        if !same_path(&st.staging_path, staging)
-            && !loops.iter().any(|l| staged_at(st, staging, l, &all))
-        {
+        let mut here = same_path(&st.staging_path, staging);
+        for l in &loops {
+            if here {
+                break;
+            }
+            here = staged_at(st, staging, l, &mounts)?;
+        }
+        if !here {
             // Not staged at this path: nothing here is ours to undo (the spec's idempotent OK),
             // and the real staging elsewhere must stay attached.
             tracing::info!(volume_id = id, staged_at = %st.staging_path.display(),
@@ -39,28 +48,33 @@ pub fn unstage(d: &Engine, id: &str, staging: &Path) -> Result<()> {
             return Ok(());
         }
     }
-    let staged_mount = mount::topmost_at(&all, staging);
-    // Refuse while anything still uses the volume, before changing anything.
-    for l in &loops {
-        let binds = device_binds(&all, l);
-        if !binds.is_empty() {
-            return Err(Error::FailedPrecondition(format!(
-                "block volume {id} is still published at {binds:?}; unpublish it first"
-            )));
-        }
-        let elsewhere: Vec<_> = mount::of_device(&all, l.dev)
-            .into_iter()
-            .filter(|m| staged_mount.as_ref().is_none_or(|s| s.id != m.id))
-            .map(|m| m.mount_point.clone())
-            .collect();
-        if !elsewhere.is_empty() {
-            return Err(Error::FailedPrecondition(format!(
-                "volume {id} is still mounted at {elsewhere:?}, not only at {}; unpublish it \
-                 first (not detaching it)",
-                staging.display()
-            )));
+    let staged_mount = mounts.at(staging)?;
+    // Refuse while anything still uses the volume, before changing anything. A mounted volume
+    // whose staging record says so needs no look at the whole mount table for that: every
+    // other mount of its filesystem (a publish, in this or any mount namespace) keeps the
+    // superblock and so the device claimed once the staging mount is gone, and the kernel says
+    // so below. Raw block publishes (binds of the device node) claim nothing, so a block
+    // volume, or one with no record to say how it was staged, is checked against the table.
+    let mounted = matches!(
+        record.as_ref().map(|r| &r.access),
+        Some(StagedAccess::Mount { .. })
+    );
+    if !mounted {
+        let all = mounts.all()?;
+        for l in &loops {
+            let binds = device_binds(all, l);
+            if !binds.is_empty() {
+                return Err(Error::FailedPrecondition(format!(
+                    "block volume {id} is still published at {binds:?}; unpublish it first"
+                )));
+            }
+            let elsewhere = elsewhere(all, l, staged_mount.as_ref());
+            if !elsewhere.is_empty() {
+                return Err(still_mounted(id, &elsewhere, staging));
+            }
         }
     }
+    steps.mark("mounts");
     if let Some(m) = &staged_mount {
         if !loops.iter().any(|l| m.is_from(l.dev)) {
             return Err(Error::FailedPrecondition(format!(
@@ -71,15 +85,32 @@ pub fn unstage(d: &Engine, id: &str, staging: &Path) -> Result<()> {
         }
         mount::unmount(staging)?;
     }
+    steps.mark("unmount");
     for l in &loops {
         if blockdev::claimed(&l.device) {
-            // Mounted where this process cannot see it: detaching would pull the device out
-            // from under a live filesystem.
-            return Err(Error::FailedPrecondition(format!(
-                "volume {id} is mounted from {} somewhere this node plugin cannot see (another \
-                 mount namespace); unmount it there first",
-                l.device.display()
-            )));
+            // Still mounted somewhere: detaching would pull the device out from under a live
+            // filesystem. Put the staging mount back, so that a refusal changes nothing.
+            let mut refusal = match elsewhere(&mount::mounts()?, l, None) {
+                e if !e.is_empty() => still_mounted(id, &e, staging),
+                _ => Error::FailedPrecondition(format!(
+                    "volume {id} is mounted from {} somewhere this node plugin cannot see \
+                     (another mount namespace); unmount it there first",
+                    l.device.display()
+                )),
+            };
+            if let (Some(m), Some(st)) = (&staged_mount, &record) {
+                if m.is_from(l.dev) {
+                    if let Err(e) = super::stage::mount_again(d, &l.device, staging, st) {
+                        tracing::error!(volume_id = id, error = %e, "could not mount the staging path again after a refused unstage");
+                        refusal = Error::FailedPrecondition(format!(
+                            "{refusal}; its staging path {} could not be mounted again ({e}): \
+                             stage it again after unmounting it elsewhere",
+                            staging.display()
+                        ));
+                    }
+                }
+            }
+            return Err(refusal);
         }
         d.data_path.detach(&l.device)?;
     }
@@ -91,9 +122,10 @@ pub fn unstage(d: &Engine, id: &str, staging: &Path) -> Result<()> {
             // Detached above; its release waits for a holder's last close (autoclear).
             continue;
         }
+        let all = mounts.all()?;
         if blockdev::claimed(&l.device)
-            || !mount::of_device(&all, l.dev).is_empty()
-            || !mount::device_node_binds(&all, l.dev).is_empty()
+            || !mount::of_device(all, l.dev).is_empty()
+            || !mount::device_node_binds(all, l.dev).is_empty()
         {
             return Err(Error::FailedPrecondition(format!(
                 "volume {id} is also attached to {}, which is in use; unmount it there first",
@@ -104,8 +136,27 @@ pub fn unstage(d: &Engine, id: &str, staging: &Path) -> Result<()> {
             "a second loop device backed the volume (attached outside loopvol); detaching it");
         d.data_path.detach(&l.device)?;
     }
+    steps.mark("detach");
     node_state::remove(&state_dir, &vol.hex)?;
     crate::engine::targets::forget(d, &vol.hex)?;
-    tracing::info!(volume_id = id, staging = %staging.display(), "volume unstaged");
+    steps.mark("record");
+    tracing::info!(volume_id = id, staging = %staging.display(), ms = %steps, "volume unstaged");
     Ok(())
+}
+
+/// Mounts of `l`'s filesystem other than the staging mount `staged`.
+fn elsewhere(all: &[MountEntry], l: &Attachment, staged: Option<&MountEntry>) -> Vec<PathBuf> {
+    mount::of_device(all, l.dev)
+        .into_iter()
+        .filter(|m| staged.is_none_or(|s| s.id != m.id))
+        .map(|m| m.mount_point.clone())
+        .collect()
+}
+
+fn still_mounted(id: &str, at: &[PathBuf], staging: &Path) -> Error {
+    Error::FailedPrecondition(format!(
+        "volume {id} is still mounted at {at:?}, not only at {}; unpublish it first (not \
+         detaching it)",
+        staging.display()
+    ))
 }

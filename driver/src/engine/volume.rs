@@ -5,7 +5,7 @@
 use std::path::{Component, Path, PathBuf};
 
 use crate::error::{Error, Result};
-use crate::fs::mount::{self, MountEntry};
+use crate::fs::mount::{self, MountEntry, MountView};
 use crate::node_state::{self, Staged, StagedAccess};
 use provisioner::ids::Kind;
 use provisioner::{VolumeId, VolumeRecord};
@@ -106,44 +106,54 @@ pub(super) fn same_path(a: &Path, b: &Path) -> bool {
 /// mount namespace (a node plugin container that restarted, with the kubelet directory
 /// bind-mounted elsewhere) saw its own paths. Mount access: that path has the volume's
 /// filesystem mounted. Block access (nothing is mounted at staging): the path exists.
-pub(super) fn record_path_visible(s: &Staged, l: &Attachment, all: &[MountEntry]) -> bool {
-    match s.access {
+pub(super) fn record_path_visible(s: &Staged, l: &Attachment, mounts: &MountView) -> Result<bool> {
+    Ok(match s.access {
         StagedAccess::Block => s.staging_path.exists(),
-        StagedAccess::Mount { .. } => {
-            mount::topmost_at(all, &s.staging_path).is_some_and(|m| m.is_from(l.dev))
-        }
-    }
+        StagedAccess::Mount { .. } => mounts
+            .at(&s.staging_path)?
+            .is_some_and(|m| m.is_from(l.dev)),
+    })
 }
 
 /// Is `path` where the volume of record `s`, attached to `l`, is staged, as this process sees
 /// it? Where the record says, or, when the record's path shows nothing here (see
 /// [`record_path_visible`]), wherever the CO now says, provided the volume's filesystem is
 /// mounted there (mount access).
-pub(super) fn staged_at(s: &Staged, path: &Path, l: &Attachment, all: &[MountEntry]) -> bool {
-    let mounted_here = || match s.access {
-        StagedAccess::Block => true,
-        StagedAccess::Mount { .. } => {
-            mount::topmost_at(all, path).is_some_and(|m| m.is_from(l.dev) && m.is_fs_root())
-        }
+pub(super) fn staged_at(
+    s: &Staged,
+    path: &Path,
+    l: &Attachment,
+    mounts: &MountView,
+) -> Result<bool> {
+    let mounted_here = || -> Result<bool> {
+        Ok(match s.access {
+            StagedAccess::Block => true,
+            StagedAccess::Mount { .. } => mounts
+                .at(path)?
+                .is_some_and(|m| m.is_from(l.dev) && m.is_fs_root()),
+        })
     };
     if same_path(&s.staging_path, path) {
         return mounted_here();
     }
-    !record_path_visible(s, l, all) && mounted_here()
+    Ok(!record_path_visible(s, l, mounts)? && mounted_here()?)
 }
 
 /// Where this process can reach the volume's filesystem: the recorded staging path if it
 /// shows the volume here, else any mount of the filesystem's root (the kernel has one
 /// superblock per device, so freezing or growing through any of them acts on all).
-pub(super) fn visible_mount(s: &Staged, l: &Attachment, all: &[MountEntry]) -> Option<MountEntry> {
-    mount::topmost_at(all, &s.staging_path)
-        .filter(|m| m.is_from(l.dev))
-        .or_else(|| {
-            mount::of_device(all, l.dev)
-                .into_iter()
-                .find(|m| m.is_fs_root())
-                .cloned()
-        })
+pub(super) fn visible_mount(
+    s: &Staged,
+    l: &Attachment,
+    mounts: &MountView,
+) -> Result<Option<MountEntry>> {
+    if let Some(m) = mounts.at(&s.staging_path)?.filter(|m| m.is_from(l.dev)) {
+        return Ok(Some(m));
+    }
+    Ok(mount::of_device(mounts.all()?, l.dev)
+        .into_iter()
+        .find(|m| m.is_fs_root())
+        .cloned())
 }
 
 /// Point the staging record at `staging`, where the volume was found staged under another

@@ -27,8 +27,7 @@ pub fn volume_health(d: &Engine, id: &str) -> Result<VolumeHealth> {
                 ),
             )),
             Some(l) if matches!(s.access, StagedAccess::Mount { .. }) => {
-                let all = mount::mounts()?;
-                match visible_mount(&s, &l, &all) {
+                match visible_mount(&s, &l, &mount::MountView::new())? {
                     // Mounted where this process cannot look (another mount namespace): not
                     // reported as missing, and its state cannot be read from here.
                     None if blockdev::claimed(&l.device) => {}

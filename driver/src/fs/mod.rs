@@ -5,3 +5,4 @@ pub mod format;
 pub mod freeze;
 pub mod mount;
 pub mod mount_options;
+pub mod statmount;
