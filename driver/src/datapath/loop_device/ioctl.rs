@@ -42,7 +42,7 @@ nix::ioctl_write_int_bad!(loop_set_direct_io, 0x4C08);
 /// Attach `file` to a loop device, or return the one already backed by it: one image on two
 /// loop devices means two page caches over one filesystem, which corrupts it.
 pub(super) fn attach(file: &Path, read_only: bool, want_direct_io: bool) -> Result<Attached> {
-    if let Some(l) = backing::loops_backed_by(file).into_iter().next() {
+    if let Some(l) = backing::first_backed_by(file) {
         if l.read_only && !read_only {
             return Err(Error::FailedPrecondition(format!(
                 "{} is already attached read-only to {}; unstage it first",
@@ -102,6 +102,12 @@ pub(super) fn attach(file: &Path, read_only: bool, want_direct_io: bool) -> Resu
                 }
             }
             Err(e) => return Err(Error::io(format!("LOOP_CONFIGURE {}", device.display()), e)),
+        }
+        if let Ok(m) = backing_file.metadata() {
+            super::index::learn(
+                &device,
+                crate::datapath::blockdev::FileId::from_metadata(&m),
+            );
         }
         let direct_io = dio_enabled(&device);
         return Ok(Attached {
@@ -397,6 +403,7 @@ pub fn detach(device: &Path) -> Result<()> {
         Ok(_) | Err(Errno::ENXIO) => {}
         Err(e) => return Err(Error::io(format!("LOOP_CLR_FD {}", device.display()), e)),
     }
+    super::index::forget_device(device);
     drop(dev);
     let backing = sysfs_dir(device).join("loop/backing_file");
     for _ in 0..200 {

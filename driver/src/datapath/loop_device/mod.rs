@@ -1,8 +1,10 @@
 //! The loop device: loopvol's first block data path, and the only place that knows loop
-//! ioctls (`ioctl`) and loop sysfs (`scan`). Everything else reaches it through
+//! ioctls (`ioctl`), loop sysfs (`scan`) and which device reads which image (`index`, checked
+//! against the kernel on every use). Everything else reaches it through
 //! [`BlockDataPath`]; the free functions below are the same operations for tests, benchmarks
 //! and tools that want loop devices specifically.
 
+mod index;
 mod ioctl;
 mod scan;
 
@@ -18,6 +20,11 @@ pub struct LoopDevices;
 impl BlockDataPath for LoopDevices {
     fn name(&self) -> &'static str {
         "loop"
+    }
+
+    fn find(&self, image: &Path, hint: Option<&Path>) -> Option<Attachment> {
+        hint.and_then(|dev| self.attachment_at(dev, image))
+            .or_else(|| scan::first_backed_by(image))
     }
 
     fn attachment_at(&self, device: &Path, image: &Path) -> Option<Attachment> {
@@ -66,6 +73,7 @@ impl BlockDataPath for LoopDevices {
     }
 
     fn start(&self, state_dir: &Path) {
+        index::rebuild();
         ioctl::adopt_node_cleanup(state_dir);
     }
 
@@ -183,6 +191,70 @@ mod tests {
         assert!(!attach(&image, false, true).unwrap().created);
         detach(&att.device).unwrap();
         assert_eq!(loop_if_backed_by(&att.device, &image), None);
+        assert!(loops_backed_by(&image).is_empty());
+    }
+
+    /// Root-only: the attachment index is only ever a hint. A device detached behind its back
+    /// is not reported, and an image attached behind its back (with losetup) is still found
+    /// and reused, never attached a second time.
+    #[test]
+    fn the_attachment_index_is_checked_against_the_kernel() {
+        if !nix::unistd::geteuid().is_root() {
+            assert!(
+                std::env::var("LOOPVOL_REQUIRE_ROOT").as_deref() != Ok("1"),
+                "needs root, and LOOPVOL_REQUIRE_ROOT forbids skipping"
+            );
+            eprintln!("SKIP the_attachment_index_is_checked_against_the_kernel: needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("a.img");
+        File::create(&image).unwrap().set_len(8 << 20).unwrap();
+        let id = crate::datapath::blockdev::FileId::of(&image).unwrap();
+        struct Detach(Vec<PathBuf>);
+        impl Drop for Detach {
+            fn drop(&mut self) {
+                for d in &self.0 {
+                    let _ = detach(d);
+                }
+            }
+        }
+        let mut guard = Detach(Vec::new());
+        let att = attach(&image, false, true).unwrap();
+        guard.0.push(att.device.clone());
+        assert_eq!(index::remembered(id), Some(att.device.clone()));
+        // Detached by someone else: the index still names the device, the kernel does not.
+        let out = std::process::Command::new("losetup")
+            .arg("-d")
+            .arg(&att.device)
+            .status()
+            .unwrap();
+        assert!(out.success());
+        for _ in 0..200 {
+            if scan::open_elsewhere(&image) == Some(false) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(index::remembered(id), Some(att.device.clone()));
+        assert_eq!(scan::first_backed_by(&image), None);
+        assert_eq!(index::remembered(id), None, "the stale entry is dropped");
+        // Attached by someone else: the index knows nothing, the kernel's open count tells.
+        let out = std::process::Command::new("losetup")
+            .args(["--show", "-f"])
+            .arg(&image)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let by_hand = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
+        guard.0.push(by_hand.clone());
+        assert_eq!(index::remembered(id), None);
+        let again = attach(&image, false, true).unwrap();
+        assert!(!again.created, "the hand-made device is reused");
+        assert_eq!(again.device, by_hand);
+        assert_eq!(index::remembered(id), Some(by_hand.clone()));
+        detach(&by_hand).unwrap();
+        assert_eq!(index::remembered(id), None);
         assert!(loops_backed_by(&image).is_empty());
     }
 }

@@ -246,9 +246,28 @@ pub fn loops_backed_by(file: &Path) -> Vec<LoopInfo> {
         return Vec::new();
     };
     if open_elsewhere(file) == Some(false) {
+        super::index::forget_file(want);
         return Vec::new();
     }
-    scan(|c| reads(c, want, file))
+    let found = scan(|c| reads(c, want, file));
+    match found.first() {
+        Some(l) => super::index::learn(&l.device, want),
+        None => super::index::forget_file(want),
+    }
+    found
+}
+
+/// A loop device backed by `file`, if any: the one the attachment index remembers when the
+/// kernel confirms it (one open and one ioctl), else what [`loops_backed_by`] finds.
+pub fn first_backed_by(file: &Path) -> Option<LoopInfo> {
+    let want = FileId::of(file)?;
+    if let Some(device) = super::index::remembered(want) {
+        if let Some(l) = loop_if_backed_by(&device, file) {
+            return Some(l);
+        }
+        super::index::forget_device(&device);
+    }
+    loops_backed_by(file).into_iter().next()
 }
 
 const F_SETLEASE: libc::c_int = 1024;
