@@ -197,7 +197,39 @@ pub fn mkfs(device: &Path, fs: FsType) -> Result<()> {
     args.push(device.to_string_lossy().into_owned());
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
     tracing::info!(device = %device.display(), fs = %fs, tool = %tool, kernel = %kernel, args = ?argv, "making filesystem");
-    run_ok(program, &argv).map(|_| ())
+    // mkfs opens the device exclusively and refuses when anything else holds it so. The caller
+    // has just found the device blank and unclaimed under the volume's lock, so such a holder
+    // is one of a moment (another process's attach attempt on a device it lost the race for
+    // claims it briefly): once it lets go (within 100 ms), mkfs is asked again, a few times.
+    // A holder that stays (a mount in another namespace) gets mkfs's own refusal.
+    for attempt in 1.. {
+        match run_ok(program, &argv) {
+            Err(e @ Error::Command { .. }) if attempt < 4 && busy_refusal(&e) => {
+                if !released_soon(device) {
+                    return Err(e);
+                }
+                tracing::warn!(device = %device.display(), attempt, error = %e,
+                    "mkfs found the device held for a moment; asking again");
+            }
+            r => return r.map(|_| ()),
+        }
+    }
+    unreachable!("the loop above returns")
+}
+
+fn busy_refusal(e: &Error) -> bool {
+    matches!(e, Error::Command { stderr, .. } if stderr.contains("in use") || stderr.contains("busy"))
+}
+
+/// Does whatever holds `device` exclusively let go of it within 100 ms?
+fn released_soon(device: &Path) -> bool {
+    for _ in 0..20 {
+        if !crate::datapath::blockdev::claimed(device) {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    false
 }
 
 /// Check a filesystem before mounting where that is meaningful: e2fsck replays the journal and
@@ -319,6 +351,47 @@ pub fn grow_offline_if_needed(device: &Path, fs: FsType, device_size: u64) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Root-only: a device held exclusively for a moment when mkfs starts (as a losing
+    /// attacher's LOOP_CONFIGURE holds it) is formatted once the holder lets go.
+    #[test]
+    fn mkfs_waits_out_a_holder_of_a_moment() {
+        if !nix::unistd::geteuid().is_root() {
+            assert!(
+                std::env::var("LOOPVOL_REQUIRE_ROOT").as_deref() != Ok("1"),
+                "needs root, and LOOPVOL_REQUIRE_ROOT forbids skipping"
+            );
+            eprintln!("SKIP mkfs_waits_out_a_holder_of_a_moment: needs root");
+            return;
+        }
+        use std::os::unix::fs::OpenOptionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("a.img");
+        std::fs::File::create(&image)
+            .unwrap()
+            .set_len(32 << 20)
+            .unwrap();
+        let att = crate::datapath::loop_device::attach(&image, false, true).unwrap();
+        struct Detach(std::path::PathBuf);
+        impl Drop for Detach {
+            fn drop(&mut self) {
+                let _ = crate::datapath::loop_device::detach(&self.0);
+            }
+        }
+        let _guard = Detach(att.device.clone());
+        let held = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_EXCL)
+            .open(&att.device)
+            .unwrap();
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(30));
+            drop(held);
+        });
+        mkfs(&att.device, FsType::Ext4).unwrap();
+        release.join().unwrap();
+        assert_eq!(probe(&att.device).unwrap().as_deref(), Some("ext4"));
+    }
 
     #[test]
     fn the_online_resize_refusal_is_one_clean_line() {

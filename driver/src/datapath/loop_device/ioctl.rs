@@ -71,6 +71,14 @@ pub(super) fn attach(file: &Path, read_only: bool, want_direct_io: bool) -> Resu
     }
     // LOOP_CTL_GET_FREE hands the same free device to every caller until one binds it, so
     // racing attachers (other processes, other drivers) get EBUSY: take the next one.
+    //
+    // Within this process attaches take turns. A losing LOOP_CONFIGURE is not harmless to the
+    // winner: the kernel claims the device exclusively for the loser's attempt before it finds
+    // the device bound, so the winner's mkfs, opening its fresh device O_EXCL at that instant,
+    // is refused ("apparently in use by the system"; 2 of 3000 stages at 16 at once). The
+    // kernel serialises GET_FREE anyway; the turn adds one LOOP_CONFIGURE (well under 1 ms).
+    static TURN: Mutex<()> = Mutex::new(());
+    let _turn = TURN.lock().unwrap_or_else(|p| p.into_inner());
     let mut last_err = None;
     for _ in 0..64 {
         let n = unsafe { loop_ctl_get_free(control.as_raw_fd()) }
