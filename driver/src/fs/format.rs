@@ -356,12 +356,7 @@ mod tests {
     /// attacher's LOOP_CONFIGURE holds it) is formatted once the holder lets go.
     #[test]
     fn mkfs_waits_out_a_holder_of_a_moment() {
-        if !nix::unistd::geteuid().is_root() {
-            assert!(
-                std::env::var("LOOPVOL_REQUIRE_ROOT").as_deref() != Ok("1"),
-                "needs root, and LOOPVOL_REQUIRE_ROOT forbids skipping"
-            );
-            eprintln!("SKIP mkfs_waits_out_a_holder_of_a_moment: needs root");
+        if !crate::shared::root_or_skip("mkfs_waits_out_a_holder_of_a_moment") {
             return;
         }
         use std::os::unix::fs::OpenOptionsExt;

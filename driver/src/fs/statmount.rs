@@ -363,14 +363,9 @@ mod tests {
 
     #[test]
     fn answers_like_mountinfo_for_a_mount_with_options_and_a_bind() {
-        if !nix::unistd::geteuid().is_root() {
-            assert!(
-                std::env::var("LOOPVOL_REQUIRE_ROOT").as_deref() != Ok("1"),
-                "needs root, and LOOPVOL_REQUIRE_ROOT forbids skipping"
-            );
-            eprintln!(
-                "SKIP answers_like_mountinfo_for_a_mount_with_options_and_a_bind: needs root"
-            );
+        if !crate::shared::root_or_skip(
+            "answers_like_mountinfo_for_a_mount_with_options_and_a_bind",
+        ) {
             return;
         }
         use nix::mount::{mount as sys_mount, umount2, MntFlags, MsFlags};

@@ -36,3 +36,19 @@ pub fn socket_path(endpoint: &str) -> anyhow::Result<PathBuf> {
     }
     Ok(PathBuf::from(path))
 }
+
+/// For root-only unit tests: `true` when running as root; otherwise the test is reported as
+/// skipped, unless `LOOPVOL_REQUIRE_ROOT=1` (CI) makes a skip a failure. The integration
+/// tests have the same rule in `tests/common::root_or_skip`.
+#[cfg(test)]
+pub fn root_or_skip(test: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    assert!(
+        std::env::var("LOOPVOL_REQUIRE_ROOT").as_deref() != Ok("1"),
+        "{test} needs root, and LOOPVOL_REQUIRE_ROOT forbids skipping"
+    );
+    eprintln!("SKIP {test}: needs root");
+    false
+}

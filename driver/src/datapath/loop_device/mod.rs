@@ -151,12 +151,7 @@ mod tests {
     /// device (one sysfs read) and by a scan, and never mistaken for another file's device.
     #[test]
     fn finds_its_device_by_hint_and_by_scan() {
-        if !nix::unistd::geteuid().is_root() {
-            assert!(
-                std::env::var("LOOPVOL_REQUIRE_ROOT").as_deref() != Ok("1"),
-                "needs root, and LOOPVOL_REQUIRE_ROOT forbids skipping"
-            );
-            eprintln!("SKIP finds_its_device_by_hint_and_by_scan: needs root");
+        if !crate::shared::root_or_skip("finds_its_device_by_hint_and_by_scan") {
             return;
         }
         let dir = tempfile::tempdir().unwrap();
@@ -199,12 +194,7 @@ mod tests {
     /// and reused, never attached a second time.
     #[test]
     fn the_attachment_index_is_checked_against_the_kernel() {
-        if !nix::unistd::geteuid().is_root() {
-            assert!(
-                std::env::var("LOOPVOL_REQUIRE_ROOT").as_deref() != Ok("1"),
-                "needs root, and LOOPVOL_REQUIRE_ROOT forbids skipping"
-            );
-            eprintln!("SKIP the_attachment_index_is_checked_against_the_kernel: needs root");
+        if !crate::shared::root_or_skip("the_attachment_index_is_checked_against_the_kernel") {
             return;
         }
         let dir = tempfile::tempdir().unwrap();
