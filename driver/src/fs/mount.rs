@@ -6,7 +6,6 @@
 //! kernel's exact and escaped view. Parsing that is a ten-field line format, so it is done here
 //! rather than pulling in a crate that models all of /proc.
 
-use std::io;
 use std::path::{Path, PathBuf};
 
 pub use crate::datapath::DevNum;
@@ -179,12 +178,8 @@ impl MountView {
         match super::statmount::at(path) {
             super::statmount::Lookup::Mount(m) => Ok(Some(m)),
             super::statmount::Lookup::NotMountRoot => Ok(None),
-            super::statmount::Lookup::Unsupported => {
-                if is_mount_root(path) == Some(false) {
-                    return Ok(None);
-                }
-                Ok(topmost_at(&mounts()?, path))
-            }
+            // statmount has already ruled out "not a mount root" where statx could tell.
+            super::statmount::Lookup::Unsupported => Ok(topmost_at(&mounts()?, path)),
         }
     }
 
@@ -206,34 +201,16 @@ pub fn topmost_at(all: &[MountEntry], path: &Path) -> Option<MountEntry> {
 
 /// Whether `path` is the root of a mount, from statx's STATX_ATTR_MOUNT_ROOT (Linux 5.8+);
 /// `None` when the kernel cannot say (older kernel, or the path cannot be stat'ed, e.g. a dead
-/// FUSE mount), and then callers read mountinfo. The common question "is anything mounted on
-/// this fresh target?" is thus one syscall instead of parsing a mount table that holds two
-/// entries per published volume. The classic st_dev-vs-parent test is no substitute: a bind
-/// mount of the same filesystem has its parent's st_dev.
+/// FUSE mount). The common question "is anything mounted on this fresh target?" is thus one
+/// syscall instead of parsing a mount table that holds two entries per published volume. The
+/// classic st_dev-vs-parent test is no substitute: a bind mount of the same filesystem has its
+/// parent's st_dev.
 pub fn is_mount_root(path: &Path) -> Option<bool> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
-    // SAFETY: `c` is a valid NUL-terminated path and `buf` a properly sized, writable statx
-    // buffer that the kernel fills; nothing is retained after the call.
-    let mut buf: libc::statx = unsafe { std::mem::zeroed() };
-    let rc = unsafe {
-        libc::statx(
-            libc::AT_FDCWD,
-            c.as_ptr(),
-            libc::AT_STATX_SYNC_AS_STAT,
-            libc::STATX_BASIC_STATS,
-            &mut buf,
-        )
-    };
-    if rc != 0 {
-        return match io::Error::last_os_error().raw_os_error() {
-            // Nothing at the path, so nothing can be mounted there.
-            Some(libc::ENOENT) | Some(libc::ENOTDIR) => Some(false),
-            _ => None,
-        };
+    match super::statmount::root_of(path) {
+        super::statmount::Root::No => Some(false),
+        super::statmount::Root::Yes(_) => Some(true),
+        super::statmount::Root::Unknown => None,
     }
-    let bit = libc::STATX_ATTR_MOUNT_ROOT as u64;
-    (buf.stx_attributes_mask & bit != 0).then_some(buf.stx_attributes & bit != 0)
 }
 
 /// Mount a filesystem from `device` on `target`.

@@ -153,9 +153,23 @@ pub fn at(path: &Path) -> Lookup {
 
 struct Unsup;
 
-/// The unique ID of the mount `path` is the root of; `None` when it is no mount's root.
-fn mount_id_at(path: &Path) -> Result<Option<u64>, Unsup> {
-    let c = CString::new(path.as_os_str().as_bytes()).map_err(|_| Unsup)?;
+/// What statx says of `path` as a mount: STATX_ATTR_MOUNT_ROOT (Linux 5.8+) and, where the
+/// kernel has them (6.8+), the mount's unique ID.
+pub enum Root {
+    /// Not the root of a mount, or nothing there.
+    No,
+    /// The root of a mount; `None` when this kernel has no unique mount IDs.
+    Yes(Option<u64>),
+    /// The kernel cannot say (older kernel, or the path cannot be stat'ed, e.g. a dead FUSE
+    /// mount).
+    Unknown,
+}
+
+/// statx of `path`, following symlinks as `stat` does.
+pub fn root_of(path: &Path) -> Root {
+    let Ok(c) = CString::new(path.as_os_str().as_bytes()) else {
+        return Root::Unknown;
+    };
     // SAFETY: `c` is a valid NUL-terminated path and `buf` a zeroed, properly sized statx
     // buffer the kernel fills; nothing is retained after the call.
     let mut buf: libc::statx = unsafe { std::mem::zeroed() };
@@ -170,22 +184,32 @@ fn mount_id_at(path: &Path) -> Result<Option<u64>, Unsup> {
     };
     if rc != 0 {
         return match io::Error::last_os_error().raw_os_error() {
-            Some(libc::ENOENT) | Some(libc::ENOTDIR) => Ok(None),
-            _ => Err(Unsup),
+            // Nothing at the path, so nothing can be mounted there.
+            Some(libc::ENOENT) | Some(libc::ENOTDIR) => Root::No,
+            _ => Root::Unknown,
         };
     }
     let bit = libc::STATX_ATTR_MOUNT_ROOT as u64;
     if buf.stx_attributes_mask & bit == 0 {
-        return Err(Unsup);
+        return Root::Unknown;
     }
     if buf.stx_attributes & bit == 0 {
-        return Ok(None);
+        return Root::No;
     }
-    if buf.stx_mask & libc::STATX_MNT_ID_UNIQUE == 0 {
-        UNSUPPORTED.store(true, Ordering::Relaxed);
-        return Err(Unsup);
+    Root::Yes((buf.stx_mask & libc::STATX_MNT_ID_UNIQUE != 0).then_some(buf.stx_mnt_id))
+}
+
+/// The unique ID of the mount `path` is the root of; `None` when it is no mount's root.
+fn mount_id_at(path: &Path) -> Result<Option<u64>, Unsup> {
+    match root_of(path) {
+        Root::No => Ok(None),
+        Root::Yes(Some(id)) => Ok(Some(id)),
+        Root::Yes(None) => {
+            UNSUPPORTED.store(true, Ordering::Relaxed);
+            Err(Unsup)
+        }
+        Root::Unknown => Err(Unsup),
     }
-    Ok(Some(buf.stx_mnt_id))
 }
 
 /// statmount(2) of mount `id`; `None` when that mount is gone.
