@@ -72,7 +72,9 @@ pub fn publish(
                     target.display()
                 )));
             }
-            single_writer_check(cap, id, || Ok(other_mounts_of(mounts.all()?, &l, &staged)))?;
+            single_writer_check(cap, id, || {
+                Ok(other_mounts_of(mounts.all()?, &l, Some(&staged)))
+            })?;
             let at = crate::engine::targets::prepare_dir(d, &vol.hex, target)?;
             let (bits, _) = mount_options::split_flags(flags);
             crate::engine::paths::bind_dir(&d.paths, staging, &at, read_only, bits)

@@ -7,9 +7,8 @@ use super::steps::Steps;
 use super::volume::*;
 use super::Engine;
 use crate::datapath::blockdev;
-use crate::datapath::Attachment;
 use crate::error::{Error, Result};
-use crate::fs::mount::{self, MountEntry, MountView};
+use crate::fs::mount::{self, MountView};
 use crate::node_state::{self, StagedAccess};
 
 pub fn unstage(d: &Engine, id: &str, staging: &Path) -> Result<()> {
@@ -68,7 +67,7 @@ pub fn unstage(d: &Engine, id: &str, staging: &Path) -> Result<()> {
                     "block volume {id} is still published at {binds:?}; unpublish it first"
                 )));
             }
-            let elsewhere = elsewhere(all, l, staged_mount.as_ref());
+            let elsewhere = other_mounts_of(all, l, staged_mount.as_ref());
             if !elsewhere.is_empty() {
                 return Err(still_mounted(id, &elsewhere, staging));
             }
@@ -90,7 +89,7 @@ pub fn unstage(d: &Engine, id: &str, staging: &Path) -> Result<()> {
         if blockdev::claimed(&l.device) {
             // Still mounted somewhere: detaching would pull the device out from under a live
             // filesystem. Put the staging mount back, so that a refusal changes nothing.
-            let mut refusal = match elsewhere(&mount::mounts()?, l, None) {
+            let mut refusal = match other_mounts_of(&mount::mounts()?, l, None) {
                 e if !e.is_empty() => still_mounted(id, &e, staging),
                 _ => Error::FailedPrecondition(format!(
                     "volume {id} is mounted from {} somewhere this node plugin cannot see \
@@ -142,15 +141,6 @@ pub fn unstage(d: &Engine, id: &str, staging: &Path) -> Result<()> {
     steps.mark("record");
     tracing::info!(volume_id = id, staging = %staging.display(), ms = %steps, "volume unstaged");
     Ok(())
-}
-
-/// Mounts of `l`'s filesystem other than the staging mount `staged`.
-fn elsewhere(all: &[MountEntry], l: &Attachment, staged: Option<&MountEntry>) -> Vec<PathBuf> {
-    mount::of_device(all, l.dev)
-        .into_iter()
-        .filter(|m| staged.is_none_or(|s| s.id != m.id))
-        .map(|m| m.mount_point.clone())
-        .collect()
 }
 
 fn still_mounted(id: &str, at: &[PathBuf], staging: &Path) -> Error {

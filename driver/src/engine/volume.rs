@@ -176,15 +176,16 @@ pub(super) fn rehome(
     node_state::save(&d.pool.node_state_dir(), &vol.hex, s)
 }
 
-/// Mounts sharing the staged filesystem other than the staging mount itself (its publishes).
+/// Mounts sharing the staged filesystem other than the staging mount `staged` itself (its
+/// publishes, or every mount of it when there is no staging mount).
 pub(super) fn other_mounts_of(
     all: &[MountEntry],
     l: &Attachment,
-    staged: &MountEntry,
+    staged: Option<&MountEntry>,
 ) -> Vec<PathBuf> {
     mount::of_device(all, l.dev)
         .into_iter()
-        .filter(|m| m.id != staged.id)
+        .filter(|m| staged.is_none_or(|s| s.id != m.id))
         .map(|m| m.mount_point.clone())
         .collect()
 }
