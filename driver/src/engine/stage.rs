@@ -94,17 +94,13 @@ pub fn stage(d: &Engine, id: &str, staging: &Path, cap: &Checked) -> Result<()> 
         },
     )?;
     steps.mark("attach");
-    let result = match &want.access {
-        StagedAccess::Block => Ok(()),
-        StagedAccess::Mount { fs_type, flags } => mount_staging(
+    let result = match MountSpec::of(&want) {
+        None => Ok(()),
+        Some(spec) => mount_staging(
             &d.paths,
             &att.device,
             staging,
-            &MountSpec {
-                fs: *fs_type,
-                flags,
-                read_only: want.read_only,
-            },
+            &spec,
             never_written && att.created,
             &mut steps,
         ),
@@ -136,6 +132,20 @@ struct MountSpec<'a> {
     fs: provisioner::FsType,
     flags: &'a [String],
     read_only: bool,
+}
+
+impl<'a> MountSpec<'a> {
+    /// The staging mount a staging record describes; `None` for raw block (nothing mounted).
+    fn of(st: &'a Staged) -> Option<Self> {
+        match &st.access {
+            StagedAccess::Block => None,
+            StagedAccess::Mount { fs_type, flags } => Some(MountSpec {
+                fs: *fs_type,
+                flags,
+                read_only: st.read_only,
+            }),
+        }
+    }
 }
 
 fn mount_staging(
@@ -214,15 +224,10 @@ fn mount_there(
 /// filesystem still mounted elsewhere. The filesystem is live, so this shares its superblock
 /// (nothing is probed, checked or grown).
 pub(super) fn mount_again(d: &Engine, device: &Path, staging: &Path, st: &Staged) -> Result<()> {
-    let StagedAccess::Mount { fs_type, flags } = &st.access else {
-        return Ok(());
-    };
-    let spec = MountSpec {
-        fs: *fs_type,
-        flags,
-        read_only: st.read_only,
-    };
-    mount_there(&d.paths, device, staging, &spec)
+    match MountSpec::of(st) {
+        Some(spec) => mount_there(&d.paths, device, staging, &spec),
+        None => Ok(()),
+    }
 }
 
 /// Make the unmounted filesystem on `device` ready to mount: format it when blank, check it
