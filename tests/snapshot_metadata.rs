@@ -315,55 +315,13 @@ async fn a_backup_rebuilt_from_deltas_is_identical_on_an_ext4_pool() {
     t.d.assert_clean();
 }
 
-/// An xfs filesystem (reflink on by default) on a loop device of its own, detached on drop.
-struct XfsPool {
-    device: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl XfsPool {
-    fn new() -> XfsPool {
-        let dir = tempfile::Builder::new()
-            .prefix("loopvol-xfs-")
-            .tempdir()
-            .unwrap();
-        let img = dir.path().join("xfs.img");
-        File::create(&img).unwrap().set_len(1 << 30).unwrap();
-        let att = loopvol::datapath::loop_device::attach(&img, false, false).unwrap();
-        let x = XfsPool {
-            device: att.device,
-            _dir: dir,
-        };
-        loopvol::fs::format::mkfs(&x.device, provisioner::FsType::Xfs).unwrap();
-        x
-    }
-}
-
-impl Drop for XfsPool {
-    fn drop(&mut self) {
-        let _ = loopvol::datapath::loop_device::detach(&self.device);
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_backup_rebuilt_from_deltas_is_identical_on_an_xfs_reflink_pool() {
     if !root_or_skip("snapshot_metadata xfs") {
         return;
     }
     // Drop order: `t` (driver, its mounts including the pool's, loops under it) before `xfs`.
-    let xfs = XfsPool::new();
-    let mut d = Driver::start().await;
-    d.stop();
-    std::fs::create_dir_all(&d.pool).unwrap();
-    loopvol::fs::mount::mount_fs(
-        &xfs.device,
-        &d.pool,
-        "xfs",
-        nix::mount::MsFlags::empty(),
-        "",
-    )
-    .unwrap();
-    d.spawn().await;
+    let (d, xfs) = driver_on_xfs_pool().await;
     let mut t = Ctx::connect(d).await;
     backup_rounds(&mut t, "xfs").await;
     drop(t);
