@@ -229,11 +229,15 @@ fn canonical(p: &Path) -> PathBuf {
 /// instead of a scan of every loop device, for callers that remember which device they
 /// attached: the kernel still has the last word, so a stale memory only costs a scan.
 pub fn loop_if_backed_by(device: &Path, file: &Path) -> Option<LoopInfo> {
+    backed_at(device, file, FileId::of(file)?)
+}
+
+/// [`loop_if_backed_by`] of `file`, whose identity the caller has read already.
+fn backed_at(device: &Path, file: &Path, want: FileId) -> Option<LoopInfo> {
     let name = device.strip_prefix("/dev").ok()?.to_str()?;
     if !name.starts_with("loop") || name.contains('/') {
         return None;
     }
-    let want = FileId::of(file)?;
     probe(name, &|c| reads(c, want, file))
 }
 
@@ -242,9 +246,14 @@ pub fn loop_if_backed_by(device: &Path, file: &Path) -> Option<LoopInfo> {
 /// answer comes without a scan: the common case of a first stage, a delete or an unstage's
 /// last check costs the same on a node with a thousand volumes as on an empty one.
 pub fn loops_backed_by(file: &Path) -> Vec<LoopInfo> {
-    let Some(want) = FileId::of(file) else {
-        return Vec::new();
-    };
+    match FileId::of(file) {
+        Some(want) => backed_by(file, want),
+        None => Vec::new(),
+    }
+}
+
+/// [`loops_backed_by`] of `file`, whose identity the caller has read already.
+fn backed_by(file: &Path, want: FileId) -> Vec<LoopInfo> {
     if open_elsewhere(file) == Some(false) {
         super::index::forget_file(want);
         return Vec::new();
@@ -262,12 +271,12 @@ pub fn loops_backed_by(file: &Path) -> Vec<LoopInfo> {
 pub fn first_backed_by(file: &Path) -> Option<LoopInfo> {
     let want = FileId::of(file)?;
     if let Some(device) = super::index::remembered(want) {
-        if let Some(l) = loop_if_backed_by(&device, file) {
+        if let Some(l) = backed_at(&device, file, want) {
             return Some(l);
         }
         super::index::forget_device(&device);
     }
-    loops_backed_by(file).into_iter().next()
+    backed_by(file, want).into_iter().next()
 }
 
 const F_SETLEASE: libc::c_int = 1024;
