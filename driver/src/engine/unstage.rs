@@ -88,8 +88,9 @@ pub fn unstage(d: &Engine, id: &str, staging: &Path) -> Result<()> {
     for l in &loops {
         if blockdev::claimed(&l.device) {
             // Still mounted somewhere: detaching would pull the device out from under a live
-            // filesystem. Put the staging mount back, so that a refusal changes nothing.
-            let mut refusal = match other_mounts_of(&mount::mounts()?, l, None) {
+            // filesystem. Put the staging mount back, so that a refusal changes nothing (the
+            // table only names the other mounts: failing to read it must not skip that).
+            let mut refusal = match other_mounts_of(&mount::mounts().unwrap_or_default(), l, None) {
                 e if !e.is_empty() => still_mounted(id, &e, staging),
                 _ => Error::FailedPrecondition(format!(
                     "volume {id} is mounted from {} somewhere this node plugin cannot see \
