@@ -249,6 +249,31 @@ fn mounts_at(path: &Path) -> usize {
         .count()
 }
 
+/// IDs of mounts at `path` that certainly coexisted: seen in two reads of the mount table one
+/// after the other. One read alone cannot tell: the kernel fills mountinfo a page per read(2),
+/// in mount-ID order, so an unmount and a fresh mount at the same path between two pages (what
+/// a refused unstage does when it puts the staging mount back) show the old and the new mount
+/// together although never both existed. A gone mount never returns, so a mount seen in both
+/// reads existed all the time in between. (mountinfo's IDs can be reused once freed: a false
+/// double would take two torn reads in a row that both hit a reused ID.)
+fn doubly_mounted_at(path: &Path) -> Vec<u32> {
+    let want = loopvol::fs::mount::canonical(path);
+    let ids = || -> Vec<u32> {
+        loopvol::fs::mount::mounts()
+            .unwrap()
+            .iter()
+            .filter(|m| m.mount_point == want)
+            .map(|m| m.id)
+            .collect()
+    };
+    let first = ids();
+    if first.len() < 2 {
+        return first;
+    }
+    let again = ids();
+    first.into_iter().filter(|id| again.contains(id)).collect()
+}
+
 fn loops_of(image: &Path) -> usize {
     loopvol::datapath::loop_device::loops_backed_by(image).len()
 }
@@ -922,7 +947,16 @@ async fn kill9_chaos_keeps_the_pool_consistent_and_the_data_intact() {
     assert!(done >= kills, "only {done} of {kills} kills happened");
     let errors = ch.settle_and_verify(&d).await;
     assert!(assert_pool_consistent(&d.pool, "at the end").is_empty());
-    assert!(names_in(&d.pool.join("node")).is_empty());
+    let records = names_in(&d.pool.join("node"));
+    assert!(
+        records.is_empty(),
+        "staging records left: {:?}\ndriver log:\n{}",
+        records
+            .iter()
+            .map(|n| std::fs::read_to_string(d.pool.join("node").join(n)).unwrap_or_default())
+            .collect::<Vec<_>>(),
+        log_tail(&d, 80)
+    );
     d.assert_clean();
     println!(
         "kill9_chaos: {done} kills in {:?} (seed {seed}); calls: {:#?}\nerrors retried because \
@@ -1145,9 +1179,9 @@ impl RaceWatch {
                     bad.push(format!("{loops} loop devices over {}", image.display()));
                 }
                 for p in &paths {
-                    let m = mounts_at(p);
-                    if m > 1 {
-                        bad.push(format!("{m} mounts at {}", p.display()));
+                    let doubled = doubly_mounted_at(p);
+                    if doubled.len() > 1 {
+                        bad.push(format!("mounts {doubled:?} at once at {}", p.display()));
                     }
                 }
                 std::thread::sleep(Duration::from_millis(1));
