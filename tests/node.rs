@@ -678,9 +678,34 @@ async fn restart_and_simulated_reboot_keep_data() {
     write_file(&target.join("before"), &pattern(MIB as usize, 3));
     let sum = sha256_file(&target.join("before"));
 
-    // Driver restart with the volume staged and published: it keeps serving it.
+    // Driver restart with the volume staged and published: it keeps serving it. The kill
+    // also cut record writes short (their temp files, empty as a write killed right after
+    // creating one leaves them): the restart removes those and keeps the records themselves.
     t.d.kill9();
+    let node_dir = t.d.pool.join("node");
+    let hex =
+        t.d.image_of(&id)
+            .file_stem()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+    let interrupted = [
+        format!(".{hex}.json.tmp"),
+        format!(".{hex}.targets.tmp"),
+        format!(".{hex}.frozen.tmp"),
+    ]
+    .map(|n| node_dir.join(n));
+    for f in &interrupted {
+        std::fs::write(f, b"").unwrap();
+    }
     t.d.spawn().await;
+    for f in &interrupted {
+        assert!(!f.exists(), "restart left {}", f.display());
+    }
+    assert!(
+        node_dir.join(format!("{hex}.json")).exists(),
+        "restart lost the staging record"
+    );
     t.c = t.d.controller().await;
     t.n = t.d.node().await;
     t.stage(&id, &staging, cap.clone()).await.unwrap();

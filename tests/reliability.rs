@@ -953,7 +953,10 @@ async fn kill9_chaos_keeps_the_pool_consistent_and_the_data_intact() {
         "staging records left: {:?}\ndriver log:\n{}",
         records
             .iter()
-            .map(|n| std::fs::read_to_string(d.pool.join("node").join(n)).unwrap_or_default())
+            .map(|n| {
+                let text = std::fs::read_to_string(d.pool.join("node").join(n));
+                format!("{n}: {}", text.unwrap_or_else(|e| e.to_string()))
+            })
             .collect::<Vec<_>>(),
         log_tail(&d, 80)
     );

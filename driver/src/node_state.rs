@@ -65,6 +65,37 @@ pub fn remove(dir: &Path, hex: &str) -> Result<()> {
         .map_err(|e| Error::io(format!("remove staging record of {hex}"), e))
 }
 
+/// Remove what writes interrupted by a crash left in the node's state directory: the temp
+/// files of staging and target records and of freeze markers (`.<name>.tmp`), which only a
+/// live writer ever renames into place. Called at start-up only, before any RPC is served:
+/// the node lock (`.node.lock`) makes this the one process writing here, so no temp file can
+/// belong to a write still under way. A killed marker write never froze anything (the freeze
+/// comes after its rename). Returns a line per file removed.
+pub fn sweep_interrupted_writes(dir: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut removed = Vec::new();
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !atomic::is_temp_name(&name) || !e.file_type().is_ok_and(|t| t.is_file()) {
+            continue;
+        }
+        match std::fs::remove_file(e.path()) {
+            Ok(()) => removed.push(format!(
+                "removed {}, left by a write a crash interrupted",
+                e.path().display()
+            )),
+            Err(err) => removed.push(format!(
+                "could not remove {} (left by an interrupted write): {err}",
+                e.path().display()
+            )),
+        }
+    }
+    removed.sort();
+    removed
+}
+
 /// All staging records, for start-up recovery and status.
 pub fn all(dir: &Path) -> Vec<(String, Staged)> {
     let Ok(entries) = std::fs::read_dir(dir) else {

@@ -11,14 +11,15 @@ use super::volume::*;
 use super::Engine;
 use crate::datapath::{blockdev, Attachment, FileId};
 
-/// At start-up: find again what each staging record describes, by identity and device number
+/// At start-up: remove the temp files of record writes a crash interrupted; find again what
+/// each staging record describes, by identity and device number
 /// (a restarted container sees other paths than the one that staged it), and say what was
 /// re-adopted; and detach loop devices over pool images that were deleted (left by a crash
 /// between delete steps) when nothing uses them. Every staging record is kept: one whose
 /// device is gone is restored by the next NodeStageVolume.
 pub fn recover(d: &Engine) -> Vec<String> {
-    let mut report = Vec::new();
     let state_dir = d.pool.node_state_dir();
+    let mut report = node_state::sweep_interrupted_writes(&state_dir);
     // One scan for all records: a scan per record asks every loop device once per record.
     let pool_loops = d.data_path.list_under(d.pool.dir());
     let by_file: HashMap<FileId, &Attachment> = pool_loops
