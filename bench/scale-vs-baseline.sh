@@ -9,7 +9,8 @@
 #   bench/scale-vs-baseline.sh [BASE_COMMIT] [ROUNDS]     (as root; default 540ee78, 3 rounds)
 #
 # 540ee78 is the commit whose 12.3 s for 1000 stage+publish issue 16 set out to beat 3x.
-# It prints one line per run and the ratios; each run's report stays under $OUT (printed).
+# It prints one line per run and the ratios; each run's report and driver log (whose `ms=`
+# fields give each node call's steps) stay in the directory it prints last.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 base=${1:-540ee78}
@@ -30,10 +31,11 @@ run() { # side round
     mkdir -p "$dir"
     if [ "$1" = base ]; then
         "$base_target/release/bench" --no-build --loopvol "$base_target/release/loopvol" \
-            --only scale --out-dir "$dir" >"$dir/out.txt" 2>&1
+            --only scale --out-dir "$dir" --driver-log "$dir/driver.log" >"$dir/out.txt" 2>&1
     else
         target/release/bench --no-build --loopvol target/release/loopvol --only scale \
-            --scale-volumes 1000 --scale-concurrency 32 --out-dir "$dir" >"$dir/out.txt" 2>&1
+            --scale-volumes 1000 --scale-concurrency 32 --out-dir "$dir" \
+            --driver-log "$dir/driver.log" >"$dir/out.txt" 2>&1
     fi
     # "| phase | succeeded | failures | wall time | ..." rows of the scale table.
     local up down

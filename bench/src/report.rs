@@ -257,7 +257,9 @@ fn summary_section(md: &mut String, r: &Results) {
 /// empty as nearly full (the p50s of the first and last tenth of calls within 1.25x of each
 /// other, either way round), and 1000 stage+publish at 32 workers take at least 3x less wall
 /// time than the 12.3 s the harness measured before that work (docs/benchmarks.md as of
-/// commit 540ee78, same machine kind, same settings).
+/// commit 540ee78, same machine kind, same settings). That figure is days old and this
+/// machine's speed moves between windows, so the row points to the side-by-side script, whose
+/// ratios are the ones to trust.
 fn scale_targets(t: &mut Table, s: &crate::results::Scale) {
     for p in s.phases.iter().filter(|p| p.name.starts_with("Node")) {
         let (a, b) = (p.p50_first_tenth_ms, p.p50_last_tenth_ms);
@@ -281,7 +283,8 @@ fn scale_targets(t: &mut Table, s: &crate::results::Scale) {
         let gain = BEFORE_WALL_S / p.summary.wall_s;
         t.row(&[
             format!(
-                "scale: 1000 stage+publish wall time, {BEFORE_WALL_S} s before ÷ {:.1} s now",
+                "scale: 1000 stage+publish wall time, {BEFORE_WALL_S} s recorded for 540ee78 ÷ \
+                 {:.1} s now (side by side in one window: bench/scale-vs-baseline.sh)",
                 p.summary.wall_s
             ),
             times(Some(gain)),
