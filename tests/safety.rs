@@ -561,6 +561,14 @@ fn csi_cli(d: &Driver, args: &[&str]) -> (bool, String) {
     )
 }
 
+/// A volume's hex name, as the pool names its files.
+fn hex(id: &str) -> String {
+    id.strip_prefix("vol-")
+        .and_then(|s| s.split_once('@'))
+        .map(|(h, _)| h.to_string())
+        .expect("a loopvol volume id")
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn unpublish_removes_only_targets_loopvol_made_for_that_volume() {
     if !root_or_skip("unpublish_foreign") {
@@ -620,6 +628,72 @@ async fn unpublish_removes_only_targets_loopvol_made_for_that_volume() {
         .await
         .unwrap();
     assert!(!m.exists());
+
+    // What loopvol made is known by a mark on the target's inode (no record is written): a
+    // directory swapped in at the path after the publish carries none and stays, and one
+    // marked for another volume stays too.
+    n.node_publish_volume(publish_req(&v.id, &v.staging, &v.target, rw_mount("ext4")))
+        .await
+        .unwrap();
+    assert!(
+        !d.pool
+            .join("node")
+            .join(format!("{}.targets", hex(&v.id)))
+            .exists(),
+        "a target record was written where the target could carry the mark"
+    );
+    nix::mount::umount2(&v.target, nix::mount::MntFlags::empty()).unwrap();
+    std::fs::remove_dir(&v.target).unwrap();
+    std::fs::create_dir(&v.target).unwrap();
+    n.node_unpublish_volume(unpublish_req(&v.id, &v.target))
+        .await
+        .unwrap();
+    assert!(
+        v.target.is_dir(),
+        "a directory swapped in after the publish was removed"
+    );
+    std::fs::remove_dir(&v.target).unwrap();
+    let foreign = d.path("pods/foreign/mount");
+    std::fs::create_dir_all(&foreign).unwrap();
+    xattr::set(
+        &foreign,
+        "trusted.loopvol.target",
+        hex(&other.id).as_bytes(),
+    )
+    .unwrap();
+    n.node_unpublish_volume(unpublish_req(&v.id, &foreign))
+        .await
+        .unwrap();
+    assert!(
+        foreign.is_dir(),
+        "a target marked for another volume was removed"
+    );
+    std::fs::remove_dir(&foreign).unwrap();
+
+    // A target an older loopvol recorded in <pool>/node/<hex>.targets (before the mark) is
+    // still removed by its unpublish, and the record with it.
+    let legacy = d.path("pods/legacy/mount");
+    std::fs::create_dir_all(&legacy).unwrap();
+    let st = std::fs::metadata(&legacy).unwrap();
+    let record = d.pool.join("node").join(format!("{}.targets", hex(&v.id)));
+    std::fs::write(
+        &record,
+        serde_json::json!({"targets": [{
+            "path": legacy, "kind": "dir",
+            "dev": std::os::unix::fs::MetadataExt::dev(&st),
+            "ino": std::os::unix::fs::MetadataExt::ino(&st),
+        }]})
+        .to_string(),
+    )
+    .unwrap();
+    n.node_unpublish_volume(unpublish_req(&v.id, &legacy))
+        .await
+        .unwrap();
+    assert!(
+        !legacy.exists(),
+        "the target an older loopvol recorded stayed"
+    );
+    assert!(!record.exists(), "the emptied target record stayed");
 
     // Raw block: the file loopvol made for the publish is removed; a foreign one is not.
     let blk = create(
