@@ -683,12 +683,7 @@ async fn restart_and_simulated_reboot_keep_data() {
     // creating one leaves them): the restart removes those and keeps the records themselves.
     t.d.kill9();
     let node_dir = t.d.pool.join("node");
-    let hex =
-        t.d.image_of(&id)
-            .file_stem()
-            .unwrap()
-            .to_string_lossy()
-            .into_owned();
+    let hex = hex_of(&id);
     let interrupted = [
         format!(".{hex}.json.tmp"),
         format!(".{hex}.targets.tmp"),

@@ -84,12 +84,6 @@ fn volume_id_for(name: &str) -> String {
     provisioner::VolumeId::from_name(provisioner::ids::Kind::Volume, name, NODE).to_string()
 }
 
-fn hex_of(id: &str) -> String {
-    provisioner::VolumeId::parse(provisioner::ids::Kind::Volume, id)
-        .expect("a loopvol volume id")
-        .hex
-}
-
 fn volume_req(name: &str, bytes: i64, allocation: &str, fs: &str) -> CreateVolumeRequest {
     let mut r = create_req(name, bytes, rw_mount(fs));
     r.parameters = HashMap::from([("allocation".into(), allocation.into())]);

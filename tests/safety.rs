@@ -561,14 +561,6 @@ fn csi_cli(d: &Driver, args: &[&str]) -> (bool, String) {
     )
 }
 
-/// A volume's hex name, as the pool names its files.
-fn hex(id: &str) -> String {
-    id.strip_prefix("vol-")
-        .and_then(|s| s.split_once('@'))
-        .map(|(h, _)| h.to_string())
-        .expect("a loopvol volume id")
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn unpublish_removes_only_targets_loopvol_made_for_that_volume() {
     if !root_or_skip("unpublish_foreign") {
@@ -638,7 +630,7 @@ async fn unpublish_removes_only_targets_loopvol_made_for_that_volume() {
     assert!(
         !d.pool
             .join("node")
-            .join(format!("{}.targets", hex(&v.id)))
+            .join(format!("{}.targets", hex_of(&v.id)))
             .exists(),
         "a target record was written where the target could carry the mark"
     );
@@ -658,7 +650,7 @@ async fn unpublish_removes_only_targets_loopvol_made_for_that_volume() {
     xattr::set(
         &foreign,
         "trusted.loopvol.target",
-        hex(&other.id).as_bytes(),
+        hex_of(&other.id).as_bytes(),
     )
     .unwrap();
     n.node_unpublish_volume(unpublish_req(&v.id, &foreign))
@@ -675,7 +667,10 @@ async fn unpublish_removes_only_targets_loopvol_made_for_that_volume() {
     let legacy = d.path("pods/legacy/mount");
     std::fs::create_dir_all(&legacy).unwrap();
     let st = std::fs::metadata(&legacy).unwrap();
-    let record = d.pool.join("node").join(format!("{}.targets", hex(&v.id)));
+    let record = d
+        .pool
+        .join("node")
+        .join(format!("{}.targets", hex_of(&v.id)));
     std::fs::write(
         &record,
         serde_json::json!({"targets": [{

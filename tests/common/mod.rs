@@ -257,12 +257,9 @@ impl Driver {
     }
 
     pub fn image_of(&self, volume_id: &str) -> PathBuf {
-        let hex = volume_id
-            .strip_prefix("vol-")
-            .and_then(|s| s.split_once('@'))
-            .map(|(h, _)| h)
-            .expect("a loopvol volume id");
-        self.pool.join("volumes").join(format!("{hex}.img"))
+        self.pool
+            .join("volumes")
+            .join(format!("{}.img", hex_of(volume_id)))
     }
 
     /// Mounts under the temp dir and loop devices over the pool, left right now.
@@ -539,4 +536,11 @@ pub async fn driver_on_xfs_pool() -> (Driver, XfsPool) {
     .unwrap();
     d.spawn().await;
     (d, xfs)
+}
+
+/// A volume's hex name, as the pool names its files (`vol-<hex>@<node>`).
+pub fn hex_of(id: &str) -> String {
+    provisioner::VolumeId::parse(provisioner::ids::Kind::Volume, id)
+        .expect("a loopvol volume id")
+        .hex
 }
