@@ -149,7 +149,7 @@ pub fn forget(d: &Engine, hex: &str) -> Result<()> {
 /// same, empty directory or file; otherwise leave it.
 pub fn remove_if_ours(d: &Engine, hex: &str, target: &Path) -> Result<()> {
     let node_dir = d.pool.node_state_dir();
-    let mut r = load(&node_dir, hex);
+    let r = load(&node_dir, hex);
     let recorded = r.targets.iter().position(|m| m.path == target);
     if mount::is_mount_root(target) == Some(true) {
         // Still covered: the inode below cannot be looked at, and is not removable anyway.
@@ -159,62 +159,65 @@ pub fn remove_if_ours(d: &Engine, hex: &str, target: &Path) -> Result<()> {
                 target.display()
             )));
         }
-        tracing::info!(target = %target.display(), "target still a mount point (not loopvol's own); left alone");
-        return Ok(());
+        return left(target, "still a mount point, not loopvol's own");
     }
-    let Some((parent, name)) = d.paths.open_parent("target_path", target)? else {
-        return Ok(());
-    };
-    let left = |why: &str| {
-        tracing::info!(target = %target.display(), why, "target left alone");
-        Ok(())
-    };
-    if let Some(i) = recorded {
-        let made = r.targets[i].clone();
-        match nix::sys::stat::fstatat(parent.fd(), name.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW) {
-            Err(Errno::ENOENT) => {}
-            Err(e) => return Err(Error::io(format!("stat {}", target.display()), e)),
-            Ok(st) if (st.st_dev, st.st_ino) != (made.dev, made.ino) => {
-                left("replaced since loopvol created it")?
-            }
-            Ok(st) => remove_entry(&parent, &name, made.kind, &st, target)?,
+    // A recorded target is done with once removed, left alone or gone: its entry goes.
+    let finish = |mut r: Record| match recorded {
+        Some(i) => {
+            r.targets.remove(i);
+            save(&node_dir, hex, &r)
         }
-        r.targets.remove(i);
-        return save(&node_dir, hex, &r);
-    }
-    // Not recorded: ours only if the inode at the path carries this volume's mark. It is
-    // opened without following a symlink, and the mark read through that descriptor.
-    let fd = match nix::fcntl::openat(
-        parent.fd(),
-        name.as_os_str(),
-        OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-        nix::sys::stat::Mode::empty(),
-    ) {
-        Ok(fd) => fd,
-        Err(Errno::ENOENT) => return Ok(()),
-        Err(e) => return Err(Error::io(format!("open {}", target.display()), e)),
+        None => Ok(()),
     };
-    let st = nix::sys::stat::fstat(&fd)
-        .map_err(|e| Error::io(format!("stat {}", target.display()), e))?;
-    let kind = match st.st_mode & libc::S_IFMT {
-        libc::S_IFDIR => Kind::Dir,
-        libc::S_IFREG => Kind::File,
-        _ => return left("not a directory or file loopvol made"),
+    let Some((parent, name)) = d.paths.open_parent("target_path", target)? else {
+        return finish(r);
     };
-    let mark = xattr::get_deref(format!("/proc/self/fd/{}", fd.as_raw_fd()), MARK).unwrap_or(None);
-    if mark.as_deref() != Some(hex.as_bytes()) {
-        tracing::info!(target = %target.display(), "target not created by loopvol for this volume; left alone");
-        return Ok(());
-    }
+    // What loopvol made there: the kind and inode its record names, or else the inode at the
+    // path if it carries this volume's mark (opened without following a symlink, the mark read
+    // through that descriptor).
+    let (kind, made) = match recorded {
+        Some(i) => (r.targets[i].kind, (r.targets[i].dev, r.targets[i].ino)),
+        None => {
+            let fd = match nix::fcntl::openat(
+                parent.fd(),
+                name.as_os_str(),
+                OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                nix::sys::stat::Mode::empty(),
+            ) {
+                Ok(fd) => fd,
+                Err(Errno::ENOENT) => return Ok(()),
+                Err(e) => return Err(Error::io(format!("open {}", target.display()), e)),
+            };
+            let st = nix::sys::stat::fstat(&fd)
+                .map_err(|e| Error::io(format!("stat {}", target.display()), e))?;
+            let kind = match st.st_mode & libc::S_IFMT {
+                libc::S_IFDIR => Kind::Dir,
+                libc::S_IFREG => Kind::File,
+                _ => return left(target, "not a directory or file loopvol made"),
+            };
+            let mark =
+                xattr::get_deref(format!("/proc/self/fd/{}", fd.as_raw_fd()), MARK).unwrap_or(None);
+            if mark.as_deref() != Some(hex.as_bytes()) {
+                return left(target, "not created by loopvol for this volume");
+            }
+            (kind, (st.st_dev, st.st_ino))
+        }
+    };
     // The name must still be that inode when it is removed.
     match nix::sys::stat::fstatat(parent.fd(), name.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW) {
-        Err(Errno::ENOENT) => Ok(()),
-        Err(e) => Err(Error::io(format!("stat {}", target.display()), e)),
-        Ok(now) if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino) => {
-            left("replaced since loopvol created it")
+        Err(Errno::ENOENT) => {}
+        Err(e) => return Err(Error::io(format!("stat {}", target.display()), e)),
+        Ok(now) if (now.st_dev, now.st_ino) != made => {
+            left(target, "replaced since loopvol created it")?
         }
-        Ok(now) => remove_entry(&parent, &name, kind, &now, target),
+        Ok(now) => remove_entry(&parent, &name, kind, &now, target)?,
     }
+    finish(r)
+}
+
+fn left(target: &Path, why: &str) -> Result<()> {
+    tracing::info!(target = %target.display(), why, "target left alone");
+    Ok(())
 }
 
 /// Remove `name` in `parent`, whose stat is `st`, if it is still the empty directory or
@@ -232,14 +235,10 @@ fn remove_entry(
         Kind::File if fmt == libc::S_IFREG && st.st_size == 0 => Some(UnlinkatFlags::NoRemoveDir),
         _ => None,
     };
-    let left = |why: &str| {
-        tracing::info!(target = %target.display(), why, "target left alone");
-        Ok(())
-    };
     match flag.map(|f| nix::unistd::unlinkat(parent.fd(), name, f)) {
-        None => left("no longer the empty file loopvol made"),
+        None => left(target, "no longer the empty file loopvol made"),
         Some(Ok(())) | Some(Err(Errno::ENOENT)) => Ok(()),
-        Some(Err(Errno::ENOTEMPTY | Errno::EEXIST)) => left("not empty"),
+        Some(Err(Errno::ENOTEMPTY | Errno::EEXIST)) => left(target, "not empty"),
         Some(Err(Errno::EBUSY)) => Err(Error::FailedPrecondition(format!(
             "{} is busy; retry",
             target.display()
