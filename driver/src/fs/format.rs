@@ -367,13 +367,7 @@ mod tests {
             .set_len(32 << 20)
             .unwrap();
         let att = crate::datapath::loop_device::attach(&image, false, true).unwrap();
-        struct Detach(std::path::PathBuf);
-        impl Drop for Detach {
-            fn drop(&mut self) {
-                let _ = crate::datapath::loop_device::detach(&self.0);
-            }
-        }
-        let _guard = Detach(att.device.clone());
+        let _guard = crate::datapath::loop_device::DetachOnDrop(vec![att.device.clone()]);
         let held = std::fs::OpenOptions::new()
             .read(true)
             .custom_flags(libc::O_EXCL)

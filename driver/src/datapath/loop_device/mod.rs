@@ -141,6 +141,20 @@ pub fn loops_under(dir: &Path) -> Vec<Attachment> {
     scan::loops_under(dir)
 }
 
+/// For root-only tests: detaches the devices it holds when dropped, so a failed assertion
+/// leaks no loop device.
+#[cfg(test)]
+pub(crate) struct DetachOnDrop(pub Vec<std::path::PathBuf>);
+
+#[cfg(test)]
+impl Drop for DetachOnDrop {
+    fn drop(&mut self) {
+        for d in &self.0 {
+            let _ = detach(d);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -160,14 +174,7 @@ mod tests {
             File::create(f).unwrap().set_len(8 << 20).unwrap();
         }
         let att = attach(&image, false, true).unwrap();
-        // Detach even when an assertion fails.
-        struct Detach(PathBuf);
-        impl Drop for Detach {
-            fn drop(&mut self) {
-                let _ = detach(&self.0);
-            }
-        }
-        let _guard = Detach(att.device.clone());
+        let _guard = DetachOnDrop(vec![att.device.clone()]);
         assert!(att.created);
         // The attached image is held open by the device: the lease probe says so.
         assert_eq!(scan::open_elsewhere(&image), Some(true));
@@ -201,15 +208,7 @@ mod tests {
         let image = dir.path().join("a.img");
         File::create(&image).unwrap().set_len(8 << 20).unwrap();
         let id = crate::datapath::blockdev::FileId::of(&image).unwrap();
-        struct Detach(Vec<PathBuf>);
-        impl Drop for Detach {
-            fn drop(&mut self) {
-                for d in &self.0 {
-                    let _ = detach(d);
-                }
-            }
-        }
-        let mut guard = Detach(Vec::new());
+        let mut guard = DetachOnDrop(Vec::new());
         let att = attach(&image, false, true).unwrap();
         guard.0.push(att.device.clone());
         assert_eq!(index::remembered(id), Some(att.device.clone()));
