@@ -367,7 +367,10 @@ mod tests {
             .set_len(32 << 20)
             .unwrap();
         let att = crate::datapath::loop_device::attach(&image, false, true).unwrap();
-        let _guard = crate::datapath::loop_device::DetachOnDrop(vec![att.device.clone()]);
+        let _guard = crate::datapath::loop_device::DetachOnDrop {
+            image: image.clone(),
+            devices: vec![att.device.clone()],
+        };
         let held = std::fs::OpenOptions::new()
             .read(true)
             .custom_flags(libc::O_EXCL)

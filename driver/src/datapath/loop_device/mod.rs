@@ -141,16 +141,23 @@ pub fn loops_under(dir: &Path) -> Vec<Attachment> {
     scan::loops_under(dir)
 }
 
-/// For root-only tests: detaches the devices it holds when dropped, so a failed assertion
-/// leaks no loop device.
+/// For root-only tests: detaches, when dropped, the devices it holds that are still backed by
+/// its image, so a failed assertion leaks no loop device. A device the test detached already
+/// may by then be another parallel test's (the kernel hands the freed number out again), so
+/// one no longer over this image is left alone.
 #[cfg(test)]
-pub(crate) struct DetachOnDrop(pub Vec<std::path::PathBuf>);
+pub(crate) struct DetachOnDrop {
+    pub image: std::path::PathBuf,
+    pub devices: Vec<std::path::PathBuf>,
+}
 
 #[cfg(test)]
 impl Drop for DetachOnDrop {
     fn drop(&mut self) {
-        for d in &self.0 {
-            let _ = detach(d);
+        for d in &self.devices {
+            if loop_if_backed_by(d, &self.image).is_some() {
+                let _ = detach(d);
+            }
         }
     }
 }
@@ -174,7 +181,10 @@ mod tests {
             File::create(f).unwrap().set_len(8 << 20).unwrap();
         }
         let att = attach(&image, false, true).unwrap();
-        let _guard = DetachOnDrop(vec![att.device.clone()]);
+        let _guard = DetachOnDrop {
+            image: image.clone(),
+            devices: vec![att.device.clone()],
+        };
         assert!(att.created);
         // The attached image is held open by the device: the lease probe says so.
         assert_eq!(scan::open_elsewhere(&image), Some(true));
@@ -208,9 +218,12 @@ mod tests {
         let image = dir.path().join("a.img");
         File::create(&image).unwrap().set_len(8 << 20).unwrap();
         let id = crate::datapath::blockdev::FileId::of(&image).unwrap();
-        let mut guard = DetachOnDrop(Vec::new());
+        let mut guard = DetachOnDrop {
+            image: image.clone(),
+            devices: Vec::new(),
+        };
         let att = attach(&image, false, true).unwrap();
-        guard.0.push(att.device.clone());
+        guard.devices.push(att.device.clone());
         assert_eq!(index::remembered(id), Some(att.device.clone()));
         // Detached by someone else: the index still names the device, the kernel does not.
         let out = std::process::Command::new("losetup")
@@ -236,7 +249,7 @@ mod tests {
             .unwrap();
         assert!(out.status.success());
         let by_hand = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
-        guard.0.push(by_hand.clone());
+        guard.devices.push(by_hand.clone());
         assert_eq!(index::remembered(id), None);
         let again = attach(&image, false, true).unwrap();
         assert!(!again.created, "the hand-made device is reused");
