@@ -67,9 +67,9 @@ impl Lookup {
                 visited,
             } => format!(
                 "no cgroup of pod {uid} with a block throttle under {} (searched {} to depth \
-                 {MAX_DEPTH}, {visited} cgroups, for kubelet's cgroupfs and systemd layouts under \
-                 any kubelet --cgroup-root); the node plugin must see the host's cgroup tree \
-                 there, not its container's own (see manifests/node.yaml)",
+                 {MAX_DEPTH}, {visited} cgroup directories read, for kubelet's cgroupfs and \
+                 systemd layouts under any kubelet --cgroup-root); the node plugin must see the \
+                 host's cgroup tree there, not its container's own (see manifests/node.yaml)",
                 root.display(),
                 join(hierarchies)
             ),
