@@ -77,15 +77,37 @@ enum Load {
 
 /// Run fio inside `cg` for `secs` against `file`; (IOPS, bytes per second) of the job.
 fn fio_in(cg: &TestCgroup, file: &Path, load: Load, secs: u32) -> (f64, f64) {
+    fio_in_ns(&cg.0, None, file, load, secs)
+}
+
+/// [`fio_in`] for any cgroup directory, and inside the mount namespace `mnt_ns`
+/// (`/proc/<pid>/ns/mnt`) when given, where `file` is.
+fn fio_in_ns(
+    cgroup: &Path,
+    mnt_ns: Option<&Path>,
+    file: &Path,
+    load: Load,
+    secs: u32,
+) -> (f64, f64) {
     let (rw, bs) = match load {
         Load::RandWrite4k => ("randwrite", "4k"),
         Load::RandRead64k => ("randread", "64k"),
     };
+    let enter: Vec<String> = match mnt_ns {
+        Some(ns) => vec![
+            "nsenter".into(),
+            format!("--mount={}", ns.display()),
+            "--".into(),
+        ],
+        None => Vec::new(),
+    };
     // The shell only moves itself into the cgroup; every path is an argument, never code.
     let out = Command::new("sh")
         .arg("-c")
-        .arg(r#"echo $$ > "$0/cgroup.procs" && exec fio "$@""#)
-        .arg(&cg.0)
+        .arg(r#"echo $$ > "$0/cgroup.procs" && exec "$@""#)
+        .arg(cgroup)
+        .args(&enter)
+        .arg("fio")
         .args([
             "--name=load",
             "--ioengine=libaio",
@@ -425,4 +447,562 @@ async fn every_bad_mutable_parameter_is_invalid_argument_and_changes_nothing() {
         }
     }
     d.assert_clean();
+}
+
+// As deployed: the node plugin in its container, which sees the host's cgroup tree only
+// through the mounts manifests/node.yaml gives it. Each test builds a stand-in for the host's
+// /sys/fs/cgroup from cgroups of its own in this machine's real hierarchies, runs the driver in
+// a mount namespace of its own (`unshare --mount`) whose /sys/fs/cgroup first holds only the
+// "container's" own cgroup, as a container runtime makes it, and then gets whatever node.yaml
+// mounts, where node.yaml mounts it.
+
+/// What manifests/node.yaml gives the loopvol container of the host's cgroup tree.
+#[derive(Debug, Clone)]
+struct Deployed {
+    /// Where hostPath /sys/fs/cgroup is mounted in the container, and whether read-only.
+    mount: Option<(PathBuf, bool)>,
+    /// The --cgroup-root the driver is started with, if node.yaml passes one.
+    cgroup_root: Option<String>,
+}
+
+impl Deployed {
+    fn from_node_yaml() -> Deployed {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/node.yaml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let ds: serde_json::Value = serde_norway::from_str(&text).unwrap();
+        let spec = &ds["spec"]["template"]["spec"];
+        let host_tree: Vec<&str> = spec["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|v| {
+                v["hostPath"]["path"]
+                    .as_str()
+                    .is_some_and(|p| p.trim_end_matches('/') == "/sys/fs/cgroup")
+            })
+            .filter_map(|v| v["name"].as_str())
+            .collect();
+        let driver = spec["containers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "loopvol")
+            .expect("node.yaml has a loopvol container");
+        let mount = driver["volumeMounts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|m| host_tree.iter().any(|name| m["name"] == *name))
+            .map(|m| {
+                let at = PathBuf::from(m["mountPath"].as_str().unwrap());
+                (at, m["readOnly"].as_bool().unwrap_or(false))
+            });
+        let args: Vec<&str> = driver["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|a| a.as_str())
+            .collect();
+        let cgroup_root = args
+            .iter()
+            .position(|a| *a == "--cgroup-root")
+            .map(|i| args[i + 1].to_string())
+            .or_else(|| {
+                args.iter()
+                    .find_map(|a| a.strip_prefix("--cgroup-root="))
+                    .map(str::to_string)
+            });
+        Deployed { mount, cgroup_root }
+    }
+}
+
+/// Cgroups of this test below one unique parent in a real hierarchy of this machine; every
+/// directory is removed again, deepest first, when dropped (after its processes exited).
+struct CgroupTree(PathBuf);
+
+impl CgroupTree {
+    fn new(hierarchy: &Path, tag: &str) -> CgroupTree {
+        let dir = hierarchy.join(format!(
+            "loopvol-test-{tag}-{}-{:08x}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir(&dir).unwrap();
+        CgroupTree(dir)
+    }
+
+    /// Make the cgroup `rel` (and its parents) below the tree's parent.
+    fn make(&self, rel: &str) -> PathBuf {
+        let dir = self.0.join(rel);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+}
+
+impl Drop for CgroupTree {
+    fn drop(&mut self) {
+        fn dirs(d: &Path, out: &mut Vec<PathBuf>) {
+            for e in std::fs::read_dir(d).into_iter().flatten().flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    dirs(&e.path(), out);
+                }
+            }
+            out.push(d.to_path_buf());
+        }
+        let mut all = Vec::new();
+        dirs(&self.0, &mut all);
+        for d in all {
+            let gone = (0..100).any(|_| {
+                let ok = std::fs::remove_dir(&d).is_ok();
+                if !ok {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                ok
+            });
+            if !gone {
+                eprintln!("could not remove test cgroup {}", d.display());
+            }
+        }
+    }
+}
+
+/// This machine's cgroup v2 hierarchy (the hybrid layout's `unified`, or a v2-only root).
+fn v2_hierarchy() -> Option<PathBuf> {
+    ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.join("cgroup.controllers").exists())
+}
+
+/// The host's /sys/fs/cgroup as the test makes it: a v1 (hybrid) host with `blkio` and,
+/// when this machine has one, `unified`; or a v2-only host whose root is a v2 cgroup.
+enum HostTree<'a> {
+    Hybrid {
+        blkio: &'a CgroupTree,
+        unified: Option<&'a CgroupTree>,
+    },
+    Unified(&'a CgroupTree),
+}
+
+/// What the container runtime and the DaemonSet's volumes make of the plugin's mount
+/// namespace. Paths come in as positional arguments, never inside the script.
+const PLUGIN_CONTAINER: &str = r#"set -e
+host=$1 blkio=$2 unified=$3 own=$4 own_at=$5 at=$6 mode=$7
+shift 7
+# Everything from the real /sys/fs/cgroup is bound before the container's view covers it.
+mount --bind "$own" "$own_at"
+# The stand-in for the host's /sys/fs/cgroup.
+if [ -n "$blkio" ]; then
+  mount -t tmpfs loopvol-host-cgroups "$host"
+  mkdir "$host/blkio"
+  mount --bind "$blkio" "$host/blkio"
+  if [ -n "$unified" ]; then
+    mkdir "$host/unified"
+    mount --bind "$unified" "$host/unified"
+  fi
+else
+  mount --bind "$unified" "$host"
+fi
+# The runtime's default: a cgroup view that holds only the container's own cgroup (on a
+# v1 host one per controller, on a v2 host the cgroup itself).
+if [ -n "$blkio" ]; then
+  mount -t tmpfs loopvol-own-cgroups /sys/fs/cgroup
+  mkdir /sys/fs/cgroup/blkio
+  mount --move "$own_at" /sys/fs/cgroup/blkio
+else
+  mount --move "$own_at" /sys/fs/cgroup
+fi
+# node.yaml's hostPath volume, if it has one: bound recursively, and readOnly the way the
+# kubelet makes it without recursiveReadOnly (the top mount only).
+case "$mode" in
+  rw) mount --rbind "$host" "$at" ;;
+  ro) mount --rbind "$host" "$at"; mount -o remount,bind,ro "$at" ;;
+esac
+exec "$@"
+"#;
+
+/// The node plugin (`serve --mode all`) in its container.
+struct PluginContainer {
+    dir: tempfile::TempDir,
+    pool: PathBuf,
+    socket: PathBuf,
+    log: PathBuf,
+    child: std::process::Child,
+}
+
+impl PluginContainer {
+    async fn start(deployed: &Deployed, host: HostTree<'_>, own: &Path) -> PluginContainer {
+        let dir = tempfile::Builder::new()
+            .prefix("loopvol-deployed-")
+            .tempdir()
+            .unwrap();
+        let root = std::fs::canonicalize(dir.path()).unwrap();
+        let host_dir = root.join("host-cgroup");
+        let own_at = root.join("own-cgroup");
+        std::fs::create_dir(&host_dir).unwrap();
+        std::fs::create_dir(&own_at).unwrap();
+        let (blkio, unified) = match host {
+            HostTree::Hybrid { blkio, unified } => (blkio.0.clone(), unified.map(|u| u.0.clone())),
+            HostTree::Unified(u) => (PathBuf::new(), Some(u.0.clone())),
+        };
+        let (at, mode) = match &deployed.mount {
+            Some((at, ro)) => {
+                assert!(
+                    at.is_dir(),
+                    "node.yaml mounts the host's cgroup tree at {}, which does not exist here to \
+                     emulate the mount",
+                    at.display()
+                );
+                (at.clone(), if *ro { "ro" } else { "rw" })
+            }
+            None => (PathBuf::new(), "none"),
+        };
+        let pool = root.join("pool");
+        let socket = root.join("csi.sock");
+        let log = root.join("driver.log");
+        let child = Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+            .arg(PLUGIN_CONTAINER)
+            .arg("loopvol-container")
+            .arg(&host_dir)
+            .arg(&blkio)
+            .arg(unified.unwrap_or_default())
+            .arg(own)
+            .arg(&own_at)
+            .arg(&at)
+            .arg(mode)
+            .arg(env!("CARGO_BIN_EXE_loopvol"))
+            .args([
+                "serve",
+                "--mode",
+                "all",
+                "--node-id",
+                NODE,
+                "--log-level",
+                "info",
+            ])
+            .arg("--endpoint")
+            .arg(format!("unix://{}", socket.display()))
+            .arg("--pool-dir")
+            .arg(&pool)
+            .arg("--allowed-root")
+            .arg(&root)
+            .args(
+                deployed
+                    .cgroup_root
+                    .iter()
+                    .flat_map(|r| ["--cgroup-root", r.as_str()]),
+            )
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("run unshare");
+        let mut c = PluginContainer {
+            dir,
+            pool,
+            socket,
+            log,
+            child,
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(&c.socket).is_err() {
+            if let Some(status) = c.child.try_wait().unwrap() {
+                panic!("the plugin exited early ({status}); log:\n{}", c.log());
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the plugin did not come up; log:\n{}",
+                c.log()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        c
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        std::fs::canonicalize(self.dir.path()).unwrap().join(rel)
+    }
+
+    /// The plugin's mount namespace, where its volumes are mounted.
+    fn mnt_ns(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/ns/mnt", self.child.id()))
+    }
+
+    fn image_of(&self, id: &str) -> PathBuf {
+        self.pool
+            .join("volumes")
+            .join(format!("{}.img", hex_of(id)))
+    }
+
+    async fn channel(&self) -> tonic::transport::Channel {
+        tonic::transport::Endpoint::from_shared(format!("unix://{}", self.socket.display()))
+            .unwrap()
+            .connect()
+            .await
+            .expect("connect to the plugin")
+    }
+}
+
+impl Drop for PluginContainer {
+    fn drop(&mut self) {
+        // Its mounts go with its namespace; its loop devices stay unless detached.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        for l in loopvol::datapath::loop_device::loops_under(&self.pool) {
+            let _ = loopvol::datapath::loop_device::detach(&l.device);
+        }
+    }
+}
+
+const POD: &str = "5b0c9f4e-2d7a-4e61-8f3b-0a1b2c3d4e5f";
+const OTHER_POD: &str = "9e8d7c6b-5a49-4837-a625-1b2c3d4e5f60";
+
+/// A test tree in the cgroup v1 blkio hierarchy, or a skip (a failure where root tests are
+/// required), as [`blkio_or_skip`] decides.
+fn blkio_tree_or_skip(test: &str, tag: &str) -> Option<CgroupTree> {
+    blkio_or_skip(test, tag).map(|_| CgroupTree::new(Path::new(BLKIO), tag))
+}
+
+/// A limited volume (writeIOPS=300) staged and published for pod `uid` in the plugin: the
+/// publish's answer, the volume and its paths.
+async fn publish_for_pod(
+    p: &PluginContainer,
+    uid: &str,
+    name: &str,
+    limits: &[(&str, &str)],
+) -> (Result<(), tonic::Status>, String, PathBuf, PathBuf) {
+    let mut c = loopvol::csi::controller_client::ControllerClient::new(p.channel().await);
+    let mut n = loopvol::csi::node_client::NodeClient::new(p.channel().await);
+    let cap = rw_mount("ext4");
+    let mut req = create_req(name, 64 * MIB, cap.clone());
+    req.parameters = limits
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let id = create_volume_id(&mut c, req).await;
+    let staging = p.path(&format!("{name}/staging"));
+    let target = p.path(&format!("{name}/target"));
+    n.node_stage_volume(stage_req(&id, &staging, cap.clone()))
+        .await
+        .unwrap();
+    let mut publish = publish_req(&id, &staging, &target, cap);
+    publish.volume_context =
+        HashMap::from([("csi.storage.k8s.io/pod.uid".to_string(), uid.to_string())]);
+    let r = n.node_publish_volume(publish).await.map(drop);
+    (r, id, staging, target)
+}
+
+/// Unpublish (when published) and unstage.
+async fn release(p: &PluginContainer, id: &str, staging: &Path, target: Option<&Path>) {
+    let mut n = loopvol::csi::node_client::NodeClient::new(p.channel().await);
+    if let Some(target) = target {
+        n.node_unpublish_volume(unpublish_req(id, target))
+            .await
+            .unwrap();
+    }
+    n.node_unstage_volume(unstage_req(id, staging))
+        .await
+        .unwrap();
+}
+
+fn rules_in(cgroup: &Path, file: &str) -> Vec<String> {
+    std::fs::read_to_string(cgroup.join(format!("blkio.throttle.{file}")))
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// Publish a writeIOPS=300 volume for a pod whose cgroup kubelet made at `pod_rel` (below the
+/// host's blkio hierarchy), with another pod at `other_rel`, through node.yaml's mounts; the
+/// rule must land in the pod's real cgroup and nowhere else, and go again on unpublish.
+/// With `fio`, the pod's IO through the published volume is measured too.
+async fn limits_reach_the_pod_as_deployed(test: &str, pod_rel: &str, other_rel: &str, fio: bool) {
+    if !root_or_skip(test) {
+        return;
+    }
+    let Some(blkio) = blkio_tree_or_skip(test, "deployed") else {
+        return;
+    };
+    let unified = v2_hierarchy().map(|h| CgroupTree::new(&h, "deployed"));
+    let pod = blkio.make(pod_rel);
+    let other = blkio.make(other_rel);
+    let own = blkio.make("container");
+    // A hybrid host has the pod in the v2 tree too, where it cannot be throttled.
+    if let Some(u) = &unified {
+        u.make(pod_rel);
+    }
+    let host = HostTree::Hybrid {
+        blkio: &blkio,
+        unified: unified.as_ref(),
+    };
+    let p = PluginContainer::start(&Deployed::from_node_yaml(), host, &own).await;
+    let (published, id, staging, target) =
+        publish_for_pod(&p, POD, "limited", &[("writeIOPS", "300")]).await;
+    published.unwrap_or_else(|e| panic!("{test}: {e:?}; log:\n{}", p.log()));
+    let dev = loop_of(&p.image_of(&id));
+    assert_eq!(
+        rules_in(&pod, "write_iops_device"),
+        vec![format!("{dev} 300")]
+    );
+    assert!(rules_in(&other, "write_iops_device").is_empty());
+    assert!(rules_in(&own, "write_iops_device").is_empty());
+    if fio {
+        // Laid out from outside the pod's cgroup, unthrottled, inside the plugin's namespace
+        // where the volume is mounted.
+        let file = target.join("fio.dat");
+        let out = Command::new("nsenter")
+            .arg(format!("--mount={}", p.mnt_ns().display()))
+            .args([
+                "--",
+                "dd",
+                "if=/dev/zero",
+                "bs=1M",
+                "count=32",
+                "conv=fsync",
+            ])
+            .arg(format!("of={}", file.display()))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let (iops, _) = fio_in_ns(&pod, Some(&p.mnt_ns()), &file, Load::RandWrite4k, 3);
+        within(iops, 300.0, "write IOPS in the pod's cgroup, as deployed");
+    }
+    release(&p, &id, &staging, Some(&target)).await;
+    assert!(rules_in(&pod, "write_iops_device").is_empty());
+    drop(p);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn as_deployed_limits_reach_a_cgroupfs_kubelets_pod_and_throttle_it() {
+    limits_reach_the_pod_as_deployed(
+        "io_limits_deployed_cgroupfs",
+        &format!("kubepods/burstable/pod{POD}"),
+        &format!("kubepods/pod{OTHER_POD}"),
+        true,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn as_deployed_limits_reach_a_systemd_kubelets_pod() {
+    let (u, o) = (POD.replace('-', "_"), OTHER_POD.replace('-', "_"));
+    limits_reach_the_pod_as_deployed(
+        "io_limits_deployed_systemd",
+        &format!("kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{u}.slice"),
+        &format!("kubepods.slice/kubepods-pod{o}.slice"),
+        false,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn as_deployed_limits_reach_a_pod_under_a_kubelets_own_cgroup_root() {
+    limits_reach_the_pod_as_deployed(
+        "io_limits_deployed_cgroup_root",
+        &format!("k8slab-node-2/kubepods/burstable/pod{POD}"),
+        &format!("k8slab-node-1/kubepods/burstable/pod{OTHER_POD}"),
+        false,
+    )
+    .await;
+}
+
+/// A v2-only host whose kubelet uses the systemd driver: the pod's cgroup is found through
+/// node.yaml's mount in a real v2 hierarchy. Where that hierarchy has the io controller, the
+/// rule lands in the pod's io.max. This machine kind's only v2 hierarchy has just hugetlb, so
+/// there is no io.max to write: the publish is refused, naming the pod's cgroup as found and
+/// what it lacks, and a volume without limits is published for the same pod.
+#[tokio::test(flavor = "multi_thread")]
+async fn as_deployed_a_pod_is_found_in_a_v2_hierarchy() {
+    if !root_or_skip("io_limits_deployed_v2") {
+        return;
+    }
+    let Some(hierarchy) = v2_hierarchy() else {
+        eprintln!("SKIP io_limits_deployed_v2: no cgroup v2 hierarchy here");
+        return;
+    };
+    let tree = CgroupTree::new(&hierarchy, "deployed-v2");
+    let rel = format!(
+        "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice",
+        POD.replace('-', "_")
+    );
+    let pod = tree.make(&rel);
+    let own = tree.make("container");
+    let deployed = Deployed::from_node_yaml();
+    let (mounted_at, _) = deployed
+        .mount
+        .clone()
+        .expect("node.yaml mounts the host's cgroup tree");
+    let p = PluginContainer::start(&deployed, HostTree::Unified(&tree), &own).await;
+    let (published, id, staging, target) =
+        publish_for_pod(&p, POD, "limited", &[("writeIOPS", "300")]).await;
+    if pod.join("io.max").exists() {
+        published.unwrap_or_else(|e| panic!("{e:?}; log:\n{}", p.log()));
+        let dev = loop_of(&p.image_of(&id));
+        let io_max = std::fs::read_to_string(pod.join("io.max")).unwrap();
+        assert!(
+            io_max.contains(&format!("{dev} rbps=max wbps=max riops=max wiops=300")),
+            "{io_max}"
+        );
+        release(&p, &id, &staging, Some(&target)).await;
+        let io_max = std::fs::read_to_string(pod.join("io.max")).unwrap();
+        assert!(!io_max.contains(&dev), "{io_max}");
+        return;
+    }
+    let e = published.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    let seen = mounted_at.join(&rel);
+    assert!(
+        e.message().contains(&format!("({})", seen.display())),
+        "{}",
+        e.message()
+    );
+    assert!(e.message().contains("io.max"), "{}", e.message());
+    release(&p, &id, &staging, None).await;
+    let (published, id, staging, target) = publish_for_pod(&p, POD, "unlimited", &[]).await;
+    published.unwrap();
+    release(&p, &id, &staging, Some(&target)).await;
+}
+
+/// The reported failure: a node plugin that has only its container's own cgroup view refuses
+/// every limited volume, and says what it is missing.
+#[tokio::test(flavor = "multi_thread")]
+async fn as_deployed_without_the_host_tree_limited_volumes_are_refused_with_the_reason() {
+    let test = "io_limits_deployed_no_host_tree";
+    if !root_or_skip(test) {
+        return;
+    }
+    let Some(blkio) = blkio_tree_or_skip(test, "deployed-none") else {
+        return;
+    };
+    blkio.make(&format!("kubepods/burstable/pod{POD}"));
+    let own = blkio.make("container");
+    let without = Deployed {
+        mount: None,
+        ..Deployed::from_node_yaml()
+    };
+    let host = HostTree::Hybrid {
+        blkio: &blkio,
+        unified: None,
+    };
+    let p = PluginContainer::start(&without, host, &own).await;
+    let (published, id, staging, _) =
+        publish_for_pod(&p, POD, "limited", &[("writeIOPS", "300")]).await;
+    let e = published.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    for part in [
+        "writeIOPS=300",
+        POD,
+        "not its container's own",
+        "manifests/node.yaml",
+    ] {
+        assert!(e.message().contains(part), "{part:?} in {}", e.message());
+    }
+    assert!(rules_in(&own, "write_iops_device").is_empty());
+    release(&p, &id, &staging, None).await;
 }

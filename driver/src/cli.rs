@@ -144,7 +144,8 @@ pub struct ServeArgs {
     /// Serve /metrics (Prometheus), /healthz and /readyz over HTTP here; off when not given.
     #[arg(long, value_name = "ADDR:PORT", env = "LOOPVOL_METRICS_ADDRESS")]
     pub metrics_address: Option<std::net::SocketAddr>,
-    /// The cgroup filesystem, where pods' cgroups are found to enforce volumes' IO limits.
+    /// The host's cgroup filesystem as this process sees it (a container needs the host's
+    /// /sys/fs/cgroup mounted here), where pods' cgroups are found to enforce IO limits.
     #[arg(long, default_value = "/sys/fs/cgroup")]
     pub cgroup_root: PathBuf,
     /// The cgroup whose IO limits apply to publishes without a pod UID (plain CSI clients,

@@ -18,7 +18,7 @@ use provisioner::ids::Kind;
 use provisioner::{atomic, IoLimits, VolumeId};
 use serde::{Deserialize, Serialize};
 
-use crate::engine::Engine;
+use crate::engine::{pod_cgroup, Engine};
 use crate::error::{Error, Result};
 
 /// The volume_context key kubelet sets when the CSIDriver has `podInfoOnMount: true`.
@@ -27,7 +27,8 @@ pub const POD_UID_KEY: &str = "csi.storage.k8s.io/pod.uid";
 /// Where pod cgroups are looked for, and the cgroup for callers that are not pods.
 #[derive(Debug, Clone, Default)]
 pub struct CgroupConfig {
-    /// The cgroup filesystem root, `/sys/fs/cgroup` on every distribution kubelet supports.
+    /// The host's cgroup filesystem as the node plugin sees it: `/sys/fs/cgroup` on every
+    /// distribution kubelet supports, mounted from the host there by manifests/node.yaml.
     pub root: PathBuf,
     /// Publishes without a pod UID (plain CSI clients, the embedded default) are charged here.
     pub default_cgroup: Option<PathBuf>,
@@ -59,31 +60,6 @@ pub fn version_of(cgroup: &Path) -> Option<Version> {
     }
 }
 
-/// The cgroup directories kubelet gives the pod `uid`, in the order they are tried: the
-/// cgroupfs driver (`kubepods/<qos>/pod<uid>`) and the systemd driver
-/// (`kubepods.slice/kubepods-<qos>.slice/kubepods-<qos>-pod<uid_>.slice`), under the v1 blkio
-/// hierarchy and under a v2 unified root; Guaranteed pods sit directly under `kubepods`.
-pub fn candidates(root: &Path, uid: &str) -> Vec<PathBuf> {
-    let systemd_uid = uid.replace('-', "_");
-    let mut out = Vec::new();
-    for base in [root.join("blkio"), root.to_path_buf()] {
-        out.push(base.join("kubepods").join(format!("pod{uid}")));
-        for qos in ["burstable", "besteffort"] {
-            out.push(base.join("kubepods").join(qos).join(format!("pod{uid}")));
-        }
-        let slice = base.join("kubepods.slice");
-        out.push(slice.join(format!("kubepods-pod{systemd_uid}.slice")));
-        for qos in ["burstable", "besteffort"] {
-            out.push(
-                slice
-                    .join(format!("kubepods-{qos}.slice"))
-                    .join(format!("kubepods-{qos}-pod{systemd_uid}.slice")),
-            );
-        }
-    }
-    out
-}
-
 /// A pod UID as the API server makes them; anything else never reaches a path.
 fn valid_uid(uid: &str) -> bool {
     !uid.is_empty()
@@ -107,9 +83,9 @@ pub fn find_cgroup(cfg: &CgroupConfig, pod_uid: Option<&str>) -> Result<Option<P
             "volume_context {POD_UID_KEY} {uid:?} is not a pod UID"
         )));
     }
-    Ok(candidates(&cfg.root, uid)
-        .into_iter()
-        .find(|c| version_of(c).is_some()))
+    Ok(pod_cgroup::locate(&cfg.root, uid)
+        .cgroup()
+        .map(Path::to_path_buf))
 }
 
 /// The rule text for `dev` in a cgroup of `version`: (file, line) pairs to write.
@@ -218,11 +194,8 @@ pub fn before_publish(d: &Engine, id: &str, pod_uid: Option<&str>) -> Result<Opt
     let found = find_cgroup(&d.cgroups, pod_uid)?;
     if found.is_none() && !limits.is_empty() {
         let looked = match pod_uid.filter(|u| !u.is_empty()) {
-            Some(uid) => format!(
-                "no cgroup of pod {uid} with a block throttle under {} (kubelet's cgroupfs and \
-                 systemd layouts, cgroup v1 and v2)",
-                d.cgroups.root.display()
-            ),
+            // Only on this error path: look again, to say what is missing and where.
+            Some(uid) => pod_cgroup::locate(&d.cgroups.root, uid).describe(&d.cgroups.root, uid),
             None => "no pod UID in volume_context (set podInfoOnMount: true in the CSIDriver) \
                      and no --io-cgroup for other callers"
                 .to_string(),
@@ -367,6 +340,13 @@ mod tests {
             (format!("kubepods/besteffort/pod{uid}"), "io.max"),
         ] {
             let root = tempfile::tempdir().unwrap();
+            // The hierarchy's own root: a v1 blkio mount, or a v2 unified root.
+            let (top, marker) = match layout.strip_prefix("blkio/") {
+                Some(_) => (root.path().join("blkio"), file),
+                None => (root.path().to_path_buf(), "cgroup.controllers"),
+            };
+            std::fs::create_dir_all(&top).unwrap();
+            std::fs::write(top.join(marker), "").unwrap();
             let dir = root.path().join(&layout);
             std::fs::create_dir_all(&dir).unwrap();
             std::fs::write(dir.join(file), "").unwrap();

@@ -8,6 +8,7 @@ mod expand;
 pub mod health;
 pub mod io_throttle;
 pub mod paths;
+pub mod pod_cgroup;
 mod publish;
 mod quiesce;
 mod recover;

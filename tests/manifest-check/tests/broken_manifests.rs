@@ -433,3 +433,57 @@ fn the_node_plugin_is_confined_to_the_kubelets_directory() {
         ],
     );
 }
+
+#[test]
+fn the_node_plugin_must_see_the_hosts_cgroup_tree_writable_at_its_cgroup_root() {
+    let mount = "            - name: cgroup\n              mountPath: /sys/fs/cgroup\n";
+    let expected_missing = "manifests/node.yaml DaemonSet/loopvol-node container loopvol: \
+         --cgroup-root /sys/fs/cgroup is not the host's cgroup tree: mount hostPath \
+         /sys/fs/cgroup at /sys/fs/cgroup, or no pod's cgroup is found and every volume with IO \
+         limits is refused";
+    // Without the mount (the container sees only its own cgroup there).
+    let findings = findings_after(&[(NODE, mount, "")]);
+    assert_reports(&findings, expected_missing);
+    // Mounted somewhere else than where the driver looks.
+    let findings = findings_after(&[(
+        NODE,
+        mount,
+        "            - name: cgroup\n              mountPath: /host/sys/fs/cgroup\n",
+    )]);
+    assert_exactly(&findings, &[expected_missing]);
+    // ...unless --cgroup-root names that place.
+    let findings = findings_after(&[
+        (
+            NODE,
+            mount,
+            "            - name: cgroup\n              mountPath: /host/sys/fs/cgroup\n",
+        ),
+        (
+            NODE,
+            "            - --metrics-address\n",
+            "            - --cgroup-root\n            - /host/sys/fs/cgroup\n            - --metrics-address\n",
+        ),
+    ]);
+    assert_exactly(&findings, &[]);
+    // Read-only: io.max and the blkio throttle files cannot be written.
+    let findings = findings_after(&[(
+        NODE,
+        mount,
+        "            - name: cgroup\n              mountPath: /sys/fs/cgroup\n              readOnly: true\n",
+    )]);
+    assert_exactly(
+        &findings,
+        &[
+            "manifests/node.yaml DaemonSet/loopvol-node container loopvol: the host's cgroup \
+           tree at /sys/fs/cgroup is mounted readOnly: IO limits are written into pods' cgroups \
+           there (io.max, blkio.throttle.*)",
+        ],
+    );
+    // Some other host directory is not the host's cgroup tree either.
+    let findings = findings_after(&[(
+        NODE,
+        "          hostPath:\n            path: /sys/fs/cgroup\n",
+        "          hostPath:\n            path: /sys/fs/cgroup/blkio\n",
+    )]);
+    assert_exactly(&findings, &[expected_missing]);
+}

@@ -83,7 +83,7 @@ fn minimal(sc: Option<&SecurityContext>) -> Vec<String> {
 }
 
 /// The node plugin needs the host's /dev and the kubelet directory with Bidirectional
-/// propagation, or its mounts never reach the pods.
+/// propagation, or its mounts never reach the pods, and the host's cgroup tree for IO limits.
 fn node_plugin_mounts(pod: &PodRef, kubelet_dir: &str) -> Vec<Finding> {
     let kubelet_dir = kubelet_dir.trim_end_matches('/');
     let Some(driver) = pod.driver() else {
@@ -126,5 +126,46 @@ fn node_plugin_mounts(pod: &PodRef, kubelet_dir: &str) -> Vec<Finding> {
     {
         out.push("must mount hostPath /dev at /dev: loop devices appear there after the container starts".to_string());
     }
+    out.extend(host_cgroup_tree(pod, driver));
     out.into_iter().map(|m| pod.finding(driver, m)).collect()
+}
+
+/// The host's cgroup tree, where IO limits are written into pods' cgroups.
+const HOST_CGROUP: &str = "/sys/fs/cgroup";
+
+/// The plugin looks for pods' cgroups under --cgroup-root: the host's tree must be mounted
+/// there, writable. A container's own /sys/fs/cgroup holds only its own cgroup, so without the
+/// mount every volume with IO limits is refused.
+fn host_cgroup_tree(pod: &PodRef, driver: &Container) -> Option<String> {
+    let cl = super::workload::CommandLine::of(driver);
+    let root = cl.value("cgroup-root").unwrap_or(HOST_CGROUP);
+    let root = root.trim_end_matches('/');
+    // The mount that holds `root` (the longest mount path that is it or above it), and the
+    // host path `root` then shows.
+    let holding = driver
+        .volume_mounts
+        .iter()
+        .flatten()
+        .filter_map(|m| {
+            let at = m.mount_path.trim_end_matches('/');
+            let rest = root.strip_prefix(at)?;
+            (rest.is_empty() || rest.starts_with('/')).then_some((m, rest))
+        })
+        .max_by_key(|(m, _)| m.mount_path.len());
+    let shown = holding.and_then(|(m, rest)| {
+        let host = pod.host_path(&m.name)?.trim_end_matches('/');
+        Some((m, format!("{host}{rest}")))
+    });
+    match shown {
+        Some((m, host)) if host == HOST_CGROUP => m.read_only.unwrap_or(false).then(|| {
+            format!(
+                "the host's cgroup tree at {root} is mounted readOnly: IO limits are written into \
+                 pods' cgroups there (io.max, blkio.throttle.*)"
+            )
+        }),
+        _ => Some(format!(
+            "--cgroup-root {root} is not the host's cgroup tree: mount hostPath {HOST_CGROUP} at \
+             {root}, or no pod's cgroup is found and every volume with IO limits is refused"
+        )),
+    }
 }
