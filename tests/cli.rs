@@ -296,6 +296,9 @@ async fn csi_client_clones_restores_lists_snapshots_and_reports_capacity() {
 
     let snap = json_of(&csi(&d, &["snapshot", "--name", "s1", "--source", &src_id]));
     let snap_id = snap["snapshot_id"].as_str().unwrap().to_string();
+    // One time format for a snapshot, whichever command printed it.
+    assert!(snap["creation_time"].as_str().unwrap().ends_with('Z'), "{snap}");
+    assert!(snap.get("creation_time_unix").is_none(), "{snap}");
     let listed = json_of(&csi(&d, &["list-snapshots", "--source", &src_id]));
     assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
     assert_eq!(listed[0]["snapshot_id"], snap_id.as_str());

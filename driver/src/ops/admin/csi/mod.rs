@@ -419,13 +419,7 @@ async fn run(args: CsiArgs) -> Result<Value, Status> {
             let s = r
                 .snapshot
                 .ok_or_else(|| Status::internal("CreateSnapshot answered no snapshot"))?;
-            Ok(json!({
-                "snapshot_id": s.snapshot_id,
-                "source_volume_id": s.source_volume_id,
-                "size_bytes": s.size_bytes,
-                "ready_to_use": s.ready_to_use,
-                "creation_time_unix": s.creation_time.map(|t| t.seconds),
-            }))
+            Ok(snapshot_json(&s))
         }
         Rpc::DeleteSnapshot { id } => {
             c.controller
@@ -529,16 +523,7 @@ async fn run(args: CsiArgs) -> Result<Value, Status> {
                     r.entries
                         .iter()
                         .filter_map(|e| e.snapshot.as_ref())
-                        .map(|s| {
-                            json!({
-                                "snapshot_id": s.snapshot_id,
-                                "source_volume_id": s.source_volume_id,
-                                "size_bytes": s.size_bytes,
-                                "ready_to_use": s.ready_to_use,
-                                "creation_time": s.creation_time.as_ref()
-                                    .map(|t| super::output::rfc3339(t.seconds.max(0) as u64)),
-                            })
-                        }),
+                        .map(snapshot_json),
                 );
                 if r.next_token.is_empty() {
                     break;
