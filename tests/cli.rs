@@ -297,7 +297,10 @@ async fn csi_client_clones_restores_lists_snapshots_and_reports_capacity() {
     let snap = json_of(&csi(&d, &["snapshot", "--name", "s1", "--source", &src_id]));
     let snap_id = snap["snapshot_id"].as_str().unwrap().to_string();
     // One time format for a snapshot, whichever command printed it.
-    assert!(snap["creation_time"].as_str().unwrap().ends_with('Z'), "{snap}");
+    assert!(
+        snap["creation_time"].as_str().unwrap().ends_with('Z'),
+        "{snap}"
+    );
     assert!(snap.get("creation_time_unix").is_none(), "{snap}");
     let listed = json_of(&csi(&d, &["list-snapshots", "--source", &src_id]));
     assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
@@ -316,18 +319,18 @@ async fn csi_client_clones_restores_lists_snapshots_and_reports_capacity() {
             &snap_id,
         ],
     ));
+    // No --size for a clone: it is as large as its source.
     let clone = json_of(&csi(
         &d,
-        &[
-            "create-volume",
-            "--name",
-            "clone",
-            "--size",
-            "64Mi",
-            "--from-volume",
-            &src_id,
-        ],
+        &["create-volume", "--name", "clone", "--from-volume", &src_id],
     ));
+    assert_eq!(clone["capacity_bytes"], 64 << 20, "{clone}");
+    let no_size = csi(&d, &["create-volume", "--name", "blank"]);
+    assert_eq!(
+        no_size.status.code(),
+        Some(2),
+        "a blank volume needs --size"
+    );
     let all = json_of(&csi(&d, &["list-volumes"]));
     assert_eq!(all.as_array().unwrap().len(), 3, "{all}");
     let both = csi(
@@ -376,6 +379,119 @@ async fn csi_client_clones_restores_lists_snapshots_and_reports_capacity() {
         clone["volume_id"].as_str().unwrap(),
     ] {
         let _ = csi(&d, &["delete-snapshot", &snap_id]);
+        assert!(csi(&d, &["delete-volume", id]).status.success());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn csi_client_modifies_io_limits_takes_group_snapshots_and_reports_health() {
+    if !root_or_skip("csi_client_modifies_io_limits_takes_group_snapshots") {
+        return;
+    }
+    let d = Driver::start().await;
+    let mut ids = Vec::new();
+    for name in ["g1", "g2"] {
+        let v = json_of(&csi(
+            &d,
+            &["create-volume", "--name", name, "--size", "64Mi"],
+        ));
+        ids.push(v["volume_id"].as_str().unwrap().to_string());
+    }
+    let pool = d.pool.to_str().unwrap();
+
+    // IO limits by hand, as a VolumeAttributesClass would change them.
+    let m = json_of(&csi(
+        &d,
+        &[
+            "modify-volume",
+            &ids[0],
+            "--param",
+            "readIOPS=100",
+            "--param",
+            "writeBPS=10Mi",
+        ],
+    ));
+    assert_eq!(m["modified"], ids[0].as_str(), "{m}");
+    let inspected = loopvol(&[
+        "volume",
+        "inspect",
+        &ids[0],
+        "-o",
+        "json",
+        "--pool-dir",
+        pool,
+    ]);
+    let rec = json_of(&inspected);
+    let limits = rec["record"]["io_limits"].to_string();
+    assert!(
+        limits.contains("100") && limits.contains(&(10u64 << 20).to_string()),
+        "{rec}"
+    );
+    let bad = csi(&d, &["modify-volume", &ids[0], "--param", "speed=fast"]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(
+        text(&bad.stderr).starts_with("INVALID_ARGUMENT"),
+        "{}",
+        text(&bad.stderr)
+    );
+    assert_eq!(
+        json_of(&loopvol(&[
+            "volume",
+            "inspect",
+            &ids[0],
+            "-o",
+            "json",
+            "--pool-dir",
+            pool
+        ]))["record"]["io_limits"]
+            .to_string(),
+        limits,
+        "a refused change changed the record"
+    );
+
+    // Group snapshots: create, get, delete.
+    let g = json_of(&csi(
+        &d,
+        &[
+            "create-group-snapshot",
+            "--name",
+            "grp",
+            "--source",
+            &ids[0],
+            "--source",
+            &ids[1],
+        ],
+    ));
+    let gid = g["group_snapshot_id"].as_str().unwrap().to_string();
+    assert_eq!(g["snapshots"].as_array().unwrap().len(), 2, "{g}");
+    assert!(g["creation_time"].as_str().unwrap().ends_with('Z'), "{g}");
+    let got = json_of(&csi(&d, &["get-group-snapshot", &gid]));
+    assert_eq!(got["group_snapshot_id"], gid.as_str(), "{got}");
+    let member = got["snapshots"][0]["snapshot_id"].as_str().unwrap();
+    let one = json_of(&csi(&d, &["get-snapshot", member]));
+    assert_eq!(one["snapshot_id"], member, "{one}");
+    assert!(csi(&d, &["delete-group-snapshot", &gid]).status.success());
+    let gone = csi(&d, &["get-group-snapshot", &gid]);
+    assert!(
+        text(&gone.stderr).starts_with("NOT_FOUND"),
+        "{}",
+        text(&gone.stderr)
+    );
+
+    // Health and lookup.
+    let v = json_of(&csi(&d, &["get-volume", &ids[1]]));
+    assert_eq!(v["volume_id"], ids[1].as_str(), "{v}");
+    assert_eq!(v["capacity_bytes"], 64 << 20, "{v}");
+    let h = json_of(&csi(&d, &["volume-health", &ids[1]]));
+    assert_eq!(h["healthy"], true, "{h}");
+    let nh = json_of(&csi(&d, &["node-volume-health", &ids[1]]));
+    assert_eq!(nh["volume_id"], ids[1].as_str(), "{nh}");
+    let all = json_of(&csi(&d, &["list-volume-health"]));
+    assert!(all.as_array().is_some(), "{all}");
+    let sh = json_of(&csi(&d, &["storage-health"]));
+    assert_eq!(sh["healthy"], true, "{sh}");
+
+    for id in &ids {
         assert!(csi(&d, &["delete-volume", id]).status.success());
     }
 }
