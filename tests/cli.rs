@@ -477,6 +477,13 @@ async fn csi_client_modifies_io_limits_takes_group_snapshots_and_reports_health(
         "{}",
         text(&gone.stderr)
     );
+    let again = csi(&d, &["delete-group-snapshot", &gid]);
+    assert_eq!(again.status.code(), Some(1));
+    assert!(
+        text(&again.stderr).contains("nothing deleted"),
+        "{}",
+        text(&again.stderr)
+    );
 
     // Health and lookup.
     let v = json_of(&csi(&d, &["get-volume", &ids[1]]));
@@ -494,4 +501,44 @@ async fn csi_client_modifies_io_limits_takes_group_snapshots_and_reports_health(
     for id in &ids {
         assert!(csi(&d, &["delete-volume", id]).status.success());
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_what_does_not_exist_says_not_found_and_exits_1_like_kubectl() {
+    if !root_or_skip("deleting_what_does_not_exist_says_not_found") {
+        return;
+    }
+    let d = Driver::start().await;
+    let v = json_of(&csi(
+        &d,
+        &["create-volume", "--name", "real", "--size", "64Mi"],
+    ));
+    let id = v["volume_id"].as_str().unwrap().to_string();
+    let foreign = id.replace(&format!("@{NODE}"), "@another-node");
+    for (rpc, missing) in [
+        ("delete-volume", "garbage"),
+        ("delete-volume", "vol-00000000000000000000@test-node"),
+        ("delete-volume", foreign.as_str()),
+        ("delete-snapshot", "snap-00000000000000000000@test-node"),
+        ("delete-group-snapshot", "garbage"),
+    ] {
+        let o = csi(&d, &[rpc, missing]);
+        let err = text(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{rpc} {missing}: {err}");
+        assert!(
+            err.starts_with("NOT_FOUND") && err.contains("nothing deleted"),
+            "{rpc} {missing}: {err}"
+        );
+        assert!(o.stdout.is_empty(), "{rpc} {missing} printed a result");
+    }
+    // The real one is untouched by all that, and deletes once; the second time it is gone.
+    let snap = json_of(&csi(&d, &["snapshot", "--name", "s", "--source", &id]));
+    let sid = snap["snapshot_id"].as_str().unwrap();
+    assert_eq!(json_of(&csi(&d, &["delete-snapshot", sid]))["deleted"], sid);
+    assert_eq!(csi(&d, &["delete-snapshot", sid]).status.code(), Some(1));
+    assert_eq!(
+        json_of(&csi(&d, &["delete-volume", &id]))["deleted"],
+        id.as_str()
+    );
+    assert_eq!(csi(&d, &["delete-volume", &id]).status.code(), Some(1));
 }

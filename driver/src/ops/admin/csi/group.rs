@@ -57,6 +57,14 @@ pub(super) async fn run(c: &mut Clients, rpc: GroupRpc) -> Result<Value, Status>
             Ok(group_json(&g))
         }
         GroupRpc::DeleteGroupSnapshot { id } => {
+            found_before_delete(
+                c.group
+                    .get_volume_group_snapshot(GetVolumeGroupSnapshotRequest {
+                        group_snapshot_id: id.clone(),
+                        ..Default::default()
+                    })
+                    .await,
+            )?;
             c.group
                 .delete_volume_group_snapshot(DeleteVolumeGroupSnapshotRequest {
                     group_snapshot_id: id.clone(),

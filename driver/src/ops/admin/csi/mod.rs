@@ -194,6 +194,24 @@ fn size_i64(size: u64) -> Result<i64, Status> {
     i64::try_from(size).map_err(|_| Status::out_of_range("--size is too large"))
 }
 
+/// The lookup before a delete. The delete RPCs are idempotent (deleting what does not exist
+/// succeeds, as the sidecars need), but a person deleting by hand means something that exists:
+/// like `kubectl delete` of a missing object, the CLI then says NOT_FOUND and exits 1, having
+/// sent no delete. The lookup and the delete are two calls: when something else deletes the
+/// object between them, the delete still succeeds and the object is gone, which is what the
+/// output says. A driver that cannot look up (UNIMPLEMENTED) is asked to delete anyway.
+fn found_before_delete<T>(lookup: Result<tonic::Response<T>, Status>) -> Result<(), Status> {
+    match lookup {
+        Ok(_) => Ok(()),
+        Err(s) if s.code() == Code::Unimplemented => Ok(()),
+        Err(s) if s.code() == Code::NotFound => Err(Status::not_found(format!(
+            "{}; nothing deleted",
+            s.message()
+        ))),
+        Err(s) => Err(s),
+    }
+}
+
 async fn run(args: CsiArgs) -> Result<Value, Status> {
     let mut c = connect(&args.endpoint).await?;
     match args.rpc {

@@ -66,6 +66,14 @@ pub(super) async fn run(c: &mut Clients, rpc: SnapshotRpc) -> Result<Value, Stat
             Ok(snapshot_json(&s))
         }
         SnapshotRpc::DeleteSnapshot { id } => {
+            found_before_delete(
+                c.controller
+                    .get_snapshot(GetSnapshotRequest {
+                        snapshot_id: id.clone(),
+                        secrets: HashMap::new(),
+                    })
+                    .await,
+            )?;
             c.controller
                 .delete_snapshot(DeleteSnapshotRequest {
                     snapshot_id: id.clone(),

@@ -124,6 +124,13 @@ pub(super) async fn run(c: &mut Clients, rpc: VolumeRpc) -> Result<Value, Status
             Ok(volume_json(&v))
         }
         VolumeRpc::DeleteVolume { id } => {
+            found_before_delete(
+                c.controller
+                    .controller_get_volume(ControllerGetVolumeRequest {
+                        volume_id: id.clone(),
+                    })
+                    .await,
+            )?;
             c.controller
                 .delete_volume(DeleteVolumeRequest {
                     volume_id: id.clone(),
