@@ -96,6 +96,62 @@ fn sizes_are_kubernetes_quantities_and_zero_or_units_like_gb_are_refused() {
             text(&bad.stderr)
         );
     }
+    // One parser for every --size: `--size -1` reaches it (not "unexpected argument"), every
+    // value above the largest volume gets the same words and the same exit status whether or
+    // not it fits in 64 bits, and white space is refused as Kubernetes refuses it.
+    let csi_size = |flag: &str, size: &str| {
+        loopvol(&[
+            "csi",
+            "--endpoint",
+            "unix:///nonexistent/csi.sock",
+            flag,
+            "vol-00000000000000000000@n",
+            "--size",
+            size,
+        ])
+    };
+    for size in [
+        "-1",
+        "-1Gi",
+        " 1Gi",
+        "1Gi ",
+        "17Ti",
+        "8Ei",
+        "99999999999999999999",
+    ] {
+        let create = run_in(
+            t.path(),
+            &["volume", "create", "--name", "bad", "--size", size],
+        );
+        let mut csi_create = vec!["csi", "create-volume", "--name", "bad", "--size", size];
+        csi_create.splice(1..1, ["--endpoint", "unix:///nonexistent/csi.sock"]);
+        for (what, o) in [
+            ("volume create", create),
+            ("csi create-volume", loopvol(&csi_create)),
+            ("csi expand", csi_size("expand", size)),
+        ] {
+            let err = text(&o.stderr);
+            assert_eq!(o.status.code(), Some(2), "{what} --size {size:?}: {err}");
+            assert!(
+                err.contains(&format!("invalid value '{size}' for '--size <SIZE>'")),
+                "{what} --size {size:?}: {err}"
+            );
+            let why = if size.trim().starts_with('-') {
+                "it is negative".to_string()
+            } else if size.contains(' ') {
+                "it contains white space".to_string()
+            } else {
+                format!("{size:?} is too large: the most is 16.0 TiB")
+            };
+            assert!(err.contains(&why), "{what} --size {size:?}: {err}");
+        }
+    }
+    assert!(!t.path().join("pool/volumes").read_dir().unwrap().any(|e| e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .contains("bad")));
+
     // 10G is a quantity (decimal): accepted as exactly 10^10 bytes.
     assert_eq!(loopvol::cli::parse_size("10G").unwrap(), 10_000_000_000);
     assert_eq!(loopvol::cli::parse_size("1e3").unwrap(), 1000);

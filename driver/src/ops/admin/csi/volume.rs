@@ -12,7 +12,7 @@ pub enum VolumeRpc {
         name: String,
         /// A Kubernetes quantity, e.g. 1Gi, 1.5Gi, 512Mi, 10G. Optional for a clone or a
         /// restore, which are then as large as their source.
-        #[arg(long, value_parser = parse_size,
+        #[arg(long, value_parser = parse_size, allow_hyphen_values = true,
               required_unless_present_any = ["from_snapshot", "from_volume"])]
         size: Option<u64>,
         #[command(flatten)]
@@ -48,7 +48,7 @@ pub enum VolumeRpc {
         /// The volume ID.
         id: String,
         /// The new size, a Kubernetes quantity.
-        #[arg(long, value_parser = parse_size)]
+        #[arg(long, value_parser = parse_size, allow_hyphen_values = true)]
         size: u64,
         /// Where the volume is staged or published, to grow its filesystem too.
         #[arg(long)]
