@@ -178,7 +178,10 @@ fn errors_are_one_line_without_a_backtrace_even_with_rust_backtrace() {
     let out = run_in(t.path(), &["volume", "inspect", id]);
     assert_eq!(out.status.code(), Some(1));
     let err = text(&out.stderr);
-    assert!(err.starts_with("error: volume vol-0"), "{err}");
+    assert!(
+        err.starts_with("error: no volume with the ID or name"),
+        "{err}"
+    );
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
     assert!(!err.to_lowercase().contains("backtrace"), "{err}");
 }
@@ -260,6 +263,19 @@ fn inspect_prints_rfc3339_times() {
         "{out}"
     );
     assert!(!out.contains("unix time"), "{out}");
+
+    // Names are unique in a pool: the name finds the same volume as the ID.
+    let by_name = run_in(t.path(), &["volume", "inspect", "when", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&by_name.stdout)
+        .unwrap_or_else(|_| panic!("{}", text(&by_name.stderr)));
+    assert_eq!(v["record"]["id"], id.as_str(), "{v}");
+    let unknown = run_in(t.path(), &["volume", "inspect", "nobody"]);
+    assert_eq!(unknown.status.code(), Some(1));
+    assert!(
+        text(&unknown.stderr).contains("no volume with the ID or name \"nobody\""),
+        "{}",
+        text(&unknown.stderr)
+    );
 }
 
 #[test]
