@@ -614,3 +614,151 @@ async fn deleting_what_does_not_exist_says_not_found_and_exits_1_like_kubectl() 
     );
     assert_eq!(csi(&d, &["delete-volume", &id]).status.code(), Some(1));
 }
+
+/// The STATE column of `volume list` and the state `status` prints come from one derivation:
+/// staged, published (a mount volume and a raw block one), frozen for a copy in progress, and
+/// frozen by a loopvol that was killed mid-freeze, which `status` used to call plain "staged".
+/// Block staging makes nothing at the staging path, as `csi stage --help` says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volume_list_and_status_say_staged_published_and_frozen() {
+    if !root_or_skip("volume_list_and_status_say_staged_published_and_frozen") {
+        return;
+    }
+    let mut d = Driver::start_with(&["--test-freeze-hold-ms", "60000"]).await;
+    let pool = d.pool.to_str().unwrap().to_string();
+    let state_of = |name: &str| -> String {
+        let out = loopvol(&["volume", "list", "-o", "json", "--pool-dir", &pool]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == name)
+            .unwrap()["state"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let fs = json_of(&csi(
+        &d,
+        &["create-volume", "--name", "fs", "--size", "64Mi"],
+    ));
+    let fs_id = fs["volume_id"].as_str().unwrap().to_string();
+    let blk = json_of(&csi(
+        &d,
+        &[
+            "create-volume",
+            "--name",
+            "blk",
+            "--size",
+            "64Mi",
+            "--block",
+        ],
+    ));
+    let blk_id = blk["volume_id"].as_str().unwrap().to_string();
+    assert_eq!(state_of("fs"), "-");
+
+    let (staging, target) = (d.path("staging"), d.path("pod"));
+    let (bstaging, btarget) = (d.path("bstaging"), d.path("bpod"));
+    std::fs::create_dir_all(&staging).unwrap();
+    std::fs::create_dir_all(&bstaging).unwrap();
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    json_of(&csi(&d, &["stage", &fs_id, "--staging-path", &s(&staging)]));
+    assert_eq!(state_of("fs"), "staged");
+    json_of(&csi(
+        &d,
+        &[
+            "publish",
+            &fs_id,
+            "--staging-path",
+            &s(&staging),
+            "--target-path",
+            &s(&target),
+        ],
+    ));
+    assert_eq!(state_of("fs"), "published");
+
+    json_of(&csi(
+        &d,
+        &["stage", &blk_id, "--staging-path", &s(&bstaging), "--block"],
+    ));
+    assert!(bstaging.is_dir() && std::fs::read_dir(&bstaging).unwrap().next().is_none());
+    assert_eq!(state_of("blk"), "staged");
+    json_of(&csi(
+        &d,
+        &[
+            "publish",
+            &blk_id,
+            "--staging-path",
+            &s(&bstaging),
+            "--target-path",
+            &s(&btarget),
+            "--block",
+        ],
+    ));
+    use std::os::unix::fs::FileTypeExt;
+    assert!(std::fs::metadata(&btarget)
+        .unwrap()
+        .file_type()
+        .is_block_device());
+    assert_eq!(state_of("blk"), "published");
+
+    // A snapshot holds the filesystem frozen (the test flag keeps it so for a minute).
+    let _thaw = ThawOnDrop(staging.clone());
+    let ep = format!("unix://{}", d.socket.display());
+    let mut snap = Command::new(env!("CARGO_BIN_EXE_loopvol"))
+        .args([
+            "csi",
+            "--endpoint",
+            &ep,
+            "snapshot",
+            "--name",
+            "held",
+            "--source",
+            &fs_id,
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while !state_of("fs").contains("frozen") {
+        assert!(t0.elapsed().as_secs() < 20, "no freeze began");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(state_of("fs"), "published, frozen for a copy");
+
+    // The driver and its guardian are killed mid-freeze: the filesystem stays frozen.
+    for g in guardians_of(d.pid()) {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(g),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+    }
+    d.kill9();
+    let _ = snap.wait();
+    assert_eq!(state_of("fs"), "published, frozen, its loopvol died");
+    let status = text(&loopvol(&["status", "--pool-dir", &pool]).stdout);
+    assert!(
+        status.contains("published, frozen, its loopvol died"),
+        "{status}"
+    );
+    let json = json_of(&loopvol(&["status", "-o", "json", "--pool-dir", &pool]));
+    let staged = json["staged"].as_array().unwrap();
+    let fs_view = staged
+        .iter()
+        .find(|v| v["volume_id"] == fs_id.as_str())
+        .unwrap();
+    assert_eq!(fs_view["frozen"], "frozen, its loopvol died", "{json}");
+    assert_eq!(fs_view["published"], true, "{json}");
+
+    // A restarted driver thaws it before serving; then everything comes apart by hand.
+    d.spawn().await;
+    assert_eq!(state_of("fs"), "published");
+    for (id, st, tg) in [(&fs_id, &staging, &target), (&blk_id, &bstaging, &btarget)] {
+        json_of(&csi(&d, &["unpublish", id, "--target-path", &s(tg)]));
+        json_of(&csi(&d, &["unstage", id, "--staging-path", &s(st)]));
+        json_of(&csi(&d, &["delete-volume", id]));
+    }
+}

@@ -63,7 +63,7 @@ pub fn collect(pool_dir: &Path, id_or_name: &str) -> anyhow::Result<Inspection> 
     let id = v.record.id.as_str();
     let staged = node_state::load(&pool_dir.join("node"), &v.hex)
         .map_err(|e| anyhow!("{e}"))?
-        .map(|s| staged_view(&l, &v.hex, s));
+        .map(|s| staged_view(&l, &pool_dir.join("node"), &v.hex, s));
     Ok(Inspection {
         record: v.record.clone(),
         created: super::output::rfc3339(v.record.created_unix),
@@ -115,7 +115,7 @@ fn print_table(i: &Inspection) {
     match &i.staged {
         Some(s) => println!(
             "staged       {} at {} ({}, read-only {})",
-            s.state,
+            s.summary(),
             s.staging_path.display(),
             s.access,
             yes_no(s.read_only)
