@@ -403,6 +403,27 @@ async fn csi_client_clones_restores_lists_snapshots_and_reports_capacity() {
         Some(2),
         "a blank volume needs --size"
     );
+    // The same name with another source: the conflict names the source in words.
+    let other = csi(
+        &d,
+        &[
+            "create-volume",
+            "--name",
+            "clone",
+            "--from-snapshot",
+            &snap_id,
+        ],
+    );
+    let err = text(&other.stderr);
+    assert!(
+        err.starts_with("ALREADY_EXISTS")
+            && err.contains(&format!("content source volume {src_id}")),
+        "{err}"
+    );
+    assert!(
+        !err.contains("Some(") && !err.contains("Volume(\""),
+        "{err}"
+    );
     let all = json_of(&csi(&d, &["list-volumes"]));
     assert_eq!(all.as_array().unwrap().len(), 3, "{all}");
     let both = csi(
@@ -657,6 +678,13 @@ async fn volume_list_and_status_say_staged_published_and_frozen() {
     ));
     let blk_id = blk["volume_id"].as_str().unwrap().to_string();
     assert_eq!(state_of("fs"), "-");
+    // A raw block volume has no filesystem: none in its context, `block` in the list.
+    assert!(blk["volume_context"].get("fsType").is_none(), "{blk}");
+    assert_eq!(fs["volume_context"]["fsType"], "ext4", "{fs}");
+    let table = text(&loopvol(&["volume", "list", "--pool-dir", &pool]).stdout);
+    let fs_col = table.lines().next().unwrap().find("FS").unwrap();
+    let row = table.lines().find(|l| l.contains("blk")).unwrap();
+    assert!(row[fs_col..].starts_with("block "), "{table}");
 
     let (staging, target) = (d.path("staging"), d.path("pod"));
     let (bstaging, btarget) = (d.path("bstaging"), d.path("bpod"));
@@ -665,6 +693,21 @@ async fn volume_list_and_status_say_staged_published_and_frozen() {
     let s = |p: &Path| p.to_str().unwrap().to_string();
     json_of(&csi(&d, &["stage", &fs_id, "--staging-path", &s(&staging)]));
     assert_eq!(state_of("fs"), "staged");
+    // A conflicting stage is explained in words, not in Rust's Debug of the capability.
+    let again = csi(
+        &d,
+        &["stage", &fs_id, "--staging-path", &s(&staging), "--block"],
+    );
+    let err = text(&again.stderr);
+    assert!(
+        err.starts_with("ALREADY_EXISTS")
+            && err.contains("as ext4 filesystem, and this request asks for raw block"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("Mount {") && !err.contains("flags: ["),
+        "{err}"
+    );
     json_of(&csi(
         &d,
         &[

@@ -113,7 +113,7 @@ fn volume_list_in(dir: &Path, output: ListOutput) -> anyhow::Result<()> {
                 r.id.clone(),
                 r.name.clone(),
                 bytes(r.size_bytes),
-                r.fs_type.to_string(),
+                r.fs_label(),
                 r.allocation.as_str().to_string(),
                 v.state.clone(),
             ];
@@ -121,7 +121,7 @@ fn volume_list_in(dir: &Path, output: ListOutput) -> anyhow::Result<()> {
                 row.push(v.allocated_bytes.map(bytes).unwrap_or_else(|| "-".into()));
                 row.push(v.created.clone());
                 row.push(match &r.source {
-                    Some(s) => format!("{s:?}"),
+                    Some(s) => s.to_string(),
                     None => "-".into(),
                 });
             }

@@ -97,12 +97,12 @@ fn print_table(i: &Inspection) {
         bytes(r.size_bytes),
         r.size_bytes
     );
-    println!("filesystem   {}", r.fs_type);
+    println!("filesystem   {}", r.fs_label());
     println!("allocation   {}", r.allocation.as_str());
     println!("io limits    {}", r.io_limits.describe());
     println!("created      {}", super::output::rfc3339(r.created_unix));
     if let Some(src) = &r.source {
-        println!("source       {src:?}");
+        println!("source       {src}");
     }
     match (i.image_present, i.allocated_bytes) {
         (true, Some(a)) => println!(
