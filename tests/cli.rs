@@ -725,7 +725,13 @@ async fn volume_list_and_status_say_staged_published_and_frozen() {
         &d,
         &["stage", &blk_id, "--staging-path", &s(&bstaging), "--block"],
     ));
+    // As `csi stage --help` says: nothing is made at a block volume's staging path.
     assert!(bstaging.is_dir() && std::fs::read_dir(&bstaging).unwrap().next().is_none());
+    let help = text(&loopvol(&["csi", "stage", "--help"]).stdout);
+    assert!(
+        help.contains("for a block volume nothing is made there"),
+        "{help}"
+    );
     assert_eq!(state_of("blk"), "staged");
     json_of(&csi(
         &d,

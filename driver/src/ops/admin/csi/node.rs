@@ -8,7 +8,9 @@ pub enum NodeRpc {
     Stage {
         /// The volume ID.
         id: String,
-        /// An existing directory to mount the volume on (block volumes: a file is made there).
+        /// An existing directory: a mount volume's filesystem is mounted on it; for a block
+        /// volume nothing is made there (the device is attached, and publish binds it onto a
+        /// file at --target-path).
         #[arg(long)]
         staging_path: PathBuf,
         #[command(flatten)]
@@ -21,7 +23,8 @@ pub enum NodeRpc {
         /// Where the volume was staged.
         #[arg(long)]
         staging_path: PathBuf,
-        /// Where to make the volume appear (created if missing).
+        /// Where to make the volume appear, created if missing: a directory, or for a block
+        /// volume a file the device is bound onto.
         #[arg(long)]
         target_path: PathBuf,
         /// Publish read-only.
