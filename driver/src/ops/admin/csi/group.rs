@@ -2,6 +2,8 @@
 
 use super::*;
 
+// The variants name the commands (`create-group-snapshot`...), so they share a postfix.
+#[allow(clippy::enum_variant_names)]
 #[derive(Debug, clap::Subcommand)]
 pub enum GroupRpc {
     /// CreateVolumeGroupSnapshot: snapshot several volumes of one node at one instant.

@@ -3,6 +3,8 @@
 
 use super::*;
 
+// The variants name the commands (`create-group-snapshot`...), so they share a postfix.
+#[allow(clippy::enum_variant_names)]
 #[derive(Debug, clap::Subcommand)]
 pub enum HealthRpc {
     /// ControllerGetVolumeHealth: what is known to be wrong with one volume (empty: nothing).
