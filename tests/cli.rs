@@ -96,6 +96,62 @@ fn sizes_are_kubernetes_quantities_and_zero_or_units_like_gb_are_refused() {
             text(&bad.stderr)
         );
     }
+    // One parser for every --size: `--size -1` reaches it (not "unexpected argument"), every
+    // value above the largest volume gets the same words and the same exit status whether or
+    // not it fits in 64 bits, and white space is refused as Kubernetes refuses it.
+    let csi_size = |flag: &str, size: &str| {
+        loopvol(&[
+            "csi",
+            "--endpoint",
+            "unix:///nonexistent/csi.sock",
+            flag,
+            "vol-00000000000000000000@n",
+            "--size",
+            size,
+        ])
+    };
+    for size in [
+        "-1",
+        "-1Gi",
+        " 1Gi",
+        "1Gi ",
+        "17Ti",
+        "8Ei",
+        "99999999999999999999",
+    ] {
+        let create = run_in(
+            t.path(),
+            &["volume", "create", "--name", "bad", "--size", size],
+        );
+        let mut csi_create = vec!["csi", "create-volume", "--name", "bad", "--size", size];
+        csi_create.splice(1..1, ["--endpoint", "unix:///nonexistent/csi.sock"]);
+        for (what, o) in [
+            ("volume create", create),
+            ("csi create-volume", loopvol(&csi_create)),
+            ("csi expand", csi_size("expand", size)),
+        ] {
+            let err = text(&o.stderr);
+            assert_eq!(o.status.code(), Some(2), "{what} --size {size:?}: {err}");
+            assert!(
+                err.contains(&format!("invalid value '{size}' for '--size <SIZE>'")),
+                "{what} --size {size:?}: {err}"
+            );
+            let why = if size.trim().starts_with('-') {
+                "it is negative".to_string()
+            } else if size.contains(' ') {
+                "it contains white space".to_string()
+            } else {
+                format!("{size:?} is too large: the most is 16.0 TiB")
+            };
+            assert!(err.contains(&why), "{what} --size {size:?}: {err}");
+        }
+    }
+    assert!(!t.path().join("pool/volumes").read_dir().unwrap().any(|e| e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .contains("bad")));
+
     // 10G is a quantity (decimal): accepted as exactly 10^10 bytes.
     assert_eq!(loopvol::cli::parse_size("10G").unwrap(), 10_000_000_000);
     assert_eq!(loopvol::cli::parse_size("1e3").unwrap(), 1000);
@@ -122,7 +178,10 @@ fn errors_are_one_line_without_a_backtrace_even_with_rust_backtrace() {
     let out = run_in(t.path(), &["volume", "inspect", id]);
     assert_eq!(out.status.code(), Some(1));
     let err = text(&out.stderr);
-    assert!(err.starts_with("error: volume vol-0"), "{err}");
+    assert!(
+        err.starts_with("error: no volume with the ID or name"),
+        "{err}"
+    );
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
     assert!(!err.to_lowercase().contains("backtrace"), "{err}");
 }
@@ -204,6 +263,19 @@ fn inspect_prints_rfc3339_times() {
         "{out}"
     );
     assert!(!out.contains("unix time"), "{out}");
+
+    // Names are unique in a pool: the name finds the same volume as the ID.
+    let by_name = run_in(t.path(), &["volume", "inspect", "when", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&by_name.stdout)
+        .unwrap_or_else(|_| panic!("{}", text(&by_name.stderr)));
+    assert_eq!(v["record"]["id"], id.as_str(), "{v}");
+    let unknown = run_in(t.path(), &["volume", "inspect", "nobody"]);
+    assert_eq!(unknown.status.code(), Some(1));
+    assert!(
+        text(&unknown.stderr).contains("no volume with the ID or name \"nobody\""),
+        "{}",
+        text(&unknown.stderr)
+    );
 }
 
 #[test]
@@ -296,6 +368,12 @@ async fn csi_client_clones_restores_lists_snapshots_and_reports_capacity() {
 
     let snap = json_of(&csi(&d, &["snapshot", "--name", "s1", "--source", &src_id]));
     let snap_id = snap["snapshot_id"].as_str().unwrap().to_string();
+    // One time format for a snapshot, whichever command printed it.
+    assert!(
+        snap["creation_time"].as_str().unwrap().ends_with('Z'),
+        "{snap}"
+    );
+    assert!(snap.get("creation_time_unix").is_none(), "{snap}");
     let listed = json_of(&csi(&d, &["list-snapshots", "--source", &src_id]));
     assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
     assert_eq!(listed[0]["snapshot_id"], snap_id.as_str());
@@ -313,18 +391,39 @@ async fn csi_client_clones_restores_lists_snapshots_and_reports_capacity() {
             &snap_id,
         ],
     ));
+    // No --size for a clone: it is as large as its source.
     let clone = json_of(&csi(
+        &d,
+        &["create-volume", "--name", "clone", "--from-volume", &src_id],
+    ));
+    assert_eq!(clone["capacity_bytes"], 64 << 20, "{clone}");
+    let no_size = csi(&d, &["create-volume", "--name", "blank"]);
+    assert_eq!(
+        no_size.status.code(),
+        Some(2),
+        "a blank volume needs --size"
+    );
+    // The same name with another source: the conflict names the source in words.
+    let other = csi(
         &d,
         &[
             "create-volume",
             "--name",
             "clone",
-            "--size",
-            "64Mi",
-            "--from-volume",
-            &src_id,
+            "--from-snapshot",
+            &snap_id,
         ],
-    ));
+    );
+    let err = text(&other.stderr);
+    assert!(
+        err.starts_with("ALREADY_EXISTS")
+            && err.contains(&format!("content source volume {src_id}")),
+        "{err}"
+    );
+    assert!(
+        !err.contains("Some(") && !err.contains("Volume(\""),
+        "{err}"
+    );
     let all = json_of(&csi(&d, &["list-volumes"]));
     assert_eq!(all.as_array().unwrap().len(), 3, "{all}");
     let both = csi(
@@ -374,5 +473,341 @@ async fn csi_client_clones_restores_lists_snapshots_and_reports_capacity() {
     ] {
         let _ = csi(&d, &["delete-snapshot", &snap_id]);
         assert!(csi(&d, &["delete-volume", id]).status.success());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn csi_client_modifies_io_limits_takes_group_snapshots_and_reports_health() {
+    if !root_or_skip("csi_client_modifies_io_limits_takes_group_snapshots") {
+        return;
+    }
+    let d = Driver::start().await;
+    let mut ids = Vec::new();
+    for name in ["g1", "g2"] {
+        let v = json_of(&csi(
+            &d,
+            &["create-volume", "--name", name, "--size", "64Mi"],
+        ));
+        ids.push(v["volume_id"].as_str().unwrap().to_string());
+    }
+    let pool = d.pool.to_str().unwrap();
+
+    // IO limits by hand, as a VolumeAttributesClass would change them.
+    let m = json_of(&csi(
+        &d,
+        &[
+            "modify-volume",
+            &ids[0],
+            "--param",
+            "readIOPS=100",
+            "--param",
+            "writeBPS=10Mi",
+        ],
+    ));
+    assert_eq!(m["modified"], ids[0].as_str(), "{m}");
+    let inspected = loopvol(&[
+        "volume",
+        "inspect",
+        &ids[0],
+        "-o",
+        "json",
+        "--pool-dir",
+        pool,
+    ]);
+    let rec = json_of(&inspected);
+    let limits = rec["record"]["io_limits"].to_string();
+    assert!(
+        limits.contains("100") && limits.contains(&(10u64 << 20).to_string()),
+        "{rec}"
+    );
+    let bad = csi(&d, &["modify-volume", &ids[0], "--param", "speed=fast"]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(
+        text(&bad.stderr).starts_with("INVALID_ARGUMENT"),
+        "{}",
+        text(&bad.stderr)
+    );
+    assert_eq!(
+        json_of(&loopvol(&[
+            "volume",
+            "inspect",
+            &ids[0],
+            "-o",
+            "json",
+            "--pool-dir",
+            pool
+        ]))["record"]["io_limits"]
+            .to_string(),
+        limits,
+        "a refused change changed the record"
+    );
+
+    // Group snapshots: create, get, delete.
+    let g = json_of(&csi(
+        &d,
+        &[
+            "create-group-snapshot",
+            "--name",
+            "grp",
+            "--source",
+            &ids[0],
+            "--source",
+            &ids[1],
+        ],
+    ));
+    let gid = g["group_snapshot_id"].as_str().unwrap().to_string();
+    assert_eq!(g["snapshots"].as_array().unwrap().len(), 2, "{g}");
+    assert!(g["creation_time"].as_str().unwrap().ends_with('Z'), "{g}");
+    let got = json_of(&csi(&d, &["get-group-snapshot", &gid]));
+    assert_eq!(got["group_snapshot_id"], gid.as_str(), "{got}");
+    let member = got["snapshots"][0]["snapshot_id"].as_str().unwrap();
+    let one = json_of(&csi(&d, &["get-snapshot", member]));
+    assert_eq!(one["snapshot_id"], member, "{one}");
+    assert!(csi(&d, &["delete-group-snapshot", &gid]).status.success());
+    let gone = csi(&d, &["get-group-snapshot", &gid]);
+    assert!(
+        text(&gone.stderr).starts_with("NOT_FOUND"),
+        "{}",
+        text(&gone.stderr)
+    );
+    let again = csi(&d, &["delete-group-snapshot", &gid]);
+    assert_eq!(again.status.code(), Some(1));
+    assert!(
+        text(&again.stderr).contains("nothing deleted"),
+        "{}",
+        text(&again.stderr)
+    );
+
+    // Health and lookup.
+    let v = json_of(&csi(&d, &["get-volume", &ids[1]]));
+    assert_eq!(v["volume_id"], ids[1].as_str(), "{v}");
+    assert_eq!(v["capacity_bytes"], 64 << 20, "{v}");
+    let h = json_of(&csi(&d, &["volume-health", &ids[1]]));
+    assert_eq!(h["healthy"], true, "{h}");
+    let nh = json_of(&csi(&d, &["node-volume-health", &ids[1]]));
+    assert_eq!(nh["volume_id"], ids[1].as_str(), "{nh}");
+    let all = json_of(&csi(&d, &["list-volume-health"]));
+    assert!(all.as_array().is_some(), "{all}");
+    let sh = json_of(&csi(&d, &["storage-health"]));
+    assert_eq!(sh["healthy"], true, "{sh}");
+
+    for id in &ids {
+        assert!(csi(&d, &["delete-volume", id]).status.success());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_what_does_not_exist_says_not_found_and_exits_1_like_kubectl() {
+    if !root_or_skip("deleting_what_does_not_exist_says_not_found") {
+        return;
+    }
+    let d = Driver::start().await;
+    let v = json_of(&csi(
+        &d,
+        &["create-volume", "--name", "real", "--size", "64Mi"],
+    ));
+    let id = v["volume_id"].as_str().unwrap().to_string();
+    let foreign = id.replace(&format!("@{NODE}"), "@another-node");
+    for (rpc, missing) in [
+        ("delete-volume", "garbage"),
+        ("delete-volume", "vol-00000000000000000000@test-node"),
+        ("delete-volume", foreign.as_str()),
+        ("delete-snapshot", "snap-00000000000000000000@test-node"),
+        ("delete-group-snapshot", "garbage"),
+    ] {
+        let o = csi(&d, &[rpc, missing]);
+        let err = text(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{rpc} {missing}: {err}");
+        assert!(
+            err.starts_with("NOT_FOUND") && err.contains("nothing deleted"),
+            "{rpc} {missing}: {err}"
+        );
+        assert!(o.stdout.is_empty(), "{rpc} {missing} printed a result");
+    }
+    // The real one is untouched by all that, and deletes once; the second time it is gone.
+    let snap = json_of(&csi(&d, &["snapshot", "--name", "s", "--source", &id]));
+    let sid = snap["snapshot_id"].as_str().unwrap();
+    assert_eq!(json_of(&csi(&d, &["delete-snapshot", sid]))["deleted"], sid);
+    assert_eq!(csi(&d, &["delete-snapshot", sid]).status.code(), Some(1));
+    assert_eq!(
+        json_of(&csi(&d, &["delete-volume", &id]))["deleted"],
+        id.as_str()
+    );
+    assert_eq!(csi(&d, &["delete-volume", &id]).status.code(), Some(1));
+}
+
+/// The STATE column of `volume list` and the state `status` prints come from one derivation:
+/// staged, published (a mount volume and a raw block one), frozen for a copy in progress, and
+/// frozen by a loopvol that was killed mid-freeze, which `status` used to call plain "staged".
+/// Block staging makes nothing at the staging path, as `csi stage --help` says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volume_list_and_status_say_staged_published_and_frozen() {
+    if !root_or_skip("volume_list_and_status_say_staged_published_and_frozen") {
+        return;
+    }
+    let mut d = Driver::start_with(&["--test-freeze-hold-ms", "60000"]).await;
+    let pool = d.pool.to_str().unwrap().to_string();
+    let state_of = |name: &str| -> String {
+        let out = loopvol(&["volume", "list", "-o", "json", "--pool-dir", &pool]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == name)
+            .unwrap()["state"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let fs = json_of(&csi(
+        &d,
+        &["create-volume", "--name", "fs", "--size", "64Mi"],
+    ));
+    let fs_id = fs["volume_id"].as_str().unwrap().to_string();
+    let blk = json_of(&csi(
+        &d,
+        &[
+            "create-volume",
+            "--name",
+            "blk",
+            "--size",
+            "64Mi",
+            "--block",
+        ],
+    ));
+    let blk_id = blk["volume_id"].as_str().unwrap().to_string();
+    assert_eq!(state_of("fs"), "-");
+    // A raw block volume has no filesystem: none in its context, `block` in the list.
+    assert!(blk["volume_context"].get("fsType").is_none(), "{blk}");
+    assert_eq!(fs["volume_context"]["fsType"], "ext4", "{fs}");
+    let table = text(&loopvol(&["volume", "list", "--pool-dir", &pool]).stdout);
+    let fs_col = table.lines().next().unwrap().find("FS").unwrap();
+    let row = table.lines().find(|l| l.contains("blk")).unwrap();
+    assert!(row[fs_col..].starts_with("block "), "{table}");
+
+    let (staging, target) = (d.path("staging"), d.path("pod"));
+    let (bstaging, btarget) = (d.path("bstaging"), d.path("bpod"));
+    std::fs::create_dir_all(&staging).unwrap();
+    std::fs::create_dir_all(&bstaging).unwrap();
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    json_of(&csi(&d, &["stage", &fs_id, "--staging-path", &s(&staging)]));
+    assert_eq!(state_of("fs"), "staged");
+    // A conflicting stage is explained in words, not in Rust's Debug of the capability.
+    let again = csi(
+        &d,
+        &["stage", &fs_id, "--staging-path", &s(&staging), "--block"],
+    );
+    let err = text(&again.stderr);
+    assert!(
+        err.starts_with("ALREADY_EXISTS")
+            && err.contains("as ext4 filesystem, and this request asks for raw block"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("Mount {") && !err.contains("flags: ["),
+        "{err}"
+    );
+    json_of(&csi(
+        &d,
+        &[
+            "publish",
+            &fs_id,
+            "--staging-path",
+            &s(&staging),
+            "--target-path",
+            &s(&target),
+        ],
+    ));
+    assert_eq!(state_of("fs"), "published");
+
+    json_of(&csi(
+        &d,
+        &["stage", &blk_id, "--staging-path", &s(&bstaging), "--block"],
+    ));
+    // As `csi stage --help` says: nothing is made at a block volume's staging path.
+    assert!(bstaging.is_dir() && std::fs::read_dir(&bstaging).unwrap().next().is_none());
+    let help = text(&loopvol(&["csi", "stage", "--help"]).stdout);
+    assert!(
+        help.contains("for a block volume nothing is made there"),
+        "{help}"
+    );
+    assert_eq!(state_of("blk"), "staged");
+    json_of(&csi(
+        &d,
+        &[
+            "publish",
+            &blk_id,
+            "--staging-path",
+            &s(&bstaging),
+            "--target-path",
+            &s(&btarget),
+            "--block",
+        ],
+    ));
+    use std::os::unix::fs::FileTypeExt;
+    assert!(std::fs::metadata(&btarget)
+        .unwrap()
+        .file_type()
+        .is_block_device());
+    assert_eq!(state_of("blk"), "published");
+
+    // A snapshot holds the filesystem frozen (the test flag keeps it so for a minute).
+    let _thaw = ThawOnDrop(staging.clone());
+    let ep = format!("unix://{}", d.socket.display());
+    let mut snap = Command::new(env!("CARGO_BIN_EXE_loopvol"))
+        .args([
+            "csi",
+            "--endpoint",
+            &ep,
+            "snapshot",
+            "--name",
+            "held",
+            "--source",
+            &fs_id,
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while !state_of("fs").contains("frozen") {
+        assert!(t0.elapsed().as_secs() < 20, "no freeze began");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(state_of("fs"), "published, frozen for a copy");
+
+    // The driver and its guardian are killed mid-freeze: the filesystem stays frozen.
+    for g in guardians_of(d.pid()) {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(g),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+    }
+    d.kill9();
+    let _ = snap.wait();
+    assert_eq!(state_of("fs"), "published, frozen, its loopvol died");
+    let status = text(&loopvol(&["status", "--pool-dir", &pool]).stdout);
+    assert!(
+        status.contains("published, frozen, its loopvol died"),
+        "{status}"
+    );
+    let json = json_of(&loopvol(&["status", "-o", "json", "--pool-dir", &pool]));
+    let staged = json["staged"].as_array().unwrap();
+    let fs_view = staged
+        .iter()
+        .find(|v| v["volume_id"] == fs_id.as_str())
+        .unwrap();
+    assert_eq!(fs_view["frozen"], "frozen, its loopvol died", "{json}");
+    assert_eq!(fs_view["published"], true, "{json}");
+
+    // A restarted driver thaws it before serving; then everything comes apart by hand.
+    d.spawn().await;
+    assert_eq!(state_of("fs"), "published");
+    for (id, st, tg) in [(&fs_id, &staging, &target), (&blk_id, &bstaging, &btarget)] {
+        json_of(&csi(&d, &["unpublish", id, "--target-path", &s(tg)]));
+        json_of(&csi(&d, &["unstage", id, "--staging-path", &s(st)]));
+        json_of(&csi(&d, &["delete-volume", id]));
     }
 }

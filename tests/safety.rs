@@ -145,19 +145,6 @@ async fn take_down(c: &mut Ctl, n: &mut Nod, v: &Staged) {
 // ---------------------------------------------------------------------------------------------
 // Finding 1: freezes never outlive the driver.
 
-/// Thaws `mount` on drop, so a test that fails while its volume is frozen still lets its
-/// writer finish and its cleanup unmount (errors ignored: normally it is not frozen).
-struct ThawOnDrop(PathBuf);
-
-impl Drop for ThawOnDrop {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("fsfreeze")
-            .arg("-u")
-            .arg(&self.0)
-            .output();
-    }
-}
-
 /// A process writing through a published volume, 4 KiB and an fdatasync at a time, recording
 /// when each write completed. A frozen filesystem stops it in D state until thawed.
 struct Writer {
@@ -232,26 +219,6 @@ fn markers(pool: &Path) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
-}
-
-/// The driver's `freeze-guard` children.
-fn guardians_of(pid: u32) -> Vec<i32> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(p) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
-        let ppid = stat
-            .rsplit_once(") ")
-            .and_then(|(_, rest)| rest.split(' ').nth(1))
-            .and_then(|v| v.parse::<u32>().ok());
-        let cmd = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
-        if ppid == Some(pid) && String::from_utf8_lossy(&cmd).contains("freeze-guard") {
-            out.push(p);
-        }
-    }
-    out
 }
 
 enum Copy {

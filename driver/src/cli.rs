@@ -199,7 +199,9 @@ pub enum VolumeCommand {
     Inspect {
         #[command(flatten)]
         pool: PoolArgs,
-        /// The volume ID, `vol-<20 hex>@<node>`.
+        /// The volume ID, `vol-<20 hex>@<node>`, or its name (unique in a pool: the PVC's
+        /// `pvc-<uid>`, or the name given to `volume create`).
+        #[arg(value_name = "ID|NAME")]
         id: String,
         /// Output format.
         #[arg(long, short = 'o', value_enum, default_value_t)]

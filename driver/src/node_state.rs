@@ -19,6 +19,26 @@ pub enum StagedAccess {
     Block,
 }
 
+/// For people, in errors: `raw block`, `xfs filesystem`, `ext4 filesystem with mount flags
+/// noatime`.
+impl std::fmt::Display for StagedAccess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StagedAccess::Block => f.write_str("raw block"),
+            StagedAccess::Mount { fs_type, flags } if flags.is_empty() => {
+                write!(f, "{fs_type} filesystem")
+            }
+            StagedAccess::Mount { fs_type, flags } => {
+                write!(
+                    f,
+                    "{fs_type} filesystem with mount flags {}",
+                    flags.join(",")
+                )
+            }
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Staged {
     pub volume_id: String,

@@ -7,12 +7,30 @@
 //! count whole things (bytes), so a value that is not a whole number (`1.5` bytes, `100m`) is
 //! refused instead of rounded.
 
-/// Parse `s` as a non-negative whole quantity.
-pub fn parse_whole(s: &str) -> Result<u64, String> {
-    let bad = |why: &str| Err(format!("{s:?} is not a quantity like 100Mi or 1.5G: {why}"));
-    let t = s.trim();
+/// Why a string is not a whole quantity. Too large is its own case, so that a caller with a
+/// smaller maximum of its own says one thing for every value above it, whether or not the
+/// value fits in 64 bits.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QuantityError {
+    #[error("{0:?} is not a quantity like 100Mi or 1.5G: {1}")]
+    Malformed(String, &'static str),
+    #[error("{0:?} is not a quantity like 100Mi or 1.5G: unknown suffix {1:?}")]
+    UnknownSuffix(String, String),
+    #[error("{0:?} is too large: the most is {max} bytes", max = u64::MAX)]
+    TooLarge(String),
+}
+
+/// Parse `s` as a non-negative whole quantity. No white space, as in Kubernetes: `" 1Gi"` is
+/// refused, not quietly trimmed.
+pub fn parse_whole(s: &str) -> Result<u64, QuantityError> {
+    let bad = |why: &'static str| Err(QuantityError::Malformed(s.to_string(), why));
+    let too_large = || Err(QuantityError::TooLarge(s.to_string()));
+    let t = s;
     if t.is_empty() {
         return bad("it is empty");
+    }
+    if t.contains(char::is_whitespace) {
+        return bad("it contains white space");
     }
     if t.starts_with('-') {
         return bad("it is negative");
@@ -38,7 +56,7 @@ pub fn parse_whole(s: &str) -> Result<u64, String> {
             .and_then(|m| m.checked_add(u128::from(d - b'0')))
         {
             Some(m) => m,
-            None => return bad("it is too large"),
+            None => return too_large(),
         };
     }
     let mut exp10: i64 = -(frac_part.len() as i64);
@@ -64,16 +82,21 @@ pub fn parse_whole(s: &str) -> Result<u64, String> {
             Ok(x) if (-40..=40).contains(&x) => exp10 += x,
             _ => return bad("its exponent is not a small integer"),
         },
-        other => return bad(&format!("unknown suffix {other:?}")),
+        other => {
+            return Err(QuantityError::UnknownSuffix(
+                s.to_string(),
+                other.to_string(),
+            ))
+        }
     }
     let mut value = match mantissa.checked_mul(1u128 << exp2) {
         Some(v) => v,
-        None => return bad("it is too large"),
+        None => return too_large(),
     };
     while exp10 > 0 {
         value = match value.checked_mul(10) {
             Some(v) => v,
-            None => return bad("it is too large"),
+            None => return too_large(),
         };
         exp10 -= 1;
     }
@@ -84,7 +107,7 @@ pub fn parse_whole(s: &str) -> Result<u64, String> {
         value /= 10;
         exp10 += 1;
     }
-    u64::try_from(value).or_else(|_| bad("it is too large"))
+    u64::try_from(value).or_else(|_| too_large())
 }
 
 #[cfg(test)]
@@ -129,8 +152,23 @@ mod tests {
             ".",
             "18446744073709551616",
             "99999999999Ei",
+            " 1Gi",
+            "1Gi ",
+            "1 Gi",
         ] {
             assert!(parse_whole(s).is_err(), "{s:?} accepted");
+        }
+        for s in [
+            "18446744073709551616",
+            "99999999999Ei",
+            "1e40",
+            "99999999999999999999",
+        ] {
+            assert_eq!(
+                parse_whole(s),
+                Err(QuantityError::TooLarge(s.into())),
+                "{s}"
+            );
         }
     }
 }

@@ -18,6 +18,16 @@ pub enum ContentSource {
     Volume(String),
 }
 
+/// For people: `snapshot snap-…@node` or `volume vol-…@node`.
+impl std::fmt::Display for ContentSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ContentSource::Snapshot(id) => write!(f, "snapshot {id}"),
+            ContentSource::Volume(id) => write!(f, "volume {id}"),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VolumeRecord {
     pub format: u32,
@@ -33,6 +43,23 @@ pub struct VolumeRecord {
     /// ControllerModifyVolume. Absent in records written before limits existed.
     #[serde(default, skip_serializing_if = "IoLimits::is_empty")]
     pub io_limits: IoLimits,
+    /// Created for raw block access only (no capability asked for a filesystem): `fs_type` is
+    /// then only what a later mount stage would make, and the volume is shown without one.
+    /// Absent (false) in records written before it existed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub block_only: bool,
+}
+
+impl VolumeRecord {
+    /// The filesystem as people should see it: `block` for a volume created for raw block
+    /// access, which has none.
+    pub fn fs_label(&self) -> String {
+        if self.block_only {
+            "block".to_string()
+        } else {
+            self.fs_type.to_string()
+        }
+    }
 }
 
 /// A snapshot: an immutable copy of a volume's image at one instant, independent of the volume

@@ -544,3 +544,36 @@ pub fn hex_of(id: &str) -> String {
         .expect("a loopvol volume id")
         .hex
 }
+
+/// Thaws `mount` on drop, so a test that fails while its volume is frozen still lets its
+/// writer finish and its cleanup unmount (errors ignored: normally it is not frozen).
+pub struct ThawOnDrop(pub PathBuf);
+
+impl Drop for ThawOnDrop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("fsfreeze")
+            .arg("-u")
+            .arg(&self.0)
+            .output();
+    }
+}
+
+/// The driver's `freeze-guard` children.
+pub fn guardians_of(pid: u32) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(p) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+        let ppid = stat
+            .rsplit_once(") ")
+            .and_then(|(_, rest)| rest.split(' ').nth(1))
+            .and_then(|v| v.parse::<u32>().ok());
+        let cmd = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+        if ppid == Some(pid) && String::from_utf8_lossy(&cmd).contains("freeze-guard") {
+            out.push(p);
+        }
+    }
+    out
+}

@@ -54,10 +54,14 @@ fn to_volume(r: &VolumeRecord) -> Volume {
     Volume {
         capacity_bytes: r.size_bytes as i64,
         volume_id: r.id.clone(),
-        volume_context: HashMap::from([
-            ("fsType".to_string(), r.fs_type.to_string()),
-            ("allocation".to_string(), r.allocation.as_str().to_string()),
-        ]),
+        // A raw block volume has no filesystem to name.
+        volume_context: [
+            (!r.block_only).then(|| ("fsType".to_string(), r.fs_type.to_string())),
+            Some(("allocation".to_string(), r.allocation.as_str().to_string())),
+        ]
+        .into_iter()
+        .flatten()
+        .collect(),
         content_source: r.source.as_ref().map(content_source),
         accessible_topology: vec![topology(&node)],
     }

@@ -105,7 +105,7 @@ pub fn publish(
         }
         _ => {
             return Err(Error::FailedPrecondition(format!(
-                "volume {id} was staged for {:?} access but publish asks for another access type",
+                "volume {id} was staged as {} but publish asks for another access type",
                 state.access
             )))
         }
@@ -132,7 +132,8 @@ fn single_writer_check(
     if !published.is_empty() {
         return Err(Error::FailedPrecondition(format!(
             "volume {id} has access mode SINGLE_NODE_SINGLE_WRITER and is already published at \
-             {published:?}"
+             {}",
+            crate::shared::paths_list(&published)
         )));
     }
     Ok(())

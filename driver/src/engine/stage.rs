@@ -52,10 +52,12 @@ pub fn stage(d: &Engine, id: &str, staging: &Path, cap: &Checked) -> Result<()> 
                 if staged_at(&prev, staging, &l, &mounts)? {
                     if prev.access != want.access || prev.read_only != want.read_only {
                         return Err(Error::AlreadyExists(format!(
-                            "volume {id} is staged at {} with a different capability ({:?}, read-only {})",
+                            "volume {id} is staged at {} as {}{}, and this request asks for {}{}",
                             staging.display(),
                             prev.access,
-                            prev.read_only
+                            if prev.read_only { ", read-only" } else { "" },
+                            want.access,
+                            if want.read_only { ", read-only" } else { "" },
                         )));
                     }
                     return rehome(d, &vol, &mut prev, staging, &l);

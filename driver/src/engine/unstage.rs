@@ -64,7 +64,8 @@ pub fn unstage(d: &Engine, id: &str, staging: &Path) -> Result<()> {
             let binds = device_binds(all, l);
             if !binds.is_empty() {
                 return Err(Error::FailedPrecondition(format!(
-                    "block volume {id} is still published at {binds:?}; unpublish it first"
+                    "block volume {id} is still published at {}; unpublish it first",
+                    crate::shared::paths_list(&binds)
                 )));
             }
             let elsewhere = other_mounts_of(all, l, staged_mount.as_ref());
@@ -146,8 +147,9 @@ pub fn unstage(d: &Engine, id: &str, staging: &Path) -> Result<()> {
 
 fn still_mounted(id: &str, at: &[PathBuf], staging: &Path) -> Error {
     Error::FailedPrecondition(format!(
-        "volume {id} is still mounted at {at:?}, not only at {}; unpublish it first (not \
+        "volume {id} is still mounted at {}, not only at {}; unpublish it first (not \
          detaching it)",
+        crate::shared::paths_list(at),
         staging.display()
     ))
 }

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use crate::shared::units::{parse_overcommit_ratio, parse_size};
+use crate::shared::units::{parse_overcommit_ratio, parse_pool_bytes, parse_size};
 
 #[derive(Debug, Clone, Args)]
 pub struct PoolArgs {
@@ -19,7 +19,8 @@ pub struct PoolArgs {
     pub overcommit_ratio: f64,
     /// The most the pool's volumes may be provisioned in total (a quantity, e.g. 500Gi), so a
     /// pool on a shared disk cannot promise all of it; unlimited when not given.
-    #[arg(long, value_name = "SIZE", value_parser = parse_size, env = "LOOPVOL_MAX_POOL_BYTES")]
+    #[arg(long, value_name = "SIZE", value_parser = parse_pool_bytes, allow_hyphen_values = true,
+          env = "LOOPVOL_MAX_POOL_BYTES")]
     pub max_pool_bytes: Option<u64>,
 }
 
@@ -31,7 +32,7 @@ pub struct VolumeCreateArgs {
     #[arg(long)]
     pub name: String,
     /// Size as a Kubernetes quantity: 10Gi, 1.5Gi, 512Mi, 10G or a number of bytes.
-    #[arg(long, value_parser = parse_size)]
+    #[arg(long, value_parser = parse_size, allow_hyphen_values = true)]
     pub size: u64,
     /// Filesystem to format the volume with on first stage: ext4, xfs or btrfs.
     #[arg(long, default_value = "ext4")]

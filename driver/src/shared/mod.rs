@@ -52,3 +52,12 @@ pub fn root_or_skip(test: &str) -> bool {
     eprintln!("SKIP {test}: needs root");
     false
 }
+
+/// Paths for a person reading an error: `/a, /b`, not Rust's `["/a", "/b"]`.
+pub fn paths_list(paths: &[PathBuf]) -> String {
+    paths
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}

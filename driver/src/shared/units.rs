@@ -17,11 +17,24 @@ pub fn bytes(n: u64) -> String {
     }
 }
 
-/// A size as Kubernetes writes a quantity (`10Gi`, `1.5Gi`, `500M`, `1e9`, `4096`), parsed
-/// exactly by the same code that reads StorageClass parameters; not zero. `10GB` is not a
-/// Kubernetes quantity and is refused with the two spellings that are.
+/// A volume size as Kubernetes writes a quantity (`10Gi`, `1.5Gi`, `500M`, `1e9`, `4096`),
+/// parsed exactly by the same code that reads StorageClass parameters; not zero, not above
+/// loopvol's largest volume (16 TiB). Every `--size` goes through here, so every malformed or
+/// out-of-range value gets one wording and one exit status (the argument parser's, 2), however
+/// large it is: `17Ti`, `8Ei` and `99999999999999999999` alike. `10GB` is not a Kubernetes
+/// quantity and is refused with the two spellings that are.
 pub fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
+    parse_bytes(s, provisioner::size::MAX_SIZE, "loopvol's largest volume")
+}
+
+/// A pool-wide byte count (`--max-pool-bytes`): a quantity as [`parse_size`] reads it, up to
+/// what a CSI message can carry.
+pub fn parse_pool_bytes(s: &str) -> Result<u64, String> {
+    parse_bytes(s, i64::MAX as u64, "the largest size CSI can carry")
+}
+
+fn parse_bytes(s: &str, max: u64, what_max: &str) -> Result<u64, String> {
+    use provisioner::quantity::{parse_whole, QuantityError};
     if let Some(stem) = s
         .strip_suffix('B')
         .filter(|t| t.ends_with(char::is_alphabetic))
@@ -30,9 +43,18 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
             "{s:?} is not a Kubernetes quantity: write {stem} (powers of 1000) or {stem}i (powers of 1024)"
         ));
     }
-    match provisioner::quantity::parse_whole(s)? {
-        0 => Err("a size of 0 is not a volume; give e.g. 1Gi".into()),
-        n => Ok(n),
+    let too_large = || {
+        format!(
+            "{s:?} is too large: the most is {} ({max} bytes, {what_max})",
+            bytes(max)
+        )
+    };
+    match parse_whole(s) {
+        Err(QuantityError::TooLarge(_)) => Err(too_large()),
+        Err(e) => Err(e.to_string()),
+        Ok(0) => Err("a size of 0 is not a volume; give e.g. 1Gi".into()),
+        Ok(n) if n > max => Err(too_large()),
+        Ok(n) => Ok(n),
     }
 }
 
@@ -64,6 +86,32 @@ mod tests {
         assert!(parse_size("1Qi").is_err());
         assert!(parse_size("abc").is_err());
         assert!(parse_size("99999999999999Ti").is_err());
+        assert_eq!(parse_size("16Ti").unwrap(), 16 << 40);
+    }
+
+    #[test]
+    fn every_size_out_of_range_gets_the_same_words() {
+        for s in ["17Ti", "8Ei", "99999999999999999999", "1e40", "16Ti+1"] {
+            let e = parse_size(s).unwrap_err();
+            if s == "16Ti+1" {
+                assert!(e.contains("unknown suffix"), "{s}: {e}");
+                continue;
+            }
+            assert_eq!(
+                e,
+                format!(
+                    "{s:?} is too large: the most is 16.0 TiB ({} bytes, loopvol's largest volume)",
+                    16u64 << 40
+                )
+            );
+        }
+        for s in [" 1Gi", "1Gi ", "-1", "-1Gi", ""] {
+            assert!(parse_size(s).is_err(), "{s:?} accepted");
+        }
+        assert_eq!(parse_pool_bytes("100Ti").unwrap(), 100 << 40);
+        assert!(parse_pool_bytes("8Ei")
+            .unwrap_err()
+            .contains("is too large"));
     }
 
     #[test]

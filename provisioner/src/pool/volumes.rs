@@ -67,6 +67,7 @@ impl Pool {
             created_unix: unix_now(),
             source: req.source.clone(),
             io_limits: params.io_limits,
+            block_only: !req.needs_filesystem,
         };
         match &source {
             None => self.build_image(
@@ -396,7 +397,10 @@ pub(super) fn check_compatible(
         return conflict(format!("filesystem {}", existing.fs_type));
     }
     if existing.source != req.source {
-        return conflict(format!("content source {:?}", existing.source));
+        return conflict(match &existing.source {
+            Some(s) => format!("content source {s}"),
+            None => "no content source (a blank volume)".to_string(),
+        });
     }
     if existing.io_limits != req.params.io_limits {
         return conflict(format!("IO limits {}", existing.io_limits.describe()));

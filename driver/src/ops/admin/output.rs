@@ -75,6 +75,8 @@ struct ListedVolume<'a> {
     record: &'a provisioner::VolumeRecord,
     created: String,
     allocated_bytes: Option<u64>,
+    /// On this node: staged, published, frozen... as `status` says it; `-` when not staged.
+    state: String,
 }
 
 /// `loopvol volume list`: reads the records without the pool's lock, so it also works while a
@@ -92,13 +94,14 @@ fn volume_list_in(dir: &Path, output: ListOutput) -> anyhow::Result<()> {
             record: &v.record,
             created: rfc3339(v.record.created_unix),
             allocated_bytes: v.allocated_bytes(),
+            state: super::status::volume_state(&listing, &dir.join("node"), &v.hex),
         })
         .collect();
     if print(&serde_json::json!({ "volumes": items }), output)? {
         return Ok(());
     }
     let wide = output == ListOutput::Wide;
-    let mut header = vec!["ID", "NAME", "SIZE", "FS", "ALLOCATION"];
+    let mut header = vec!["ID", "NAME", "SIZE", "FS", "ALLOCATION", "STATE"];
     if wide {
         header.extend(["ON DISK", "CREATED", "SOURCE"]);
     }
@@ -110,14 +113,15 @@ fn volume_list_in(dir: &Path, output: ListOutput) -> anyhow::Result<()> {
                 r.id.clone(),
                 r.name.clone(),
                 bytes(r.size_bytes),
-                r.fs_type.to_string(),
+                r.fs_label(),
                 r.allocation.as_str().to_string(),
+                v.state.clone(),
             ];
             if wide {
                 row.push(v.allocated_bytes.map(bytes).unwrap_or_else(|| "-".into()));
                 row.push(v.created.clone());
                 row.push(match &r.source {
-                    Some(s) => format!("{s:?}"),
+                    Some(s) => s.to_string(),
                     None => "-".into(),
                 });
             }

@@ -75,12 +75,51 @@ pub struct StagedView {
     /// The loop device backing the volume now, if any.
     pub device: Option<PathBuf>,
     /// Where the volume's filesystem is mounted, as this process sees it (the staging path and
-    /// its publishes; mount access only).
+    /// its publishes); for block access, where the device node is bound (its publishes).
     pub mounted_at: Vec<PathBuf>,
     /// `staged`; `not attached` (after a reboot: the next NodeStageVolume restores it);
     /// `staged, mounted out of sight` (mounted only in another mount namespace); or
     /// `attached, not mounted`.
     pub state: &'static str,
+    /// Published somewhere this process can see (a mount or bind other than the staging path).
+    pub published: bool,
+    /// From the pool's freeze marker: `frozen for a copy` (a snapshot or clone is copying it
+    /// now) or `frozen, its loopvol died` (the process that froze it was killed: writes hang
+    /// until it is thawed). The kernel's own state cannot be read without disturbing it.
+    pub frozen: Option<&'static str>,
+}
+
+impl StagedView {
+    /// One phrase for the volume's state on this node, the same in `status` and `volume list`:
+    /// the staging state, `published` for a staged volume with publishes, and the freeze.
+    pub fn summary(&self) -> String {
+        let base = if self.published && self.state == "staged" {
+            "published"
+        } else {
+            self.state
+        };
+        match self.frozen {
+            Some(f) => format!("{base}, {f}"),
+            None => base.to_string(),
+        }
+    }
+}
+
+/// The state column of `volume list`: the staging record checked against the kernel as
+/// `status` shows it, or for a volume not staged here, whether a loop device still holds its
+/// image (a copy in progress, or one left behind: `doctor` says which).
+pub(crate) fn volume_state(l: &Listing, node_dir: &Path, hex: &str) -> String {
+    match node_state::load(node_dir, hex) {
+        Ok(Some(s)) => staged_view(l, node_dir, hex, s).summary(),
+        Ok(None) => match l
+            .volume(hex)
+            .and_then(|v| default_path().find(&v.image, None))
+        {
+            Some(_) => "attached, not staged".into(),
+            None => "-".into(),
+        },
+        Err(_) => "unreadable staging record".into(),
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -145,7 +184,7 @@ pub fn collect(pool_dir: &Path, overcommit_ratio: f64) -> anyhow::Result<Status>
         allocated_bytes: l.volumes.iter().filter_map(|v| v.allocated_bytes()).sum(),
         staged: node_state::all(&pool.join("node"))
             .into_iter()
-            .map(|(hex, s)| staged_view(&l, &hex, s))
+            .map(|(hex, s)| staged_view(&l, &pool.join("node"), &hex, s))
             .collect(),
         loop_devices: {
             let by_file = volumes_by_file(&l);
@@ -171,20 +210,30 @@ pub fn collect(pool_dir: &Path, overcommit_ratio: f64) -> anyhow::Result<Status>
 /// A staging record next to what the kernel says about it now: the device by the image's
 /// identity, the mounts by the device's number (a record written by a driver in another mount
 /// namespace names paths this process may not see).
-pub(crate) fn staged_view(l: &Listing, hex: &str, s: Staged) -> StagedView {
+pub(crate) fn staged_view(l: &Listing, node_dir: &Path, hex: &str, s: Staged) -> StagedView {
     let lo = l
         .volume(hex)
         .and_then(|v| default_path().find(&v.image, None));
     let mounted_at: Vec<PathBuf> = match (&lo, &s.access) {
-        (Some(lo), StagedAccess::Mount { .. }) => mount::mounts()
+        (Some(lo), access) => mount::mounts()
             .map(|all| {
-                mount::of_device(&all, lo.dev)
-                    .into_iter()
-                    .map(|m| m.mount_point.clone())
-                    .collect()
+                match access {
+                    StagedAccess::Mount { .. } => mount::of_device(&all, lo.dev),
+                    StagedAccess::Block => mount::device_node_binds(&all, lo.dev),
+                }
+                .into_iter()
+                .map(|m| m.mount_point.clone())
+                .collect()
             })
             .unwrap_or_default(),
         _ => Vec::new(),
+    };
+    let published = mounted_at.iter().any(|p| *p != s.staging_path);
+    // A freeze matters only while the filesystem is attached (a reboot thawed it).
+    let frozen = match lo.as_ref().and(crate::fs::freeze::state(node_dir, hex)) {
+        Some(crate::fs::freeze::State::Held(_)) => Some("frozen for a copy"),
+        Some(crate::fs::freeze::State::Abandoned(_)) => Some("frozen, its loopvol died"),
+        None => None,
     };
     let state = match (&lo, &s.access) {
         (None, _) => "not attached",
@@ -208,6 +257,8 @@ pub(crate) fn staged_view(l: &Listing, hex: &str, s: Staged) -> StagedView {
         device: lo.map(|li| li.device),
         mounted_at,
         state,
+        published,
+        frozen,
     }
 }
 
@@ -259,19 +310,19 @@ fn print_table(s: &Status) {
         println!("staged       none");
     } else {
         println!(
-            "{:<48} {:<6} {:<3} {:<12} {:<22} STAGING PATH",
+            "{:<48} {:<6} {:<3} {:<12} {:<36} STAGING PATH",
             "STAGED VOLUME", "ACCESS", "RO", "DEVICE", "STATE"
         );
         for v in &s.staged {
             println!(
-                "{:<48} {:<6} {:<3} {:<12} {:<22} {}",
+                "{:<48} {:<6} {:<3} {:<12} {:<36} {}",
                 v.volume_id,
                 v.access,
                 yes_no(v.read_only),
                 v.device
                     .as_deref()
                     .map_or("-".into(), |d| d.display().to_string()),
-                v.state,
+                v.summary(),
                 v.staging_path.display()
             );
         }

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::datapath::default_path;
-use anyhow::{anyhow, bail};
+use anyhow::anyhow;
 use provisioner::ids::Kind;
 use provisioner::listing;
 use provisioner::{VolumeId, VolumeRecord};
@@ -42,18 +42,28 @@ pub fn inspect(pool_dir: &Path, id: &str, output: Output) -> anyhow::Result<()> 
     }
 }
 
-pub fn collect(pool_dir: &Path, id: &str) -> anyhow::Result<Inspection> {
-    let Some(vid) = VolumeId::parse(Kind::Volume, id) else {
-        bail!("{id:?} is not a loopvol volume ID (vol-<20 hex>@<node>)");
-    };
+/// `id_or_name` is a volume ID or a volume's name: names are unique in a pool and an ID's hex
+/// part is derived from the name alone (`VolumeId::from_name`), so a name finds its record
+/// the same way an ID does, whichever node the pool serves as.
+pub fn collect(pool_dir: &Path, id_or_name: &str) -> anyhow::Result<Inspection> {
     let l = listing::read_records(pool_dir)?;
-    let v = l
-        .volume(&vid.hex)
-        .filter(|v| v.record.id == id)
-        .ok_or_else(|| anyhow!("volume {id} does not exist in {}", pool_dir.display()))?;
+    let v = match VolumeId::parse(Kind::Volume, id_or_name) {
+        Some(vid) => l.volume(&vid.hex).filter(|v| v.record.id == id_or_name),
+        None => {
+            let hex = VolumeId::from_name(Kind::Volume, id_or_name, "").hex;
+            l.volume(&hex).filter(|v| v.record.name == id_or_name)
+        }
+    }
+    .ok_or_else(|| {
+        anyhow!(
+            "no volume with the ID or name {id_or_name:?} in {}",
+            pool_dir.display()
+        )
+    })?;
+    let id = v.record.id.as_str();
     let staged = node_state::load(&pool_dir.join("node"), &v.hex)
         .map_err(|e| anyhow!("{e}"))?
-        .map(|s| staged_view(&l, &v.hex, s));
+        .map(|s| staged_view(&l, &pool_dir.join("node"), &v.hex, s));
     Ok(Inspection {
         record: v.record.clone(),
         created: super::output::rfc3339(v.record.created_unix),
@@ -87,12 +97,12 @@ fn print_table(i: &Inspection) {
         bytes(r.size_bytes),
         r.size_bytes
     );
-    println!("filesystem   {}", r.fs_type);
+    println!("filesystem   {}", r.fs_label());
     println!("allocation   {}", r.allocation.as_str());
     println!("io limits    {}", r.io_limits.describe());
     println!("created      {}", super::output::rfc3339(r.created_unix));
     if let Some(src) = &r.source {
-        println!("source       {src:?}");
+        println!("source       {src}");
     }
     match (i.image_present, i.allocated_bytes) {
         (true, Some(a)) => println!(
@@ -105,7 +115,7 @@ fn print_table(i: &Inspection) {
     match &i.staged {
         Some(s) => println!(
             "staged       {} at {} ({}, read-only {})",
-            s.state,
+            s.summary(),
             s.staging_path.display(),
             s.access,
             yes_no(s.read_only)

@@ -170,8 +170,8 @@ impl Pool {
                 return self.get_group_snapshot(&existing.id);
             }
             return Err(PoolError::AlreadyExists(format!(
-                "group snapshot {name:?} already exists for volumes {:?}",
-                existing.source_volume_ids
+                "group snapshot {name:?} already exists for volumes {}",
+                existing.source_volume_ids.join(", ")
             )));
         }
         // Resolve every source before anything is locked or written.
@@ -445,8 +445,10 @@ pub fn check_members(group: &GroupRecord, snapshot_ids: &[String]) -> Result<(),
     let got: BTreeSet<&String> = snapshot_ids.iter().collect();
     if want != got || got.len() != snapshot_ids.len() {
         return Err(PoolError::InvalidArgument(format!(
-            "snapshot_ids {snapshot_ids:?} do not match the members of group snapshot {}: {:?}",
-            group.id, group.snapshot_ids
+            "snapshot_ids [{}] do not match the members of group snapshot {}: [{}]",
+            snapshot_ids.join(", "),
+            group.id,
+            group.snapshot_ids.join(", ")
         )));
     }
     Ok(())

@@ -115,3 +115,16 @@ pub(super) fn volume_json(v: &Volume) -> Value {
         "accessible_topology": v.accessible_topology.iter().map(|t| &t.segments).collect::<Vec<_>>(),
     })
 }
+
+/// One shape for a snapshot wherever one is printed (create, list, groups): times in RFC 3339,
+/// as every other time the CLI prints.
+pub(super) fn snapshot_json(s: &Snapshot) -> Value {
+    json!({
+        "snapshot_id": s.snapshot_id,
+        "source_volume_id": s.source_volume_id,
+        "size_bytes": s.size_bytes,
+        "ready_to_use": s.ready_to_use,
+        "creation_time": s.creation_time.as_ref()
+            .map(|t| super::super::output::rfc3339(t.seconds.max(0) as u64)),
+    })
+}

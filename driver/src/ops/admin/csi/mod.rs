@@ -2,6 +2,9 @@
 //! whole two-phase flow (create → stage → publish → ... → delete) by hand, the way kubelet and
 //! the sidecars do. Results print as JSON with the meaningful fields of each response; errors
 //! print as `CODE: message` on stderr with exit status 1.
+//!
+//! One module per job: volumes (controller), node (stage/publish), snapshots, group snapshots,
+//! health; `info` and the shared JSON shapes live in info.rs.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -11,6 +14,7 @@ use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use crate::csi::controller_client::ControllerClient;
+use crate::csi::group_controller_client::GroupControllerClient;
 use crate::csi::identity_client::IdentityClient;
 use crate::csi::node_client::NodeClient;
 use crate::csi::volume_capability::{
@@ -18,6 +22,15 @@ use crate::csi::volume_capability::{
 };
 use crate::csi::*;
 use crate::shared::units::parse_size;
+
+mod group;
+mod health;
+mod info;
+mod node;
+mod snapshot;
+mod volume;
+
+use info::*;
 
 #[derive(Debug, clap::Args)]
 pub struct CsiArgs {
@@ -34,125 +47,16 @@ pub struct CsiArgs {
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Rpc {
-    /// CreateVolume: a blank volume, a clone (--from-volume) or a restore (--from-snapshot).
-    CreateVolume {
-        /// The request name; the same name again returns the same volume.
-        #[arg(long)]
-        name: String,
-        /// A Kubernetes quantity, e.g. 1Gi, 1.5Gi, 512Mi, 10G.
-        #[arg(long, value_parser = parse_size)]
-        size: u64,
-        #[command(flatten)]
-        cap: CapArgs,
-        /// A StorageClass parameter, `key=value` (repeatable), e.g. `allocation=thick`.
-        #[arg(long = "param", value_parser = parse_kv)]
-        params: Vec<(String, String)>,
-        /// Restore this snapshot's content into the new volume.
-        #[arg(long, value_name = "SNAPSHOT_ID", conflicts_with = "from_volume")]
-        from_snapshot: Option<String>,
-        /// Clone this volume's content into the new volume.
-        #[arg(long, value_name = "VOLUME_ID")]
-        from_volume: Option<String>,
-    },
-    /// DeleteVolume.
-    DeleteVolume {
-        /// The volume ID.
-        id: String,
-    },
-    /// NodeStageVolume: attach, make the filesystem if blank, mount at the staging path.
-    Stage {
-        /// The volume ID.
-        id: String,
-        /// An existing directory to mount the volume on (block volumes: a file is made there).
-        #[arg(long)]
-        staging_path: PathBuf,
-        #[command(flatten)]
-        cap: CapArgs,
-    },
-    /// NodePublishVolume: bind the staged volume onto the target path.
-    Publish {
-        /// The volume ID.
-        id: String,
-        /// Where the volume was staged.
-        #[arg(long)]
-        staging_path: PathBuf,
-        /// Where to make the volume appear (created if missing).
-        #[arg(long)]
-        target_path: PathBuf,
-        /// Publish read-only.
-        #[arg(long)]
-        readonly: bool,
-        #[command(flatten)]
-        cap: CapArgs,
-    },
-    /// NodeUnpublishVolume.
-    Unpublish {
-        /// The volume ID.
-        id: String,
-        /// The path it was published at.
-        #[arg(long)]
-        target_path: PathBuf,
-    },
-    /// NodeUnstageVolume.
-    Unstage {
-        /// The volume ID.
-        id: String,
-        /// The path it was staged at.
-        #[arg(long)]
-        staging_path: PathBuf,
-    },
-    /// NodeGetVolumeStats of a staged or published path.
-    Stats {
-        /// The volume ID.
-        id: String,
-        /// Its staging or publish path.
-        #[arg(long)]
-        path: PathBuf,
-    },
-    /// CreateSnapshot.
-    Snapshot {
-        /// The request name; the same name again returns the same snapshot.
-        #[arg(long)]
-        name: String,
-        /// The source volume's ID.
-        #[arg(long)]
-        source: String,
-    },
-    /// DeleteSnapshot.
-    DeleteSnapshot {
-        /// The snapshot ID.
-        id: String,
-    },
-    /// ListVolumes (every page).
-    ListVolumes,
-    /// ListSnapshots (every page), optionally of one volume or one snapshot ID.
-    ListSnapshots {
-        /// Only snapshots of this volume.
-        #[arg(long)]
-        source: Option<String>,
-        /// Only this snapshot.
-        #[arg(long)]
-        id: Option<String>,
-    },
-    /// GetCapacity: what a volume of these parameters could still get.
-    GetCapacity {
-        #[command(flatten)]
-        cap: CapArgs,
-        /// A StorageClass parameter, `key=value` (repeatable), e.g. `allocation=thick`.
-        #[arg(long = "param", value_parser = parse_kv)]
-        params: Vec<(String, String)>,
-    },
-    /// ControllerExpandVolume, then NodeExpandVolume on --path when given.
-    Expand {
-        /// The volume ID.
-        id: String,
-        /// The new size, a Kubernetes quantity.
-        #[arg(long, value_parser = parse_size)]
-        size: u64,
-        /// Where the volume is staged or published, to grow its filesystem too.
-        #[arg(long)]
-        path: Option<PathBuf>,
-    },
+    #[command(flatten)]
+    Volume(volume::VolumeRpc),
+    #[command(flatten)]
+    Node(node::NodeRpc),
+    #[command(flatten)]
+    Snapshot(snapshot::SnapshotRpc),
+    #[command(flatten)]
+    Group(group::GroupRpc),
+    #[command(flatten)]
+    Health(health::HealthRpc),
     /// Plugin info, capabilities, readiness and node info.
     Info,
 }
@@ -260,6 +164,7 @@ pub fn main(args: CsiArgs) -> i32 {
 struct Clients {
     identity: IdentityClient<Channel>,
     controller: ControllerClient<Channel>,
+    group: GroupControllerClient<Channel>,
     node: NodeClient<Channel>,
 }
 
@@ -274,6 +179,7 @@ async fn connect(endpoint: &str) -> Result<Clients, Status> {
     Ok(Clients {
         identity: IdentityClient::new(channel.clone()),
         controller: ControllerClient::new(channel.clone()),
+        group: GroupControllerClient::new(channel.clone()),
         node: NodeClient::new(channel),
     })
 }
@@ -282,292 +188,38 @@ fn path_str(p: &std::path::Path) -> String {
     p.to_string_lossy().into_owned()
 }
 
-async fn run(args: CsiArgs) -> Result<Value, Status> {
-    let mut c = connect(&args.endpoint).await?;
-    match args.rpc {
-        Rpc::CreateVolume {
-            name,
-            size,
-            cap,
-            params,
-            from_snapshot,
-            from_volume,
-        } => {
-            use volume_content_source::{SnapshotSource, Type, VolumeSource};
-            let source = match (from_snapshot, from_volume) {
-                (Some(snapshot_id), _) => Some(Type::Snapshot(SnapshotSource { snapshot_id })),
-                (None, Some(volume_id)) => Some(Type::Volume(VolumeSource { volume_id })),
-                (None, None) => None,
-            };
-            let r = c
-                .controller
-                .create_volume(CreateVolumeRequest {
-                    name,
-                    capacity_range: Some(CapacityRange {
-                        required_bytes: i64::try_from(size)
-                            .map_err(|_| Status::out_of_range("--size is too large"))?,
-                        limit_bytes: 0,
-                    }),
-                    volume_capabilities: vec![cap.capability()],
-                    parameters: params.into_iter().collect(),
-                    volume_content_source: source.map(|t| VolumeContentSource { r#type: Some(t) }),
-                    ..Default::default()
-                })
-                .await?
-                .into_inner();
-            let v = r
-                .volume
-                .ok_or_else(|| Status::internal("CreateVolume answered no volume"))?;
-            note_rounding(size, v.capacity_bytes.max(0) as u64);
-            Ok(volume_json(&v))
-        }
-        Rpc::DeleteVolume { id } => {
-            c.controller
-                .delete_volume(DeleteVolumeRequest {
-                    volume_id: id.clone(),
-                    secrets: HashMap::new(),
-                })
-                .await?;
-            Ok(json!({ "deleted": id }))
-        }
-        Rpc::Stage {
-            id,
-            staging_path,
-            cap,
-        } => {
-            c.node
-                .node_stage_volume(NodeStageVolumeRequest {
-                    volume_id: id.clone(),
-                    staging_target_path: path_str(&staging_path),
-                    volume_capability: Some(cap.capability()),
-                    ..Default::default()
-                })
-                .await?;
-            Ok(json!({ "staged": id, "staging_path": staging_path }))
-        }
-        Rpc::Publish {
-            id,
-            staging_path,
-            target_path,
-            readonly,
-            cap,
-        } => {
-            c.node
-                .node_publish_volume(NodePublishVolumeRequest {
-                    volume_id: id.clone(),
-                    staging_target_path: path_str(&staging_path),
-                    target_path: path_str(&target_path),
-                    volume_capability: Some(cap.capability()),
-                    readonly,
-                    ..Default::default()
-                })
-                .await?;
-            Ok(json!({ "published": id, "target_path": target_path, "readonly": readonly }))
-        }
-        Rpc::Unpublish { id, target_path } => {
-            c.node
-                .node_unpublish_volume(NodeUnpublishVolumeRequest {
-                    volume_id: id.clone(),
-                    target_path: path_str(&target_path),
-                })
-                .await?;
-            Ok(json!({ "unpublished": id, "target_path": target_path }))
-        }
-        Rpc::Unstage { id, staging_path } => {
-            c.node
-                .node_unstage_volume(NodeUnstageVolumeRequest {
-                    volume_id: id.clone(),
-                    staging_target_path: path_str(&staging_path),
-                })
-                .await?;
-            Ok(json!({ "unstaged": id, "staging_path": staging_path }))
-        }
-        Rpc::Stats { id, path } => {
-            let r = c
-                .node
-                .node_get_volume_stats(NodeGetVolumeStatsRequest {
-                    volume_id: id.clone(),
-                    volume_path: path_str(&path),
-                    staging_target_path: String::new(),
-                })
-                .await?
-                .into_inner();
-            let usage: Vec<Value> = r
-                .usage
-                .iter()
-                .map(|u| {
-                    json!({
-                        "unit": unit_name(u.unit),
-                        "total": u.total,
-                        "used": u.used,
-                        "available": u.available,
-                    })
-                })
-                .collect();
-            Ok(json!({ "volume_id": id, "path": path, "usage": usage }))
-        }
-        Rpc::Snapshot { name, source } => {
-            let r = c
-                .controller
-                .create_snapshot(CreateSnapshotRequest {
-                    source_volume_id: source,
-                    name,
-                    ..Default::default()
-                })
-                .await?
-                .into_inner();
-            let s = r
-                .snapshot
-                .ok_or_else(|| Status::internal("CreateSnapshot answered no snapshot"))?;
-            Ok(json!({
-                "snapshot_id": s.snapshot_id,
-                "source_volume_id": s.source_volume_id,
-                "size_bytes": s.size_bytes,
-                "ready_to_use": s.ready_to_use,
-                "creation_time_unix": s.creation_time.map(|t| t.seconds),
-            }))
-        }
-        Rpc::DeleteSnapshot { id } => {
-            c.controller
-                .delete_snapshot(DeleteSnapshotRequest {
-                    snapshot_id: id.clone(),
-                    secrets: HashMap::new(),
-                })
-                .await?;
-            Ok(json!({ "deleted": id }))
-        }
-        Rpc::ListVolumes => {
-            let mut all = Vec::new();
-            let mut token = String::new();
-            loop {
-                let r = c
-                    .controller
-                    .list_volumes(ListVolumesRequest {
-                        max_entries: 0,
-                        starting_token: token,
-                    })
-                    .await?
-                    .into_inner();
-                all.extend(
-                    r.entries
-                        .iter()
-                        .filter_map(|e| e.volume.as_ref())
-                        .map(volume_json),
-                );
-                if r.next_token.is_empty() {
-                    break;
-                }
-                token = r.next_token;
-            }
-            Ok(Value::Array(all))
-        }
-        Rpc::Expand { id, size, path } => {
-            let r = c
-                .controller
-                .controller_expand_volume(ControllerExpandVolumeRequest {
-                    volume_id: id.clone(),
-                    capacity_range: Some(CapacityRange {
-                        required_bytes: i64::try_from(size)
-                            .map_err(|_| Status::out_of_range("--size is too large"))?,
-                        limit_bytes: 0,
-                    }),
-                    ..Default::default()
-                })
-                .await?
-                .into_inner();
-            let mut out = json!({
-                "volume_id": id,
-                "capacity_bytes": r.capacity_bytes,
-                "node_expansion_required": r.node_expansion_required,
-            });
-            if let Some(p) = path.filter(|_| r.node_expansion_required) {
-                // The controller half is done and not undone: say so, or a person retries the
-                // whole expansion believing nothing happened.
-                let n = c
-                    .node
-                    .node_expand_volume(NodeExpandVolumeRequest {
-                        volume_id: id.clone(),
-                        volume_path: path_str(&p),
-                        ..Default::default()
-                    })
-                    .await
-                    .map_err(|s| {
-                        Status::new(
-                            s.code(),
-                            format!(
-                                "ControllerExpandVolume succeeded (the volume is now {} bytes), \
-                                 but NodeExpandVolume on {} failed: {}; the filesystem keeps its \
-                                 old size until NodeExpandVolume succeeds (rerun this command, \
-                                 or restage the volume)",
-                                r.capacity_bytes,
-                                p.display(),
-                                s.message()
-                            ),
-                        )
-                    })?
-                    .into_inner();
-                out["node_capacity_bytes"] = json!(n.capacity_bytes);
-            }
-            Ok(out)
-        }
-        Rpc::ListSnapshots { source, id } => {
-            let mut all = Vec::new();
-            let mut token = String::new();
-            loop {
-                let r = c
-                    .controller
-                    .list_snapshots(ListSnapshotsRequest {
-                        max_entries: 0,
-                        starting_token: token,
-                        source_volume_id: source.clone().unwrap_or_default(),
-                        snapshot_id: id.clone().unwrap_or_default(),
-                        secrets: HashMap::new(),
-                    })
-                    .await?
-                    .into_inner();
-                all.extend(
-                    r.entries
-                        .iter()
-                        .filter_map(|e| e.snapshot.as_ref())
-                        .map(|s| {
-                            json!({
-                                "snapshot_id": s.snapshot_id,
-                                "source_volume_id": s.source_volume_id,
-                                "size_bytes": s.size_bytes,
-                                "ready_to_use": s.ready_to_use,
-                                "creation_time": s.creation_time.as_ref()
-                                    .map(|t| super::output::rfc3339(t.seconds.max(0) as u64)),
-                            })
-                        }),
-                );
-                if r.next_token.is_empty() {
-                    break;
-                }
-                token = r.next_token;
-            }
-            Ok(Value::Array(all))
-        }
-        Rpc::GetCapacity { cap, params } => {
-            let r = c
-                .controller
-                .get_capacity(GetCapacityRequest {
-                    volume_capabilities: vec![cap.capability()],
-                    parameters: params.into_iter().collect(),
-                    accessible_topology: None,
-                })
-                .await?
-                .into_inner();
-            Ok(json!({
-                "available_capacity": r.available_capacity,
-                "available": crate::shared::units::bytes(r.available_capacity.max(0) as u64),
-                "maximum_volume_size": r.maximum_volume_size,
-                "minimum_volume_size": r.minimum_volume_size,
-            }))
-        }
-        Rpc::Info => info(&mut c).await,
+/// A size flag as the `i64` the CSI messages carry (parse_size already refused anything above
+/// i64::MAX; this only converts).
+fn size_i64(size: u64) -> Result<i64, Status> {
+    i64::try_from(size).map_err(|_| Status::out_of_range("--size is too large"))
+}
+
+/// The lookup before a delete. The delete RPCs are idempotent (deleting what does not exist
+/// succeeds, as the sidecars need), but a person deleting by hand means something that exists:
+/// like `kubectl delete` of a missing object, the CLI then says NOT_FOUND and exits 1, having
+/// sent no delete. The lookup and the delete are two calls: when something else deletes the
+/// object between them, the delete still succeeds and the object is gone, which is what the
+/// output says. A driver that cannot look up (UNIMPLEMENTED) is asked to delete anyway.
+fn found_before_delete<T>(lookup: Result<tonic::Response<T>, Status>) -> Result<(), Status> {
+    match lookup {
+        Ok(_) => Ok(()),
+        Err(s) if s.code() == Code::Unimplemented => Ok(()),
+        Err(s) if s.code() == Code::NotFound => Err(Status::not_found(format!(
+            "{}; nothing deleted",
+            s.message()
+        ))),
+        Err(s) => Err(s),
     }
 }
 
-mod info;
-#[allow(unused_imports)]
-pub use info::*;
+async fn run(args: CsiArgs) -> Result<Value, Status> {
+    let mut c = connect(&args.endpoint).await?;
+    match args.rpc {
+        Rpc::Volume(rpc) => volume::run(&mut c, rpc).await,
+        Rpc::Node(rpc) => node::run(&mut c, rpc).await,
+        Rpc::Snapshot(rpc) => snapshot::run(&mut c, rpc).await,
+        Rpc::Group(rpc) => group::run(&mut c, rpc).await,
+        Rpc::Health(rpc) => health::run(&mut c, rpc).await,
+        Rpc::Info => info(&mut c).await,
+    }
+}
