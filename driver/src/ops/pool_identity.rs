@@ -14,8 +14,8 @@ use serde::Serialize;
 use crate::ops::admin::output::table;
 use crate::ops::admin::{print_json, Output};
 
-/// Test hook: abort the process (as kill -9 would end it) after this many records are
-/// rewritten, leaving an interrupted re-key behind.
+/// Test hook: kill the process (SIGKILL, as a crash would end it) after this many records
+/// are rewritten, leaving an interrupted re-key behind.
 pub const ABORT_AFTER_ENV: &str = "LOOPVOL_TEST_REKEY_ABORT_AFTER";
 
 #[derive(Debug, Subcommand)]
@@ -67,7 +67,7 @@ fn set_node_id(args: &SetNodeIdArgs) -> anyhow::Result<()> {
     let mut progress = |_: &std::path::Path| {
         rewritten += 1;
         if abort_after == Some(rewritten) {
-            std::process::abort();
+            let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
         }
     };
     let report = rekey::set_node_id(&args.pool_dir, &args.new_node_id, &in_use, &mut progress)
@@ -101,6 +101,24 @@ fn print_report(pool: &std::path::Path, r: &Report, output: Output) -> anyhow::R
             u.display()
         );
     }
+    let from = if r.plan.from.is_empty() {
+        String::new()
+    } else {
+        format!(" (was {})", r.plan.from.join(", "))
+    };
+    eprintln!(
+        "{}the pool {} belongs to node {:?}{from}; {} IDs changed. Serve it with --node-id {}; \
+         PersistentVolumes that name an old ID must be recreated (docs/operations.md)",
+        if r.resumed {
+            "finished an interrupted run: "
+        } else {
+            ""
+        },
+        pool.display(),
+        r.plan.to,
+        r.plan.ids.len(),
+        r.plan.to
+    );
     if output == Output::Json {
         return print_json(&Printed {
             pool,
@@ -120,23 +138,5 @@ fn print_report(pool: &std::path::Path, r: &Report, output: Output) -> anyhow::R
     if !rows.is_empty() {
         print!("{}", table(&["KIND", "OLD ID", "NEW ID"], &rows));
     }
-    let from = if r.plan.from.is_empty() {
-        String::new()
-    } else {
-        format!(" (was {})", r.plan.from.join(", "))
-    };
-    eprintln!(
-        "{}the pool {} belongs to node {:?}{from}; {} IDs changed. Serve it with --node-id {}; \
-         PersistentVolumes that name an old ID must be recreated (docs/operations.md)",
-        if r.resumed {
-            "finished an interrupted run: "
-        } else {
-            ""
-        },
-        pool.display(),
-        r.plan.to,
-        r.plan.ids.len(),
-        r.plan.to
-    );
     Ok(())
 }
