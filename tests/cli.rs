@@ -593,10 +593,8 @@ async fn set_node_id_waits_for_unstage_then_the_new_node_serves_the_rekeyed_volu
         ])
     );
     assert!(text(&out.stderr).contains("Serve it with --node-id node-b"));
-    assert_eq!(
-        serve_refused(&d, Some(NODE)).contains("belongs to node \"node-b\""),
-        true
-    );
+    let err = serve_refused(&d, Some(NODE));
+    assert!(err.contains("belongs to node \"node-b\""), "{err}");
 
     d.set_node_id("node-b");
     d.spawn().await;
