@@ -697,6 +697,14 @@ async fn an_interrupted_set_node_id_is_refused_by_serve_and_finished_by_running_
         );
     }
     assert_eq!(pool_files(&d.pool), before);
+    // Doctor says so too.
+    let out = loopvol(&["doctor", "--pool-dir", d.pool.to_str().unwrap()]);
+    let report = text(&out.stdout);
+    assert!(!out.status.success(), "{report}");
+    assert!(
+        report.contains("✘ node ID: the pool") && report.contains("half-way through"),
+        "{report}"
+    );
     // Another destination is refused until this move is finished.
     let out = set_node_id(&d.pool, "node-c", &[], &[]);
     assert!(!out.status.success());

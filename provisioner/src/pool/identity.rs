@@ -82,18 +82,27 @@ pub fn identity(dir: &Path) -> Result<Identity, PoolError> {
 /// `.node-id` existed, is given `node_id`.
 pub(crate) fn check_owner(dir: &Path, node_id: &str) -> Result<(), PoolError> {
     let id = identity(dir)?;
-    match &id.owner {
-        Some(owner) if owner != node_id => Err(PoolError::FailedPrecondition(format!(
-            "the pool {dir} belongs to node {owner:?} (its IDs end in @{owner}), not to {node_id:?}: \
-             serve it with --node-id {owner}; or, to move the pool to {node_id:?} on purpose, stop \
-             every loopvol serving it, unstage its volumes and run \
-             `loopvol pool set-node-id --pool-dir {dir} {node_id}` (existing PersistentVolumes \
-             then need recreating: docs/operations.md)",
-            dir = dir.display(),
-        ))),
-        _ if id.recorded.as_deref() == Some(node_id) => Ok(()),
-        _ => write_node_id_file(dir, node_id),
+    if let Some(why) = refusal(dir, &id, node_id) {
+        return Err(PoolError::FailedPrecondition(why));
     }
+    if id.recorded.as_deref() == Some(node_id) {
+        return Ok(());
+    }
+    write_node_id_file(dir, node_id)
+}
+
+/// Why a pool of identity `id` must not be opened as `node_id` (with the way out), if it must
+/// not; shared by the openers' check and `loopvol doctor`.
+pub fn refusal(dir: &Path, id: &Identity, node_id: &str) -> Option<String> {
+    let owner = id.owner.as_deref().filter(|o| *o != node_id)?;
+    Some(format!(
+        "the pool {dir} belongs to node {owner:?} (its IDs end in @{owner}), not to {node_id:?}: \
+         serve it with --node-id {owner}; or, to move the pool to {node_id:?} on purpose, stop \
+         every loopvol serving it, unstage its volumes and run \
+         `loopvol pool set-node-id --pool-dir {dir} {node_id}` (existing PersistentVolumes \
+         then need recreating: docs/operations.md)",
+        dir = dir.display(),
+    ))
 }
 
 pub(crate) fn node_id_path(dir: &Path) -> PathBuf {
