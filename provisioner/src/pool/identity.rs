@@ -6,8 +6,11 @@
 //! pool to another node ID is the deliberate operation of [`super::rekey`].
 
 use std::collections::BTreeSet;
-use std::fs;
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Deserialize;
 
@@ -85,10 +88,43 @@ pub(crate) fn check_owner(dir: &Path, node_id: &str) -> Result<(), PoolError> {
     if let Some(why) = refusal(dir, &id, node_id) {
         return Err(PoolError::FailedPrecondition(why));
     }
-    if id.recorded.as_deref() == Some(node_id) {
-        return Ok(());
+    match &id.recorded {
+        Some(recorded) if recorded == node_id => Ok(()),
+        // A pool from before `.node-id`: its records already say node_id.
+        Some(_) => write_node_id_file(dir, node_id),
+        None => claim(dir, node_id),
     }
-    write_node_id_file(dir, node_id)
+}
+
+/// Create `.node-id` for a pool that has none, unless another opener (a controller and a node
+/// process starting together on a new pool) created it first: then its word is checked like
+/// any other. Linking a complete temp file into place makes "first one wins" atomic.
+fn claim(dir: &Path, node_id: &str) -> Result<(), PoolError> {
+    static CLAIMS: AtomicU64 = AtomicU64::new(0);
+    let path = node_id_path(dir);
+    let n = CLAIMS.fetch_add(1, Ordering::Relaxed);
+    let tmp = dir.join(format!("{NODE_ID_FILE}.{}-{n}.tmp", std::process::id()));
+    let written = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .and_then(|mut f| {
+            f.write_all(format!("{node_id}\n").as_bytes())?;
+            f.sync_all()
+        });
+    let linked = written.and_then(|()| fs::hard_link(&tmp, &path));
+    let _ = fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => atomic::sync_dir(dir).ctx(|| format!("fsync {}", dir.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            match refusal(dir, &identity(dir)?, node_id) {
+                Some(why) => Err(PoolError::FailedPrecondition(why)),
+                None => Ok(()),
+            }
+        }
+        Err(e) => Err(PoolError::io(format!("create {}", path.display()), e)),
+    }
 }
 
 /// Why a pool of identity `id` must not be opened as `node_id` (with the way out), if it must

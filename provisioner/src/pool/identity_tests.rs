@@ -279,3 +279,46 @@ fn a_rekey_refuses_while_a_volume_is_in_use_or_the_pool_is_served() {
     assert!(rekey::set_node_id(t.path(), "bad/id", &nothing_in_use, &mut |_| {}).is_err());
     assert_eq!(tree(t.path()), before, "a refused re-key changed the pool");
 }
+
+#[test]
+fn a_controller_and_a_node_opening_a_new_pool_together_agree_on_its_node() {
+    let role = |dir: &Path, node: &str, writer: bool| {
+        let mut o = PoolOptions::all(dir, node);
+        o.writer = writer;
+        o.node = !writer;
+        // Only the outcome matters (a Pool has no Debug).
+        Pool::open(o).map(|_| ())
+    };
+    for round in 0..20 {
+        let t = tempfile::tempdir().unwrap();
+        // The same node ID: both start (no loser of the race to write `.node-id` fails).
+        let (a, b) = std::thread::scope(|s| {
+            let a = s.spawn(|| role(t.path(), "node-a", true));
+            let b = s.spawn(|| role(t.path(), "node-a", false));
+            (a.join().unwrap(), b.join().unwrap())
+        });
+        assert!(a.is_ok() && b.is_ok(), "round {round}: {a:?} {b:?}");
+        drop((a, b));
+        assert_eq!(node_id_file(t.path()), "node-a\n");
+        // Two node IDs: exactly one wins, the other is refused, and the file names the winner.
+        let t = tempfile::tempdir().unwrap();
+        let (a, b) = std::thread::scope(|s| {
+            let a = s.spawn(|| role(t.path(), "node-a", true));
+            let b = s.spawn(|| role(t.path(), "node-b", false));
+            (a.join().unwrap(), b.join().unwrap())
+        });
+        let winner = match (&a, &b) {
+            (Ok(_), Err(PoolError::FailedPrecondition(_))) => "node-a",
+            (Err(PoolError::FailedPrecondition(_)), Ok(_)) => "node-b",
+            _ => panic!("round {round}: {a:?} {b:?}"),
+        };
+        assert_eq!(node_id_file(t.path()), format!("{winner}\n"));
+        let stray: Vec<String> = fs::read_dir(t.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".tmp"))
+            .collect();
+        assert!(stray.is_empty(), "{stray:?}");
+    }
+}
