@@ -88,12 +88,12 @@ pub(crate) fn check_owner(dir: &Path, node_id: &str) -> Result<(), PoolError> {
     if let Some(why) = refusal(dir, &id, node_id) {
         return Err(PoolError::FailedPrecondition(why));
     }
-    match &id.recorded {
-        Some(recorded) if recorded == node_id => Ok(()),
-        // A pool from before `.node-id`: its records already say node_id.
-        Some(_) => write_node_id_file(dir, node_id),
-        None => claim(dir, node_id),
+    if id.recorded.is_some() {
+        // It names node_id (the refusal above checked), as do the records.
+        return Ok(());
     }
+    // A new pool, or one from before `.node-id` whose records name node_id.
+    claim(dir, node_id)
 }
 
 /// Create `.node-id` for a pool that has none, unless another opener (a controller and a node

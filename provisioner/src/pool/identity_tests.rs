@@ -246,6 +246,11 @@ fn an_interrupted_rekey_blocks_every_opener_and_a_second_run_finishes_it() {
         "the whole mapping, not what was left"
     );
     assert!(!t.path().join(".node-id.rekey").exists());
+    let stray: Vec<_> = tree(t.path())
+        .into_keys()
+        .filter(|p| p.to_string_lossy().ends_with(".tmp"))
+        .collect();
+    assert!(stray.is_empty(), "{stray:?}");
     let pool = open_as(t.path(), "node-b").unwrap();
     assert_eq!(pool.len(), 3);
     assert!(pool.get(&v.id.replace("@node-a", "@node-b")).is_ok());
