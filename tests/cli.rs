@@ -679,11 +679,15 @@ async fn an_interrupted_set_node_id_is_refused_by_serve_and_finished_by_running_
     );
     assert_eq!(out.status.code(), None, "{}", text(&out.stderr));
     assert!(d.pool.join(".node-id.rekey").exists());
+    // One record re-keyed in place; the others still old (their new versions, if any, are in
+    // temp files).
     let records: String = pool_files(&d.pool.join("volumes"))
-        .into_values()
-        .map(|b| String::from_utf8(b).unwrap())
+        .into_iter()
+        .filter(|(p, _)| p.extension().is_some_and(|e| e == "json"))
+        .map(|(_, b)| String::from_utf8(b).unwrap())
         .collect();
     assert_eq!(records.matches("@node-b").count(), 1, "{records}");
+    assert_eq!(records.matches(&format!("@{NODE}")).count(), 2, "{records}");
     let before = pool_files(&d.pool);
     for node in [NODE, "node-b"] {
         let err = serve_refused(&d, Some(node));
@@ -726,6 +730,11 @@ async fn an_interrupted_set_node_id_is_refused_by_serve_and_finished_by_running_
         );
     }
     assert!(!d.pool.join(".node-id.rekey").exists());
+    let stray: Vec<_> = pool_files(&d.pool)
+        .into_keys()
+        .filter(|p| p.to_string_lossy().ends_with(".tmp"))
+        .collect();
+    assert!(stray.is_empty(), "{stray:?}");
 
     d.set_node_id("node-b");
     d.spawn().await;
