@@ -11,6 +11,7 @@ use std::process::{Command, Output};
 
 use clap::CommandFactory;
 use common::*;
+use loopvol::csi::*;
 
 fn loopvol(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_loopvol"))
@@ -810,4 +811,378 @@ async fn volume_list_and_status_say_staged_published_and_frozen() {
         json_of(&csi(&d, &["unstage", id, "--staging-path", &s(st)]));
         json_of(&csi(&d, &["delete-volume", id]));
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A pool belongs to one node ID: `serve` under another is refused, `pool set-node-id` moves it.
+
+/// Every file of the pool but the lock files, with its bytes (images: only their names, since
+/// the kernel may still write to the image of a mounted filesystem).
+fn pool_files(pool: &Path) -> std::collections::BTreeMap<std::path::PathBuf, Vec<u8>> {
+    fn walk(d: &Path, out: &mut std::collections::BTreeMap<std::path::PathBuf, Vec<u8>>) {
+        for e in std::fs::read_dir(d).unwrap().flatten() {
+            let p = e.path();
+            let name = p.to_string_lossy();
+            if p.is_dir() {
+                walk(&p, out);
+            } else if name.ends_with(".img") {
+                out.insert(p.clone(), Vec::new());
+            } else if !name.ends_with(".lock") {
+                out.insert(p.clone(), std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    let mut out = std::collections::BTreeMap::new();
+    walk(pool, &mut out);
+    out
+}
+
+/// `loopvol serve` on the test's pool, with `--node-id node` (or none: the hostname), which
+/// must exit by itself: a serve that starts is killed and reported as such.
+fn serve_refused(d: &Driver, node: Option<&str>) -> String {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_loopvol"));
+    cmd.arg("serve")
+        .arg("--endpoint")
+        .arg(format!("unix://{}", d.path("other.sock").display()))
+        .arg("--pool-dir")
+        .arg(&d.pool)
+        .env_remove("LOOPVOL_NODE_ID")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    if let Some(n) = node {
+        cmd.args(["--node-id", n]);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "serve under {node:?} started on a pool of {NODE}:\n{}",
+                text(&out.stderr)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    text(&out.stderr)
+}
+
+fn set_node_id(pool: &Path, node: &str, extra: &[&str], env: &[(&str, &str)]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_loopvol"))
+        .args(["pool", "set-node-id", "--pool-dir"])
+        .arg(pool)
+        .arg(node)
+        .args(extra)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap()
+}
+
+fn hostname() -> String {
+    nix::unistd::gethostname().unwrap().into_string().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_under_another_node_id_is_refused_and_changes_nothing() {
+    if !root_or_skip("serve_under_another_node_id_is_refused") {
+        return;
+    }
+    let mut d = Driver::start().await;
+    let (mut c, mut n) = (d.controller().await, d.node().await);
+    let id = create_volume_id(&mut c, create_req("mine", 32 * MIB, rw_mount("ext4"))).await;
+    let staging = d.path("staging-mine");
+    n.node_stage_volume(stage_req(&id, &staging, rw_mount("ext4")))
+        .await
+        .unwrap();
+    d.stop();
+    assert_eq!(
+        std::fs::read_to_string(d.pool.join(".node-id")).unwrap(),
+        format!("{NODE}\n")
+    );
+    let before = pool_files(&d.pool);
+    // The first-hour trap: `serve` without --node-id (the hostname) on a pool of test-node.
+    let host = hostname();
+    assert_ne!(host, NODE);
+    for (node, named) in [(None, host.as_str()), (Some("node-b"), "node-b")] {
+        let err = serve_refused(&d, node);
+        for says in [
+            format!("belongs to node \"{NODE}\""),
+            format!("not to \"{named}\""),
+            format!("serve it with --node-id {NODE}"),
+            format!(
+                "loopvol pool set-node-id --pool-dir {} {named}",
+                d.pool.display()
+            ),
+        ] {
+            assert!(err.contains(&says), "{says}:\n{err}");
+        }
+        assert_eq!(
+            pool_files(&d.pool),
+            before,
+            "a refused serve changed the pool"
+        );
+        assert!(!d.path("other.sock").exists());
+    }
+    // The offline CLI is refused the same way.
+    let out = run_in(d.dir.path(), &["volume", "list"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let mut args: Vec<String> = ["volume", "create", "--name", "x", "--size", "16Mi"]
+        .map(String::from)
+        .to_vec();
+    args.extend(["--pool-dir".into(), d.pool.display().to_string()]);
+    args.extend(["--node-id".into(), "node-b".into()]);
+    let out = loopvol(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(!out.status.success(), "volume create under another node");
+    assert!(text(&out.stderr).contains("loopvol pool set-node-id"));
+    assert_eq!(pool_files(&d.pool), before);
+
+    // A pool from before `.node-id` existed belongs to the node its records name.
+    std::fs::remove_file(d.pool.join(".node-id")).unwrap();
+    let err = serve_refused(&d, Some("node-b"));
+    assert!(
+        err.contains(&format!("belongs to node \"{NODE}\"")),
+        "{err}"
+    );
+    assert!(!d.pool.join(".node-id").exists());
+
+    // The node plugin's restart under its own ID still works, and records the ID again.
+    d.spawn().await;
+    assert_eq!(
+        std::fs::read_to_string(d.pool.join(".node-id")).unwrap(),
+        format!("{NODE}\n")
+    );
+    let (mut c, mut n) = (d.controller().await, d.node().await);
+    n.node_unstage_volume(unstage_req(&id, &staging))
+        .await
+        .unwrap();
+    c.delete_volume(DeleteVolumeRequest {
+        volume_id: id.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert!(!d.image_of(&id).exists());
+    d.assert_clean();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_node_id_waits_for_unstage_then_the_new_node_serves_the_rekeyed_volumes() {
+    if !root_or_skip("set_node_id_rekeys") {
+        return;
+    }
+    let mut d = Driver::start().await;
+    let (mut c, mut n) = (d.controller().await, d.node().await);
+    let id = create_volume_id(&mut c, create_req("data", 32 * MIB, rw_mount("ext4"))).await;
+    let staging = d.path("staging-data");
+    n.node_stage_volume(stage_req(&id, &staging, rw_mount("ext4")))
+        .await
+        .unwrap();
+    std::fs::write(staging.join("kept"), b"written under test-node").unwrap();
+    let snap = c
+        .create_snapshot(CreateSnapshotRequest {
+            source_volume_id: id.clone(),
+            name: "snap".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap()
+        .snapshot_id;
+    d.stop();
+
+    // Staged: refused, nothing changes.
+    let before = pool_files(&d.pool);
+    let out = set_node_id(&d.pool, "node-b", &[], &[]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&hex_of(&id)) && err.contains("staged at") && err.contains("unstage"),
+        "{err}"
+    );
+    assert_eq!(pool_files(&d.pool), before);
+
+    // Drained: the driver unstages under the old ID, then the pool is re-keyed.
+    d.spawn().await;
+    let mut n = d.node().await;
+    n.node_unstage_volume(unstage_req(&id, &staging))
+        .await
+        .unwrap();
+    d.stop();
+    let out = set_node_id(&d.pool, "node-b", &["-o", "json"], &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let new_id = id.replace(&format!("@{NODE}"), "@node-b");
+    let new_snap = snap.replace(&format!("@{NODE}"), "@node-b");
+    assert_eq!(report["from"], serde_json::json!([NODE]), "{report}");
+    assert_eq!(report["to"], "node-b");
+    assert_eq!(
+        report["ids"],
+        serde_json::json!([
+            {"kind": "volume", "old": id, "new": new_id},
+            {"kind": "snapshot", "old": snap, "new": new_snap},
+        ])
+    );
+    assert!(text(&out.stderr).contains("Serve it with --node-id node-b"));
+    let err = serve_refused(&d, Some(NODE));
+    assert!(err.contains("belongs to node \"node-b\""), "{err}");
+
+    d.set_node_id("node-b");
+    d.spawn().await;
+    let (mut c, mut n) = (d.controller().await, d.node().await);
+    let listed = c
+        .list_volumes(ListVolumesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    let ids: Vec<_> = listed
+        .iter()
+        .map(|e| e.volume.as_ref().unwrap().volume_id.clone())
+        .collect();
+    assert_eq!(ids, vec![new_id.clone()]);
+    // The name still resolves to the volume, under its new ID.
+    let again = create_volume_id(&mut c, create_req("data", 32 * MIB, rw_mount("ext4"))).await;
+    assert_eq!(again, new_id);
+    // The old ID is another node's now.
+    let old = n
+        .node_stage_volume(stage_req(&id, &staging, rw_mount("ext4")))
+        .await;
+    assert_eq!(code_of(old), tonic::Code::NotFound);
+    n.node_stage_volume(stage_req(&new_id, &staging, rw_mount("ext4")))
+        .await
+        .unwrap();
+    assert_eq!(
+        std::fs::read(staging.join("kept")).unwrap(),
+        b"written under test-node"
+    );
+    n.node_unstage_volume(unstage_req(&new_id, &staging))
+        .await
+        .unwrap();
+    // The snapshot restores, and everything deletes under the new IDs.
+    let mut restore = create_req("restored", 32 * MIB, rw_mount("ext4"));
+    restore.volume_content_source = Some(VolumeContentSource {
+        r#type: Some(volume_content_source::Type::Snapshot(
+            volume_content_source::SnapshotSource {
+                snapshot_id: new_snap.clone(),
+            },
+        )),
+    });
+    let restored = create_volume_id(&mut c, restore).await;
+    assert!(restored.ends_with("@node-b"));
+    c.delete_snapshot(DeleteSnapshotRequest {
+        snapshot_id: new_snap.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    for v in [&restored, &new_id] {
+        c.delete_volume(DeleteVolumeRequest {
+            volume_id: v.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        assert!(!d.image_of(v).exists(), "{v} not deleted");
+    }
+    assert!(pool_files(&d.pool.join("snapshots")).is_empty());
+    d.assert_clean();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_set_node_id_is_refused_by_serve_and_finished_by_running_it_again() {
+    if !root_or_skip("interrupted_set_node_id") {
+        return;
+    }
+    let mut d = Driver::start().await;
+    let mut c = d.controller().await;
+    let mut ids = Vec::new();
+    for name in ["one", "two", "three"] {
+        ids.push(create_volume_id(&mut c, create_req(name, 16 * MIB, rw_mount("ext4"))).await);
+    }
+    d.stop();
+    // Killed (SIGKILL) right after the first record is rewritten.
+    let out = set_node_id(
+        &d.pool,
+        "node-b",
+        &[],
+        &[(loopvol::ops::pool_identity::ABORT_AFTER_ENV, "1")],
+    );
+    assert_eq!(out.status.code(), None, "{}", text(&out.stderr));
+    assert!(d.pool.join(".node-id.rekey").exists());
+    // One record re-keyed in place; the others still old (their new versions, if any, are in
+    // temp files).
+    let records: String = pool_files(&d.pool.join("volumes"))
+        .into_iter()
+        .filter(|(p, _)| p.extension().is_some_and(|e| e == "json"))
+        .map(|(_, b)| String::from_utf8(b).unwrap())
+        .collect();
+    assert_eq!(records.matches("@node-b").count(), 1, "{records}");
+    assert_eq!(records.matches(&format!("@{NODE}")).count(), 2, "{records}");
+    let before = pool_files(&d.pool);
+    for node in [NODE, "node-b"] {
+        let err = serve_refused(&d, Some(node));
+        assert!(
+            err.contains("half-way through `loopvol pool set-node-id`")
+                && err.contains(&format!(
+                    "run `loopvol pool set-node-id --pool-dir {} node-b` again",
+                    d.pool.display()
+                )),
+            "{err}"
+        );
+    }
+    assert_eq!(pool_files(&d.pool), before);
+    // Doctor says so too.
+    let out = loopvol(&["doctor", "--pool-dir", d.pool.to_str().unwrap()]);
+    let report = text(&out.stdout);
+    assert!(!out.status.success(), "{report}");
+    assert!(
+        report.contains("✘ node ID: the pool") && report.contains("half-way through"),
+        "{report}"
+    );
+    // Another destination is refused until this move is finished.
+    let out = set_node_id(&d.pool, "node-c", &[], &[]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("half-way through a move to node \"node-b\""));
+
+    let out = set_node_id(&d.pool, "node-b", &[], &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("finished an interrupted run"));
+    // The table maps every volume, also the one the killed run had already re-keyed.
+    let table = text(&out.stdout);
+    assert!(table.starts_with("KIND "), "{table}");
+    for id in &ids {
+        let new = id.replace(&format!("@{NODE}"), "@node-b");
+        assert!(
+            table
+                .lines()
+                .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["volume", id, &new]),
+            "{id}:\n{table}"
+        );
+    }
+    assert!(!d.pool.join(".node-id.rekey").exists());
+    let stray: Vec<_> = pool_files(&d.pool)
+        .into_keys()
+        .filter(|p| p.to_string_lossy().ends_with(".tmp"))
+        .collect();
+    assert!(stray.is_empty(), "{stray:?}");
+
+    d.set_node_id("node-b");
+    d.spawn().await;
+    let mut c = d.controller().await;
+    for id in &ids {
+        let new = id.replace(&format!("@{NODE}"), "@node-b");
+        c.delete_volume(DeleteVolumeRequest {
+            volume_id: new.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        assert!(!d.image_of(&new).exists(), "{new} not deleted");
+    }
+    d.assert_clean();
 }

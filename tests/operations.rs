@@ -377,12 +377,18 @@ async fn missing_tools_are_failed_precondition_naming_the_package() {
 }
 
 fn doctor(d: &Driver, pool: &Path, path_env: Option<&str>) -> (bool, String) {
+    doctor_with(d, pool, path_env, &[])
+}
+
+fn doctor_with(d: &Driver, pool: &Path, path_env: Option<&str>, extra: &[&str]) -> (bool, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_loopvol"));
     cmd.arg("doctor")
         .arg("--pool-dir")
         .arg(pool)
         .arg("--kubelet-dir")
-        .arg(d.path("no-kubelet-here"));
+        .arg(d.path("no-kubelet-here"))
+        .args(extra)
+        .env_remove("LOOPVOL_NODE_ID");
     if let Some(p) = path_env {
         cmd.env("PATH", p);
     }
@@ -409,6 +415,25 @@ async fn doctor_checks_a_served_pool_and_names_each_fix() {
     assert!(!out.contains('✘'), "{out}");
     assert!(out.contains("✔ orphaned loop devices: 1 attached"), "{out}");
     assert!(out.lines().last().unwrap().starts_with("all "), "{out}");
+    assert!(
+        out.contains(&format!(
+            "✔ node ID: the pool belongs to node \"{NODE}\": serve it with --node-id {NODE}"
+        )),
+        "{out}"
+    );
+    let (ok, out) = doctor_with(&d, &d.pool, None, &["--node-id", NODE]);
+    assert!(ok, "{out}");
+    // The node ID a serve would be given, when it is not the pool's.
+    let (ok, out) = doctor_with(&d, &d.pool, None, &["--node-id", "elsewhere"]);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains(&format!(
+            "✘ node ID: the pool {} belongs to node \"{NODE}\"",
+            d.pool.display()
+        )) && out.contains("not to \"elsewhere\"")
+            && out.contains("fix: see \"Moving a pool to another node ID\""),
+        "{out}"
+    );
 
     // A tool hidden from PATH.
     let path = path_without(&d.path("bin"), "resize2fs");

@@ -31,6 +31,9 @@ pub enum Command {
     /// stopped; list and inspect work while it serves the pool).
     #[command(subcommand)]
     Volume(VolumeCommand),
+    /// Work on a pool as a whole (needs the driver stopped): move it to another node ID.
+    #[command(subcommand)]
+    Pool(crate::ops::pool_identity::PoolCommand),
     /// Report on a pool: capacity, volumes, what this node staged and attached. Read-only.
     Status(crate::ops::admin::status::StatusArgs),
     /// Check that this node can run loopvol and that its pool is sound; exit 1 on a failure.

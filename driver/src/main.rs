@@ -63,6 +63,10 @@ fn run() -> anyhow::Result<()> {
                 }
             }
         }
+        Command::Pool(cmd) => {
+            init_logging(LogFormat::Text, "warn");
+            loopvol::ops::pool_identity::main(cmd)
+        }
         Command::Status(a) => {
             init_logging(LogFormat::Text, "warn");
             loopvol::ops::admin::status::run(&a)

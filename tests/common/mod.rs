@@ -38,6 +38,8 @@ pub struct Driver {
     pub pool: PathBuf,
     pub socket: PathBuf,
     child: Option<Child>,
+    /// `--node-id` of the next [`Driver::spawn`]; [`NODE`] unless a test moves the pool.
+    node_id: String,
     extra_args: Vec<String>,
     /// Environment overrides for the driver process (e.g. a PATH without some tool).
     env: Vec<(String, String)>,
@@ -91,6 +93,7 @@ impl Driver {
             socket: dir.path().join("csi.sock"),
             dir,
             child: None,
+            node_id: NODE.to_string(),
             extra_args: [
                 "--kubelet-dir".to_string(),
                 kubelet.to_string_lossy().into(),
@@ -122,6 +125,7 @@ impl Driver {
             socket,
             dir,
             child: None,
+            node_id: NODE.to_string(),
             extra_args: extra.iter().map(|s| s.to_string()).collect(),
             env: env
                 .iter()
@@ -139,6 +143,11 @@ impl Driver {
         self.extra_args = extra.iter().map(|s| s.to_string()).collect();
     }
 
+    /// Serve the pool under this node ID from the next [`Driver::spawn`] on.
+    pub fn set_node_id(&mut self, id: &str) {
+        self.node_id = id.to_string();
+    }
+
     /// Start (again) on the same pool and socket.
     pub async fn spawn(&mut self) {
         assert!(self.child.is_none(), "already running");
@@ -149,7 +158,14 @@ impl Driver {
             .unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_loopvol"))
             .arg("serve")
-            .args(["--mode", "all", "--node-id", NODE, "--log-level", "info"])
+            .args([
+                "--mode",
+                "all",
+                "--node-id",
+                &self.node_id,
+                "--log-level",
+                "info",
+            ])
             .arg("--endpoint")
             .arg(format!("unix://{}", self.socket.display()))
             .arg("--pool-dir")

@@ -5,4 +5,5 @@ pub mod admin;
 pub mod metrics_http;
 pub mod pool_args;
 pub mod pool_gauges;
+pub mod pool_identity;
 pub mod static_volume;

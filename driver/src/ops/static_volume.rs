@@ -1,7 +1,5 @@
 //! `loopvol volume ...`: work on a pool directly, for admins preparing static PVs.
 
-use std::path::{Path, PathBuf};
-
 use anyhow::{bail, Context};
 use provisioner::ids::Kind;
 use provisioner::pool::CreateRequest;
@@ -10,61 +8,20 @@ use provisioner::{Pool, PoolOptions, VolumeId, VolumeParams, VolumeRecord};
 use crate::ops::pool_args::{PoolArgs, VolumeCreateArgs};
 use crate::TOPOLOGY_KEY;
 
-/// `<pool>/.node-id`: the node ID of the process that last served the pool, so that the
-/// offline CLI opens the pool as the same node.
-fn node_id_file(pool_dir: &Path) -> PathBuf {
-    pool_dir.join(".node-id")
-}
-
-/// Remember which node serves `pool_dir` (called when the driver or the CLI opens it).
-pub fn remember_node_id(pool_dir: &Path, node_id: &str) -> std::io::Result<()> {
-    if std::fs::read_to_string(node_id_file(pool_dir)).is_ok_and(|s| s.trim() == node_id) {
-        return Ok(());
-    }
-    provisioner::atomic::write_file(&node_id_file(pool_dir), format!("{node_id}\n").as_bytes())
-}
-
-/// The node ID to open the pool as: `--node-id` when given, else the one the pool was last
-/// served as, else the node its records name, else (a new pool) the hostname. The hostname
-/// alone is right only for a pool served with the default `--node-id`; for any other, a
-/// delete by ID found nothing ("does not exist", exit 0) and a create made a volume the driver
-/// never sees.
+/// The node ID to open the pool as: `--node-id` when given (the pool refuses it when it
+/// belongs to another node), else the node the pool belongs to (its `.node-id`, or for an
+/// older pool the node its records name), else (a new pool) the hostname. The hostname alone
+/// would be right only for a pool served with the default `--node-id`.
 pub fn pool_node_id(pool: &PoolArgs) -> anyhow::Result<String> {
     if let Some(id) = &pool.node_id {
         return Ok(id.clone());
     }
-    if let Ok(s) = std::fs::read_to_string(node_id_file(&pool.pool_dir)) {
-        let id = s.trim();
-        provisioner::ids::validate_node_id(id)
-            .with_context(|| format!("{}", node_id_file(&pool.pool_dir).display()))?;
-        return Ok(id.to_string());
-    }
-    let mut nodes = std::collections::BTreeSet::new();
-    if pool.pool_dir.join("volumes").is_dir() {
-        let l = provisioner::listing::read_records(&pool.pool_dir)?;
-        let ids = l
-            .volumes
-            .iter()
-            .map(|v| (Kind::Volume, v.record.id.as_str()));
-        let snaps = l
-            .snapshots
-            .iter()
-            .map(|s| (Kind::Snapshot, s.record.id.as_str()));
-        for (kind, id) in ids.chain(snaps) {
-            if let Some(v) = VolumeId::parse(kind, id) {
-                nodes.insert(v.node);
-            }
-        }
-    }
-    match nodes.len() {
-        0 => Ok(pool.node_id()),
-        1 => Ok(nodes.pop_first().expect("one")),
-        _ => bail!(
-            "the pool {} holds volumes of several nodes ({}); say which with --node-id",
-            pool.pool_dir.display(),
-            nodes.into_iter().collect::<Vec<_>>().join(", ")
-        ),
-    }
+    let owner = if pool.pool_dir.is_dir() {
+        provisioner::pool::identity::identity(&pool.pool_dir)?.owner
+    } else {
+        None
+    };
+    Ok(owner.unwrap_or_else(|| pool.node_id()))
 }
 
 fn open(pool: &PoolArgs) -> anyhow::Result<Pool> {
@@ -86,8 +43,6 @@ fn open(pool: &PoolArgs) -> anyhow::Result<Pool> {
     for r in repairs {
         eprintln!("repaired: {r}");
     }
-    remember_node_id(&pool.pool_dir, p.node_id())
-        .with_context(|| format!("write {}", node_id_file(&pool.pool_dir).display()))?;
     Ok(p)
 }
 

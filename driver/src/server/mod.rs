@@ -201,9 +201,6 @@ where
     for r in &repairs {
         tracing::warn!(repair = %r, "pool repaired at start-up");
     }
-    if let Err(e) = crate::ops::static_volume::remember_node_id(pool.dir(), pool.node_id()) {
-        tracing::warn!(error = %e, "could not record the pool's node ID for the offline CLI");
-    }
     if args.max_concurrent_ops == 0 {
         bail!("--max-concurrent-ops must be at least 1");
     }

@@ -4,6 +4,8 @@
 //! ```text
 //! <pool>/.lock              flock'd by the one process managing volumes (controller, CLI)
 //! <pool>/.node.lock         flock'd by the one node plugin staging this pool's volumes
+//! <pool>/.node-id           the node ID the pool belongs to (identity.rs); openers of another refused
+//! <pool>/.node-id.rekey     journal of an unfinished `loopvol pool set-node-id` (rekey.rs)
 //! <pool>/volumes/<hex>.json volume record (exists ⇔ the volume exists)
 //! <pool>/volumes/<hex>.img  backing file
 //! <pool>/tmp/               images being built; anything here after a crash is garbage
@@ -36,7 +38,11 @@ use crate::size;
 use crate::PoolError;
 
 pub mod group_snapshot;
+pub mod identity;
+#[cfg(test)]
+mod identity_tests;
 mod quiesce;
+pub mod rekey;
 mod repair;
 mod space;
 #[cfg(test)]
@@ -119,8 +125,8 @@ pub struct Pool {
 }
 
 impl Pool {
-    /// Open (creating if needed) the pool at `opts.dir`, take its lock, repair what a crash left
-    /// behind and load the volume records. Returns the repairs made, for the caller to log.
+    /// Open (creating if needed) the pool at `opts.dir`, take its lock, check that it belongs to
+    /// `opts.node_id` (identity.rs), repair what a crash left behind and load the volume records. Returns the repairs made, for the caller to log.
     pub fn open(opts: PoolOptions) -> Result<(Self, Vec<String>), PoolError> {
         ids::validate_node_id(&opts.node_id)?;
         if !(opts.overcommit_ratio.is_finite() && opts.overcommit_ratio >= 1.0) {
@@ -144,6 +150,9 @@ impl Pool {
                 locks.push(take_lock(&dir, name)?);
             }
         }
+        // Under the lock (a re-key holds both) and before any repair: a refused opener changes
+        // nothing.
+        identity::check_owner(&dir, &opts.node_id)?;
         let mut repairs = Vec::new();
         let (volumes, snapshots) = if opts.writer {
             clear_tmp(&dir, &mut repairs)?;

@@ -7,6 +7,7 @@
 
 mod frozen;
 mod kernel;
+mod node_id;
 mod orphans;
 mod pool_fs;
 mod propagation;
@@ -36,6 +37,10 @@ pub struct DoctorArgs {
         default_value = "ext4,xfs,btrfs"
     )]
     pub fs_types: Vec<FsType>,
+    /// The node ID the driver will serve the pool as: checked against the one the pool
+    /// belongs to. Not checked when not given.
+    #[arg(long, env = "LOOPVOL_NODE_ID")]
+    pub node_id: Option<String>,
 }
 
 /// The result of one check.
@@ -104,6 +109,7 @@ pub fn run(args: &DoctorArgs) -> Vec<Check> {
     checks.extend(tools::check(&args.fs_types));
     let probe_dir = existing_ancestor(&args.pool_dir);
     checks.push(pool_fs::pool_dir(&args.pool_dir));
+    checks.push(node_id::check(&args.pool_dir, args.node_id.as_deref()));
     checks.push(pool_fs::direct_io(&probe_dir));
     checks.push(pool_fs::reflink(&probe_dir));
     checks.push(space::free_space(
