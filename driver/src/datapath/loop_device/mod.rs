@@ -1,11 +1,12 @@
 //! The loop device: loopvol's first block data path, and the only place that knows loop
-//! ioctls (`ioctl`), loop sysfs (`scan`) and which device reads which image (`index`, checked
+//! ioctls (`ioctl`), loop sysfs (`scan`), the removal of idle nodes (`reaper`) and which device reads which image (`index`, checked
 //! against the kernel on every use). Everything else reaches it through
 //! [`BlockDataPath`]; the free functions below are the same operations for tests, benchmarks
 //! and tools that want loop devices specifically.
 
 mod index;
 mod ioctl;
+mod reaper;
 mod scan;
 
 use std::path::Path;
@@ -74,11 +75,11 @@ impl BlockDataPath for LoopDevices {
 
     fn start(&self, state_dir: &Path) {
         index::rebuild();
-        ioctl::adopt_node_cleanup(state_dir);
+        reaper::adopt_node_cleanup(state_dir);
     }
 
     fn stop(&self, state_dir: &Path, wait: std::time::Duration) {
-        ioctl::finish_node_cleanup(state_dir, wait);
+        reaper::finish_node_cleanup(state_dir, wait);
     }
 
     fn ready(&self) -> std::result::Result<String, NotReady> {
