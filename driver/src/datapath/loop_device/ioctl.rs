@@ -282,8 +282,7 @@ pub fn detach(device: &Path) -> Result<()> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(Error::io(format!("open {}", device.display()), e)),
     };
-    dev.sync_all()
-        .map_err(|e| Error::io(format!("flush {}", device.display()), e))?;
+    flush(&dev, device)?;
     match unsafe { loop_clr_fd(dev.as_raw_fd()) } {
         Ok(_) | Err(Errno::ENXIO) => {}
         Err(e) => return Err(Error::io(format!("LOOP_CLR_FD {}", device.display()), e)),
@@ -301,6 +300,43 @@ pub fn detach(device: &Path) -> Result<()> {
     }
     tracing::warn!(device = %device.display(), "loop device still open elsewhere; detach deferred to its last close");
     Ok(())
+}
+
+/// Flushes a failed flush is retried with: the first a moment after the failure, the last
+/// about a second after it.
+const FLUSH_RETRIES: [Duration; 3] = [
+    Duration::from_millis(100),
+    Duration::from_millis(300),
+    Duration::from_millis(600),
+];
+
+/// Flush the device's dirty blocks to its backing file, retrying a failure a few times.
+///
+/// The kernel keeps a write error for the device (a block the filesystem wrote that could
+/// not reach the backing file: a full pool under a thin volume) and reports it once, to the
+/// first flush after it, typically the one of the unstage right after the filesystem's
+/// unmount wrote its last metadata. The next flush tells whether writes fail *now*: if it
+/// succeeds, everything still cached has reached the backing file, the loss happened before
+/// (the filesystem recorded it, and the next stage's fsck sees it), and the detach goes on.
+/// A flush that keeps failing is a transient refusal (UNAVAILABLE: the CO retries, after the
+/// operator freed space), never an internal error.
+fn flush(dev: &File, device: &Path) -> Result<()> {
+    let Err(first) = dev.sync_all() else {
+        return Ok(());
+    };
+    for pause in FLUSH_RETRIES {
+        std::thread::sleep(pause);
+        if dev.sync_all().is_ok() {
+            tracing::warn!(device = %device.display(), error = %first,
+                "earlier writes to the device failed (its backing file's filesystem full?); \
+                 the filesystem may have lost them, the next stage checks it");
+            return Ok(());
+        }
+    }
+    Err(Error::WriteBack {
+        device: device.display().to_string(),
+        source: first,
+    })
 }
 
 /// Make the loop device pick up its backing file's new size (after an expansion).
