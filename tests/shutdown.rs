@@ -250,6 +250,34 @@ async fn a_node_plugin_exits_within_its_budget_with_the_router_connected_and_a_c
     );
 }
 
+/// Idle connections alone (the router's HTTP/2 connection after a call, and a TCP connection
+/// that never finished its TLS handshake) do not hold a stop: GOAWAY closes the first, and the
+/// second is dropped with the listener. No call is in flight, so the stop is immediate.
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_router_connections_do_not_delay_a_stop() {
+    if !root_or_skip("node_stop_idle") {
+        return;
+    }
+    let mut p = NodePlugin::start(&["--shutdown-timeout", "20"]);
+    let mut idle = p.pool_api().await;
+    idle.controller_get_capabilities(ControllerGetCapabilitiesRequest {})
+        .await
+        .unwrap();
+    let half_open =
+        std::net::TcpStream::connect(p.pool_url.trim_start_matches("https://")).unwrap();
+    let stopped = tokio::task::block_in_place(|| p.sigterm_and_time(Duration::from_secs(40)));
+    let (took, status) = stopped.unwrap_or_else(|| panic!("still running 40 s after SIGTERM"));
+    println!("exited {took:?} after SIGTERM ({status})");
+    assert!(status.success(), "{status}");
+    assert!(
+        took < Duration::from_secs(3),
+        "idle connections held the stop for {took:?}; log:\n{}",
+        p.log()
+    );
+    assert!(!p.log().contains("calls still in flight"), "{}", p.log());
+    drop((idle, half_open));
+}
+
 /// Loop numbers of `devices` whose node is still there and attached to nothing.
 fn idle_nodes(devices: &[u32]) -> Vec<u32> {
     devices
