@@ -232,8 +232,14 @@ mod tests {
             devices: vec![fs_dev.clone()],
         };
         std::fs::create_dir(&mnt).unwrap();
-        crate::fs::mount::mount_fs(&fs_dev, &mnt, "ext4", nix::mount::MsFlags::empty(), "")
-            .unwrap();
+        nix::mount::mount(
+            Some(&fs_dev),
+            &mnt,
+            Some("ext4"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .unwrap();
         struct Unmount(PathBuf);
         impl Drop for Unmount {
             fn drop(&mut self) {
