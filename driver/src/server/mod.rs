@@ -86,11 +86,14 @@ pub async fn serve(
         shutdown,
         std::time::Duration::from_secs(args.shutdown_timeout),
     );
-    if multi.is_router() {
+    let result = if multi.is_router() {
         serve_router(&args, &stop).await
     } else {
         serve_pool(&args, &stop).await
-    }
+    };
+    // Last: the issue 27 log said "stopped" while the pool API still waited for a call.
+    tracing::info!("loopvol stopped");
+    result
 }
 
 /// Bind the unix socket and serve `routes` on it until `stop`, draining in-flight calls for
@@ -119,7 +122,6 @@ async fn serve_socket(
         );
     let result = stop.bounded("CSI socket", server).await;
     let _ = std::fs::remove_file(&path);
-    tracing::info!("loopvol stopped");
     result.context("gRPC server")
 }
 
