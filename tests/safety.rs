@@ -1126,6 +1126,67 @@ async fn health_and_doctor_report_filesystems_forced_read_only_or_shut_down() {
     d.assert_clean();
 }
 
+/// Issue 27 (12): with the pool full under a thin ext4 volume, a journal commit into the
+/// journal's never-written blocks (mkfs leaves them unwritten) fails and jbd2 aborts the
+/// journal. Until the next write meets it, mountinfo says `rw` and `errors_count` is 0, and
+/// health said nothing; the journal superblock's errno says it, and the node and controller
+/// health RPCs and doctor now report `FilesystemJournalAborted`.
+#[tokio::test(flavor = "multi_thread")]
+async fn health_reports_an_ext4_journal_the_kernel_aborted_before_ext4_noticed() {
+    if !root_or_skip("journal_aborted") {
+        return;
+    }
+    let d = Driver::start_on_small_fs(64 * MIB as u64, &[]).await;
+    let (mut c, mut n) = (d.controller().await, d.node().await);
+    let v = staged(&d, &mut c, &mut n, "journal", 32 * MIB).await;
+    assert!(volume_health(&mut n, &v.id).await.is_empty());
+    let dev = device_name_at(&v.staging);
+    // Fill the filesystem under the pool (not the volume).
+    let filler = fill(d.pool.parent().unwrap());
+    // Metadata changes and a sync, until a commit needs a journal block the image lacks.
+    let mut aborted = false;
+    for i in 0..200 {
+        let dir = v.target.join(format!("d{i}"));
+        if std::fs::create_dir(&dir).is_err() {
+            break;
+        }
+        let f = std::fs::File::open(&v.target).unwrap();
+        let _ = nix::unistd::syncfs(&f);
+        if loopvol::fs::ext4_journal::aborted(Path::new(&format!("/dev/{dev}"))).is_some() {
+            aborted = true;
+            break;
+        }
+    }
+    assert!(aborted, "the journal was never aborted");
+    let m = loopvol::fs::mount::mount_at(&v.staging).unwrap().unwrap();
+    let errors = std::fs::read_to_string(format!("/sys/fs/ext4/{dev}/errors_count")).unwrap();
+    println!(
+        "aborted journal: superblock options {:?}, errors_count {}",
+        m.super_options,
+        errors.trim()
+    );
+    let h = volume_health(&mut n, &v.id).await;
+    let r = reasons(&h);
+    assert!(r.contains(&"FilesystemJournalAborted"), "{h:?}");
+    // The state of the report: nothing else in the kernel says it yet.
+    if errors.trim() == "0" && !m.super_options.contains("emergency_ro") {
+        assert!(
+            r.iter()
+                .all(|x| *x == "FilesystemJournalAborted" || *x == "PoolFull"),
+            "{h:?}"
+        );
+    }
+    let h = controller_health(&mut c, &v.id).await;
+    assert!(reasons(&h).contains(&"FilesystemJournalAborted"), "{h:?}");
+    let (ok, out) = doctor(&d);
+    assert!(!ok, "{out}");
+    assert!(out.contains("FilesystemJournalAborted"), "{out}");
+
+    std::fs::remove_file(filler).unwrap();
+    take_down(&mut c, &mut n, &v).await;
+    d.assert_clean();
+}
+
 // ---------------------------------------------------------------------------------------------
 // Finding 7: the smaller ones.
 

@@ -173,6 +173,11 @@ pub struct ServeArgs {
     /// that lasts longer is lifted, and the copy fails instead of being torn.
     #[arg(long, value_name = "SECONDS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
     pub freeze_timeout: u64,
+    /// The longest a stop (SIGTERM, SIGINT) takes: in-flight calls get up to half of it, and
+    /// removing the idle loop nodes the node plugin used gets the rest; what does not fit is
+    /// left to the next start. Keep it under the pod's terminationGracePeriodSeconds (30).
+    #[arg(long, value_name = "SECONDS", default_value_t = 25, value_parser = clap::value_parser!(u64).range(1..))]
+    pub shutdown_timeout: u64,
     /// Test hook: keep each freeze this many milliseconds before copying.
     #[arg(long, hide = true, default_value_t = 0)]
     pub test_freeze_hold_ms: u64,
@@ -234,5 +239,6 @@ mod tests {
         assert_eq!(a.kubelet_dir, PathBuf::from("/var/lib/kubelet"));
         assert!(a.allowed_root.is_empty());
         assert_eq!(a.freeze_timeout, 300);
+        assert_eq!(a.shutdown_timeout, 25);
     }
 }

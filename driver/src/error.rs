@@ -34,6 +34,18 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// A device's cached writes cannot reach its backing file now (retried already): a full
+    /// pool under a thin volume. Transient: the CO retries, and it succeeds once space is
+    /// freed.
+    #[error(
+        "flush {device}: {source}: writes to its backing file fail (is the pool's filesystem \
+         full?); retry once space is freed"
+    )]
+    WriteBack {
+        device: String,
+        #[source]
+        source: io::Error,
+    },
     /// An external tool (mkfs, fsck, resize2fs...) failed.
     #[error("{program} failed ({status}): {stderr}")]
     Command {
@@ -109,7 +121,7 @@ impl Error {
             Error::Unimplemented(_) => Code::Unimplemented,
             Error::OutOfRange(_) => Code::OutOfRange,
             Error::Io { .. } | Error::Command { .. } | Error::Internal(_) => Code::Internal,
-            Error::Unavailable(_) => Code::Unavailable,
+            Error::Unavailable(_) | Error::WriteBack { .. } => Code::Unavailable,
             Error::Forwarded(s) => s.code(),
         }
     }
@@ -166,6 +178,23 @@ mod tests {
         let s: Status = Error::from(PoolError::io("x", io::Error::other("y"))).into();
         assert_eq!(s.code(), Code::Internal);
         assert!(required("volume_id", "").is_err());
+    }
+
+    /// A flush that keeps failing is something the CO retries (NodeUnstageVolume has no code
+    /// of its own for it), never INTERNAL.
+    #[test]
+    fn a_failing_flush_is_transient() {
+        let e = Error::WriteBack {
+            device: "/dev/loop6".into(),
+            source: io::Error::from_raw_os_error(libc::EIO),
+        };
+        let s: Status = e.into();
+        assert_eq!(s.code(), Code::Unavailable);
+        assert!(
+            s.message().starts_with("flush /dev/loop6: "),
+            "{}",
+            s.message()
+        );
     }
 
     #[test]

@@ -39,7 +39,11 @@ fn run() -> anyhow::Result<()> {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
-            rt.block_on(server::serve(*args, server::shutdown_signal()))
+            let result = rt.block_on(server::serve(*args, server::shutdown_signal()));
+            // The stop's budget is spent: a call abandoned at the drain deadline may still
+            // run on a blocking thread, and dropping the runtime would wait for it.
+            rt.shutdown_timeout(std::time::Duration::from_millis(200));
+            result
         }
         Command::FreezeGuard(a) => {
             init_logging(LogFormat::Text, "info");

@@ -94,8 +94,9 @@ fn super_option(m: &MountEntry, name: &str) -> bool {
 /// What the kernel says about a mounted filesystem of a volume. ext4 on Linux 6.x marks a
 /// filesystem it stopped writing after an error `emergency_ro` while it still reads `rw`
 /// (older kernels remount it `ro`), and a shut-down one `shutdown`; ext4 counts errors in
-/// `/sys/fs/ext4/<dev>/errors_count`. A shut-down xfs shows nothing in mountinfo, but stat of
-/// its root fails with EIO.
+/// `/sys/fs/ext4/<dev>/errors_count`. A journal jbd2 aborted shows in neither until the next
+/// write: only in the journal superblock (`ext4_journal`). A shut-down xfs shows nothing in
+/// mountinfo, but stat of its root fails with EIO.
 pub fn filesystem_findings(m: &MountEntry, staged_read_only: bool) -> Vec<VolumeHealthEntry> {
     let mut out = Vec::new();
     let shutdown = super_option(m, "shutdown")
@@ -126,6 +127,20 @@ pub fn filesystem_findings(m: &MountEntry, staged_read_only: bool) -> Vec<Volume
         ));
     }
     if m.fs_type == "ext4" {
+        if let Some(errno) = crate::fs::ext4_journal::aborted(Path::new(&m.source)) {
+            out.push(entry(
+                VolumeHealthErrorType::Degraded,
+                "FilesystemJournalAborted",
+                format!(
+                    "the kernel aborted the ext4 journal on {} ({}), usually because writes \
+                     failed (a full pool under a thin volume); the next write into {} fails \
+                     and turns it read-only: stop its pods, unstage and run e2fsck",
+                    m.source,
+                    std::io::Error::from_raw_os_error(errno.saturating_neg()),
+                    m.mount_point.display()
+                ),
+            ));
+        }
         if let Some(n) = ext4_errors(&m.source).filter(|n| *n > 0) {
             out.push(entry(
                 VolumeHealthErrorType::Degraded,

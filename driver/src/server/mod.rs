@@ -16,6 +16,7 @@ use crate::cli::ServeArgs;
 use crate::shared::advertise::Advertised;
 use crate::shared::{socket_path, Mode};
 
+pub mod shutdown;
 pub mod unix_authority;
 use crate::csi::controller_server::ControllerServer;
 use crate::csi::group_controller_server::GroupControllerServer;
@@ -29,6 +30,7 @@ use crate::edge::node::NodeService;
 use crate::edge::snapshot_metadata::SnapshotMetadataService;
 use crate::engine::Engine;
 use crate::state::Driver;
+use shutdown::Stop;
 
 /// Bind the socket: mode 0600, replacing a stale socket file only if nothing answers on it.
 fn bind(path: &Path) -> anyhow::Result<UnixListener> {
@@ -79,30 +81,27 @@ pub async fn serve(
             socket.display()
         );
     }
-    // One shutdown signal fans out to every listener.
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        shutdown.await;
-        let _ = stop_tx.send(true);
-    });
-    let stopped = move || {
-        let mut rx = stop_rx.clone();
-        async move {
-            let _ = rx.wait_for(|s| *s).await;
-        }
-    };
-    if multi.is_router() {
-        serve_router(&args, stopped).await
+    // One shutdown signal fans out to every listener, with one time budget for the stop.
+    let stop = Stop::new(
+        shutdown,
+        std::time::Duration::from_secs(args.shutdown_timeout),
+    );
+    let result = if multi.is_router() {
+        serve_router(&args, &stop).await
     } else {
-        serve_pool(&args, stopped).await
-    }
+        serve_pool(&args, &stop).await
+    };
+    // Last: the issue 27 log said "stopped" while the pool API still waited for a call.
+    tracing::info!("loopvol stopped");
+    result
 }
 
-/// Bind the unix socket and serve `routes` on it until `stop` resolves.
+/// Bind the unix socket and serve `routes` on it until `stop`, draining in-flight calls for
+/// at most its drain budget.
 async fn serve_socket(
     endpoint: &str,
     routes: tonic::service::Routes,
-    stop: impl Future<Output = ()>,
+    stop: &Stop,
 ) -> anyhow::Result<()> {
     let path = socket_path(endpoint)?;
     let listener = bind(&path)?;
@@ -113,25 +112,20 @@ async fn serve_socket(
         path.display()
     );
     tracing::info!(socket = %path.display(), "listening");
-    let result = tonic::transport::Server::builder()
+    let server = tonic::transport::Server::builder()
         .layer(crate::metrics::rpc_layer::RpcMetricsLayer)
         .add_routes(routes)
         .serve_with_incoming_shutdown(
             UnixListenerStream::new(listener)
                 .map(|conn| conn.map(crate::server::unix_authority::AuthorityFix::new)),
-            stop,
-        )
-        .await;
+            stop.signal(),
+        );
+    let result = stop.bounded("CSI socket", server).await;
     let _ = std::fs::remove_file(&path);
-    tracing::info!("loopvol stopped");
     result.context("gRPC server")
 }
 
-async fn serve_router<F, Fut>(args: &ServeArgs, stopped: F) -> anyhow::Result<()>
-where
-    F: Fn() -> Fut,
-    Fut: Future<Output = ()> + Send + 'static,
-{
+async fn serve_router(args: &ServeArgs, stop: &Stop) -> anyhow::Result<()> {
     let tls = args.multi.tls().expect("checked by serve").client()?;
     let dir = Arc::new(crate::multinode::router::NodeDirectory::new(tls));
     if let Some(spec) = &args.multi.node_endpoints {
@@ -174,15 +168,11 @@ where
         ));
     let metrics = crate::ops::metrics_http::Sources::without_pool();
     let _metrics = crate::ops::metrics_http::start_if(args.metrics_address, metrics).await?;
-    serve_socket(&args.endpoint, routes.routes(), stopped()).await
+    serve_socket(&args.endpoint, routes.routes(), stop).await
 }
 
 /// Open the pool, then serve it on the socket (and to the router, with --pool-listen).
-async fn serve_pool<F, Fut>(args: &ServeArgs, stopped: F) -> anyhow::Result<()>
-where
-    F: Fn() -> Fut,
-    Fut: Future<Output = ()> + Send + 'static,
-{
+async fn serve_pool(args: &ServeArgs, stop: &Stop) -> anyhow::Result<()> {
     let node_id = args.pool.node_id();
     let pool_api = args.multi.pool_listen;
     let pool_opts = PoolOptions {
@@ -287,9 +277,12 @@ where
                 )))
                 .serve_with_incoming_shutdown(
                     tokio_stream::wrappers::TcpListenerStream::new(listener),
-                    stopped(),
+                    stop.signal(),
                 );
-            Some(tokio::spawn(server))
+            let stop = stop.clone();
+            Some(tokio::spawn(async move {
+                stop.bounded("pool API", server).await
+            }))
         }
         None => None,
     };
@@ -320,17 +313,16 @@ where
         volumes = driver.pool.len(),
         "loopvol serving"
     );
-    let result = serve_socket(&args.endpoint, routes.routes(), stopped()).await;
+    let result = serve_socket(&args.endpoint, routes.routes(), stop).await;
     if let Some(h) = pool_server {
         h.await?.context("pool API server")?;
     }
     if matches!(args.mode, Mode::Node | Mode::All) {
         let state_dir = driver.pool.node_state_dir();
         let data_path = driver.data_path;
-        tokio::task::spawn_blocking(move || {
-            data_path.stop(&state_dir, std::time::Duration::from_secs(2))
-        })
-        .await?;
+        // Whatever the drain left of the budget: idle loop nodes removed before the exit.
+        let wait = stop.remaining();
+        tokio::task::spawn_blocking(move || data_path.stop(&state_dir, wait)).await?;
     }
     result
 }

@@ -5,13 +5,13 @@
 //! direct-I/O flag) and because loopdev's bindgen build needs libclang on every build machine.
 //! The whole surface is six ioctls.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{mpsc, Mutex, OnceLock};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use super::scan::{
@@ -246,7 +246,7 @@ fn ensure_node(n: u64) -> Result<PathBuf> {
 }
 
 /// `/dev/loop-control`, opened as `LOOP_CTL_*` needs it.
-fn open_control() -> Result<File> {
+pub(super) fn open_control() -> Result<File> {
     open_rw(Path::new(LOOP_CONTROL)).map_err(|e| Error::io(format!("open {LOOP_CONTROL}"), e))
 }
 
@@ -267,185 +267,11 @@ fn dio_enabled(device: &Path) -> bool {
     std::fs::read_to_string(sysfs_dir(device).join("loop/dio")).is_ok_and(|s| s.trim() == "1")
 }
 
-/// The kernel makes this many loop devices at boot (`CONFIG_BLK_DEV_LOOP_MIN_COUNT`, default 8)
-/// and tools expect them to exist: never removed.
-const BOOT_NODES: u32 = 8;
-
-/// Which idle loop device nodes loopvol may remove after a detach.
-///
-/// `LOOP_CTL_GET_FREE` adds a node whenever none is free, and a detached node stays until
-/// someone removes it: without removal a node that staged a thousand volumes keeps a thousand
-/// idle `/dev/loopN`, and every later sysfs scan pays for each. loopvol removes the nodes it
-/// attached and detached, except nodes that were already idle when it started (the system's
-/// spare nodes, or another tool's) and the boot-time ones. A node attached to a pool image when
-/// loopvol started was attached by an earlier loopvol and counts as its own, and so do the
-/// nodes a previous loopvol had queued for removal when it stopped (see [`finish_node_cleanup`]).
-///
-/// Removal is slow (the kernel deletes a whole gendisk and waits out an RCU grace period: about
-/// 45 ms each on this machine kind) but mostly waiting, so a few threads do it in parallel, off
-/// the RPC path: an unstage answers as soon as its device is detached.
-struct NodeReaper {
-    spare_at_start: HashSet<u32>,
-    queue: mpsc::Sender<u32>,
-    /// Queued and not yet removed (or given up on).
-    pending: Mutex<HashSet<u32>>,
-}
-
-static REAPER: OnceLock<NodeReaper> = OnceLock::new();
-const REAPER_THREADS: usize = 8;
-/// Under the node state directory: the nodes a stopping loopvol had not removed yet.
-const PENDING_FILE: &str = "loop-nodes-to-remove";
-
-fn loop_node_numbers() -> Vec<(u32, bool)> {
-    let Ok(entries) = std::fs::read_dir("/sys/block") else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter_map(|e| {
-            let n = e.file_name().to_str()?.strip_prefix("loop")?.parse().ok()?;
-            Some((n, e.path().join("loop/backing_file").exists()))
-        })
-        .collect()
-}
-
-/// Note the idle loop nodes that exist now, so that [`detach`] removes only the ones loopvol
-/// used, and start the threads that remove them. Called once by a node plugin at start;
-/// processes that never call it (the admin CLI) remove no node.
-pub fn adopt_node_cleanup(state_dir: &Path) {
-    let file = state_dir.join(PENDING_FILE);
-    let left_by_predecessor: HashSet<u32> = std::fs::read_to_string(&file)
-        .unwrap_or_default()
-        .split_whitespace()
-        .filter_map(|n| n.parse().ok())
-        .collect();
-    let _ = std::fs::remove_file(&file);
-    let idle: Vec<u32> = loop_node_numbers()
-        .into_iter()
-        .filter(|&(_, attached)| !attached)
-        .map(|(n, _)| n)
-        .collect();
-    let (tx, rx) = mpsc::channel();
-    let reaper = NodeReaper {
-        spare_at_start: idle
-            .iter()
-            .copied()
-            .filter(|n| !left_by_predecessor.contains(n))
-            .collect(),
-        queue: tx,
-        pending: Mutex::new(HashSet::new()),
-    };
-    if REAPER.set(reaper).is_err() {
-        return;
-    }
-    let rx = std::sync::Arc::new(Mutex::new(rx));
-    for i in 0..REAPER_THREADS {
-        let rx = rx.clone();
-        let spawned = std::thread::Builder::new()
-            .name(format!("loop-reaper-{i}"))
-            .spawn(move || reap_worker(&rx));
-        if let Err(e) = spawned {
-            tracing::warn!(error = %e, "cannot start a loop node reaper thread");
-        }
-    }
-    for n in idle.into_iter().filter(|n| left_by_predecessor.contains(n)) {
-        queue_removal(n);
-    }
-}
-
-/// Remove queued nodes one at a time. EBUSY right after a detach is normal (the kernel
-/// finishes tearing a device down after its last close, and udev probes it on the change
-/// event): retried for a while, then left. The kernel refuses atomically to remove a device
-/// that is attached or open, so a node another attacher picked up meanwhile is never pulled
-/// away.
-fn reap_worker(rx: &Mutex<mpsc::Receiver<u32>>) {
-    let control = open_control();
-    loop {
-        let next = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
-        let Ok(n) = next else { return };
-        let started = std::time::Instant::now();
-        if let Ok(control) = &control {
-            // SAFETY: LOOP_CTL_REMOVE takes the device number by value; no memory is passed.
-            while let Err(Errno::EBUSY) =
-                unsafe { loop_ctl_remove(control.as_raw_fd(), n as libc::c_int) }
-            {
-                if started.elapsed() > Duration::from_secs(5) {
-                    tracing::debug!(device = n, "loop node still busy; not removed");
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
-        if let Some(r) = REAPER.get() {
-            r.pending
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&n);
-        }
-    }
-}
-
-fn queue_removal(n: u32) {
-    let Some(r) = REAPER.get() else { return };
-    if r.pending
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(n)
-    {
-        let _ = r.queue.send(n);
-    }
-}
-
-/// At shutdown: give the queued removals up to `wait` to finish, and leave the rest to the
-/// next loopvol in the node state directory (written plainly, not fsynced: a lost list leaks
-/// idle nodes, nothing else).
-pub fn finish_node_cleanup(state_dir: &Path, wait: Duration) {
-    let Some(r) = REAPER.get() else { return };
-    let started = std::time::Instant::now();
-    loop {
-        let left: Vec<u32> = r
-            .pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .copied()
-            .collect();
-        if left.is_empty() {
-            return;
-        }
-        if started.elapsed() >= wait {
-            let list: String = left.iter().map(|n| format!("{n}\n")).collect();
-            let tmp = state_dir.join(format!("{PENDING_FILE}.tmp"));
-            if std::fs::write(&tmp, list).is_ok() {
-                let _ = std::fs::rename(&tmp, state_dir.join(PENDING_FILE));
-            }
-            tracing::info!(
-                nodes = left.len(),
-                "idle loop nodes not removed yet; the next start removes them"
-            );
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn loop_number(device: &Path) -> Option<u32> {
-    device.to_str()?.strip_prefix("/dev/loop")?.parse().ok()
-}
-
-/// Queue the node of a device loopvol detached for removal, if it is its own (see
-/// [`NodeReaper`]).
-fn reap_node(device: &Path) {
-    let Some(reaper) = REAPER.get() else { return };
-    let Some(n) = loop_number(device) else { return };
-    if ours_to_remove(n, &reaper.spare_at_start) {
-        queue_removal(n);
-    }
-}
-
-/// Boot-time nodes and the ones idle when loopvol started are not loopvol's to remove.
-fn ours_to_remove(n: u32, spare_at_start: &HashSet<u32>) -> bool {
-    n >= BOOT_NODES && !spare_at_start.contains(&n)
+/// `LOOP_CTL_REMOVE`: delete idle node `n`. The kernel refuses (EBUSY) while the device is
+/// attached or open.
+pub(super) fn remove_node(control: &File, n: u32) -> nix::Result<()> {
+    // SAFETY: LOOP_CTL_REMOVE takes the device number by value; no memory is passed.
+    unsafe { loop_ctl_remove(control.as_raw_fd(), n as libc::c_int) }.map(drop)
 }
 
 /// Flush dirty blocks to the backing file, then detach. If something still holds the device
@@ -456,8 +282,7 @@ pub fn detach(device: &Path) -> Result<()> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(Error::io(format!("open {}", device.display()), e)),
     };
-    dev.sync_all()
-        .map_err(|e| Error::io(format!("flush {}", device.display()), e))?;
+    flush(&dev, device)?;
     match unsafe { loop_clr_fd(dev.as_raw_fd()) } {
         Ok(_) | Err(Errno::ENXIO) => {}
         Err(e) => return Err(Error::io(format!("LOOP_CLR_FD {}", device.display()), e)),
@@ -468,7 +293,7 @@ pub fn detach(device: &Path) -> Result<()> {
     for _ in 0..200 {
         if !backing.exists() {
             tracing::info!(device = %device.display(), "loop device detached");
-            reap_node(device);
+            super::reaper::reap_node(device);
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(5));
@@ -477,26 +302,47 @@ pub fn detach(device: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Flushes a failed flush is retried with: the first a moment after the failure, the last
+/// about a second after it.
+const FLUSH_RETRIES: [Duration; 3] = [
+    Duration::from_millis(100),
+    Duration::from_millis(300),
+    Duration::from_millis(600),
+];
+
+/// Flush the device's dirty blocks to its backing file, retrying a failure a few times.
+///
+/// The kernel keeps a write error for the device (a block the filesystem wrote that could
+/// not reach the backing file: a full pool under a thin volume) and reports it once, to the
+/// first flush after it, typically the one of the unstage right after the filesystem's
+/// unmount wrote its last metadata. The next flush tells whether writes fail *now*: if it
+/// succeeds, everything still cached has reached the backing file, the loss happened before
+/// (the filesystem recorded it, and the next stage's fsck sees it), and the detach goes on.
+/// A flush that keeps failing is a transient refusal (UNAVAILABLE: the CO retries, after the
+/// operator freed space), never an internal error.
+fn flush(dev: &File, device: &Path) -> Result<()> {
+    let Err(first) = dev.sync_all() else {
+        return Ok(());
+    };
+    for pause in FLUSH_RETRIES {
+        std::thread::sleep(pause);
+        if dev.sync_all().is_ok() {
+            tracing::warn!(device = %device.display(), error = %first,
+                "earlier writes to the device failed (its backing file's filesystem full?); \
+                 the filesystem may have lost them, the next stage checks it");
+            return Ok(());
+        }
+    }
+    Err(Error::WriteBack {
+        device: device.display().to_string(),
+        source: first,
+    })
+}
+
 /// Make the loop device pick up its backing file's new size (after an expansion).
 pub fn refresh_capacity(device: &Path) -> Result<u64> {
     let dev = open_rw(device).map_err(|e| Error::io(format!("open {}", device.display()), e))?;
     unsafe { loop_set_capacity(dev.as_raw_fd()) }
         .map_err(|e| Error::io(format!("LOOP_SET_CAPACITY {}", device.display()), e))?;
     crate::datapath::blockdev::size_of(device)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_nodes_loopvol_used_are_removed() {
-        let spare: HashSet<u32> = [0, 1, 9].into_iter().collect();
-        assert!(!ours_to_remove(3, &spare), "boot-time node");
-        assert!(!ours_to_remove(9, &spare), "idle before loopvol started");
-        assert!(ours_to_remove(10, &spare));
-        assert_eq!(loop_number(Path::new("/dev/loop12")), Some(12));
-        assert_eq!(loop_number(Path::new("/dev/sda")), None);
-        assert_eq!(loop_number(Path::new("/dev/loop-control")), None);
-    }
 }
