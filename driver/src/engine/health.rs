@@ -57,14 +57,17 @@ pub const LONG_FREEZE: std::time::Duration = std::time::Duration::from_secs(5);
 pub fn freeze_findings(node_dir: &Path, hex: &str) -> Vec<VolumeHealthEntry> {
     match freeze::state(node_dir, hex) {
         Some(freeze::State::Abandoned(m)) => {
-            let at = m
-                .as_ref()
-                .map_or_else(|| "its staging path".into(), |m| m.mount.display().to_string());
+            let at = m.as_ref().map_or_else(
+                || "its staging path".into(),
+                |m| m.mount.display().to_string(),
+            );
             vec![entry(
                 VolumeHealthErrorType::Inaccessible,
                 "FilesystemFrozen",
                 format!(
-                    "a loopvol process died while {at} was frozen for a snapshot or clone;                      writes to it may hang: restart the node plugin (it thaws at start-up)                      or run `fsfreeze -u {at}`"
+                    "a loopvol process died while {at} was frozen for a snapshot or clone; \
+                     writes to it may hang: restart the node plugin (it thaws at start-up) \
+                     or run `fsfreeze -u {at}`"
                 ),
             )]
         }
@@ -72,7 +75,8 @@ pub fn freeze_findings(node_dir: &Path, hex: &str) -> Vec<VolumeHealthEntry> {
             VolumeHealthErrorType::Degraded,
             "FilesystemFrozen",
             format!(
-                "{} has been frozen for {} s by a snapshot or clone in progress (process {});                  writes wait until the copy ends or --freeze-timeout lifts the freeze",
+                "{} has been frozen for {} s by a snapshot or clone in progress (process {}); \
+                 writes wait until the copy ends or --freeze-timeout lifts the freeze",
                 m.mount.display(),
                 freeze::age(&m).as_secs(),
                 m.pid
@@ -103,7 +107,8 @@ pub fn filesystem_findings(m: &MountEntry, staged_read_only: bool) -> Vec<Volume
             VolumeHealthErrorType::Inaccessible,
             "FilesystemShutdown",
             format!(
-                "the {} filesystem at {} was shut down by the kernel after errors; every                  access fails: unstage the volume and repair it (fsck / xfs_repair)",
+                "the {} filesystem at {} was shut down by the kernel after errors; every \
+                 access fails: unstage the volume and repair it (fsck / xfs_repair)",
                 m.fs_type,
                 m.mount_point.display()
             ),
@@ -113,7 +118,9 @@ pub fn filesystem_findings(m: &MountEntry, staged_read_only: bool) -> Vec<Volume
             VolumeHealthErrorType::Degraded,
             "FilesystemReadOnly",
             format!(
-                "the kernel forced the filesystem at {} read-only, usually after I/O errors                  (a full pool, a failing disk); check the kernel log and run fsck after                  unstaging",
+                "the kernel forced the filesystem at {} read-only, usually after I/O errors \
+                 (a full pool, a failing disk); check the kernel log and run fsck after \
+                 unstaging",
                 m.mount_point.display()
             ),
         ));
@@ -124,7 +131,8 @@ pub fn filesystem_findings(m: &MountEntry, staged_read_only: bool) -> Vec<Volume
                 VolumeHealthErrorType::Degraded,
                 "FilesystemErrors",
                 format!(
-                    "ext4 on {} has recorded {n} error(s) (first in {}); run e2fsck after                      unstaging",
+                    "ext4 on {} has recorded {n} error(s) (first in {}); run e2fsck after \
+                     unstaging",
                     m.source,
                     ext4_attr(&m.source, "first_error_func").unwrap_or_else(|| "?".into())
                 ),
