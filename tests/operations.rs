@@ -680,6 +680,18 @@ async fn csi_client_drives_the_lifecycle_and_status_reports_it() {
     assert_eq!(loops.len(), 1);
     assert_eq!(loops[0]["volume_id"], id.as_str());
     assert!(status["capacity"]["reserved_bytes"].as_u64().unwrap() > 0);
+    // The text form: its summary lines are a label, padding, then a sentence without runs of
+    // spaces (the tables below them are columns).
+    let text = loopvol(&["status", "--pool-dir", &pool]);
+    assert!(text.status.success());
+    let text = stdout(&text);
+    let summary: Vec<&str> = text
+        .lines()
+        .take_while(|l| !l.is_empty())
+        .filter_map(|l| l.split_once("  ").map(|(_, rest)| rest.trim_start()))
+        .collect();
+    assert!(summary.len() >= 4, "{text}");
+    assert!(space_runs(&summary.join("\n")).is_empty(), "{text}");
     let inspect = json_of(&loopvol(&[
         "volume",
         "inspect",
