@@ -16,6 +16,7 @@ use crate::cli::ServeArgs;
 use crate::shared::advertise::Advertised;
 use crate::shared::{socket_path, Mode};
 
+mod hint;
 pub mod unix_authority;
 use crate::csi::controller_server::ControllerServer;
 use crate::csi::group_controller_server::GroupControllerServer;
@@ -98,20 +99,17 @@ pub async fn serve(
     }
 }
 
-/// Bind the unix socket and serve `routes` on it until `stop` resolves.
+/// Bind the unix socket and serve `routes` on it until `stop` resolves. `pool_dir` is the
+/// pool served (none for a router), for the start-up hint.
 async fn serve_socket(
     endpoint: &str,
+    pool_dir: Option<&Path>,
     routes: tonic::service::Routes,
     stop: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let path = socket_path(endpoint)?;
     let listener = bind(&path)?;
-    tracing::info!(
-        socket = %path.display(),
-        "ready; next: `loopvol csi --endpoint unix://{0} info`, `loopvol csi --endpoint \
-         unix://{0} create-volume --name demo --size 1Gi`, `loopvol status` (docs/operations.md)",
-        path.display()
-    );
+    tracing::info!(socket = %path.display(), "{}", hint::next_steps(&path, pool_dir));
     tracing::info!(socket = %path.display(), "listening");
     let result = tonic::transport::Server::builder()
         .layer(crate::metrics::rpc_layer::RpcMetricsLayer)
@@ -174,7 +172,7 @@ where
         ));
     let metrics = crate::ops::metrics_http::Sources::without_pool();
     let _metrics = crate::ops::metrics_http::start_if(args.metrics_address, metrics).await?;
-    serve_socket(&args.endpoint, routes.routes(), stopped()).await
+    serve_socket(&args.endpoint, None, routes.routes(), stopped()).await
 }
 
 /// Open the pool, then serve it on the socket (and to the router, with --pool-listen).
@@ -323,7 +321,13 @@ where
         volumes = driver.pool.len(),
         "loopvol serving"
     );
-    let result = serve_socket(&args.endpoint, routes.routes(), stopped()).await;
+    let result = serve_socket(
+        &args.endpoint,
+        Some(&args.pool.pool_dir),
+        routes.routes(),
+        stopped(),
+    )
+    .await;
     if let Some(h) = pool_server {
         h.await?.context("pool API server")?;
     }
