@@ -260,7 +260,10 @@ async fn a_second_serve_on_a_busy_socket_changes_nothing_and_serve_says_what_nex
         .unwrap_or_else(|| panic!("no hint in:\n{log}"));
     let hinted: Vec<&str> = ready.split('`').skip(1).step_by(2).collect();
     assert_eq!(hinted.len(), 3, "{ready}");
-    assert!(hinted[0].starts_with(env!("CARGO_BIN_EXE_loopvol")), "{ready}");
+    assert!(
+        hinted[0].starts_with(env!("CARGO_BIN_EXE_loopvol")),
+        "{ready}"
+    );
     assert!(hinted[2].contains(&*d.pool.to_string_lossy()), "{ready}");
     for cmd in [hinted[0], hinted[2]] {
         let argv: Vec<&str> = cmd.split_whitespace().collect();
