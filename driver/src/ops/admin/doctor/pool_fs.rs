@@ -134,7 +134,7 @@ pub fn reflink(dir: &Path) -> Check {
             format!(
                 "not supported by {fs}: snapshots and clones are sparse copies, and the \
                  filesystem of a staged source volume stays frozen for the whole copy, so its \
-                 writers wait (about 1.1 s per 2 GiB of data on a 2-core test machine)"
+                 writers wait (1.1 to 4.5 s per 2 GiB of data on a shared 2-core machine)"
             ),
             "put the pool on xfs with reflink (mkfs.xfs -m reflink=1, the default of current \
              xfsprogs) or on btrfs: snapshots and clones are then instant, frozen only for a \
