@@ -324,11 +324,25 @@ async fn a_second_serve_on_a_busy_socket_changes_nothing_and_serve_says_what_nex
         return;
     }
     let d = Driver::start().await;
+    // The hint's commands work as printed: this binary (not in PATH here, so by its path),
+    // this socket and this pool.
+    let log = d.log();
+    let ready = log
+        .lines()
+        .find(|l| l.contains("ready; next: `"))
+        .unwrap_or_else(|| panic!("no hint in:\n{log}"));
+    let hinted: Vec<&str> = ready.split('`').skip(1).step_by(2).collect();
+    assert_eq!(hinted.len(), 3, "{ready}");
     assert!(
-        d.log().contains("ready; next: `loopvol csi --endpoint"),
-        "{}",
-        d.log()
+        hinted[0].starts_with(env!("CARGO_BIN_EXE_loopvol")),
+        "{ready}"
     );
+    assert!(hinted[2].contains(&*d.pool.to_string_lossy()), "{ready}");
+    for cmd in [hinted[0], hinted[2]] {
+        let argv: Vec<&str> = cmd.split_whitespace().collect();
+        let out = Command::new(argv[0]).args(&argv[1..]).output().unwrap();
+        assert!(out.status.success(), "`{cmd}`: {}", text(&out.stderr));
+    }
     let other_pool = d.path("other-pool");
     let ep = format!("unix://{}", d.socket.display());
     let out = loopvol(&[

@@ -393,7 +393,104 @@ fn doctor_with(d: &Driver, pool: &Path, path_env: Option<&str>, extra: &[&str]) 
         cmd.env("PATH", p);
     }
     let out = cmd.output().unwrap();
-    (out.status.success(), stdout(&out))
+    let text = stdout(&out);
+    assert!(space_runs(&text).is_empty(), "{text}");
+    (out.status.success(), text)
+}
+
+/// `loopvol doctor [extra] --pool-dir pool`, started through `wrapper` (a program and its
+/// arguments, such as `setpriv` dropping a capability; none when empty): (passed, output).
+fn doctor_via(wrapper: &[&str], pool: &Path, extra: &[&str]) -> (bool, String) {
+    let bin = env!("CARGO_BIN_EXE_loopvol");
+    let mut cmd = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut c = Command::new(program);
+            c.args(args).arg(bin);
+            c
+        }
+        None => Command::new(bin),
+    };
+    cmd.arg("doctor")
+        .args(extra)
+        .arg("--pool-dir")
+        .arg(pool)
+        .arg("--kubelet-dir")
+        .arg(pool.join("no-kubelet-here"));
+    let out = cmd.output().unwrap();
+    let text = stdout(&out);
+    assert!(space_runs(&text).is_empty(), "{text}");
+    (out.status.success(), text)
+}
+
+/// Where loopvol works, but less well than an operator would expect, doctor warns and still
+/// passes: a pool filesystem without reflink (snapshots and clones freeze their source for the
+/// whole copy), and a process without CAP_SYS_RESOURCE (a mounted ext4 grows only when it is
+/// next staged). Each warning follows the real condition: an xfs reflink pool has none, and
+/// the capability warning appears exactly when the capability is missing.
+#[test]
+fn doctor_warns_about_copying_snapshots_and_offline_ext4_growth() {
+    if !root_or_skip("doctor_warnings") {
+        return;
+    }
+    let ext4 = SmallFs::new(64 * MIB as u64);
+    let (ok, out) = doctor_via(&[], &ext4.mount_point.join("pool"), &[]);
+    assert!(ok, "a warning is not a failure:\n{out}");
+    assert!(!out.contains('✘'), "{out}");
+    assert!(
+        out.contains("⚠ reflink (FICLONE): not supported by ext4"),
+        "{out}"
+    );
+    assert!(out.contains("frozen for the whole copy"), "{out}");
+    assert!(out.contains("mkfs.xfs -m reflink=1"), "{out}");
+    let last = out.lines().last().unwrap();
+    assert!(
+        last.starts_with("all ") && last.contains("with warning"),
+        "{out}"
+    );
+
+    let xfs = SmallFs::of("xfs", 300 * MIB as u64);
+    let (ok, out) = doctor_via(&[], &xfs.mount_point.join("pool"), &[]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("✔ reflink (FICLONE): xfs shares extents"),
+        "{out}"
+    );
+    assert!(!out.contains("⚠ reflink"), "{out}");
+
+    // Without CAP_SYS_RESOURCE: dropped from the bounding set before exec, so root's doctor
+    // does not get it back.
+    let drop_cap = ["setpriv", "--bounding-set", "-sys_resource", "--"];
+    let (ok, out) = doctor_via(&drop_cap, &xfs.mount_point.join("pool"), &[]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("⚠ online ext4 growth: this process lacks CAP_SYS_RESOURCE"),
+        "{out}"
+    );
+    assert!(out.contains("next staged"), "{out}");
+    assert!(
+        out.lines().last().unwrap().contains("(1 with a warning)"),
+        "{out}"
+    );
+    // With it, if this machine grants it at all (some sandboxes drop it even for root).
+    let held = loopvol::shared::kernel::has_capability(loopvol::shared::kernel::CAP_SYS_RESOURCE);
+    let (_, out) = doctor_via(&[], &xfs.mount_point.join("pool"), &[]);
+    if held == Some(true) {
+        assert!(
+            out.contains("✔ online ext4 growth: CAP_SYS_RESOURCE is held"),
+            "{out}"
+        );
+    } else {
+        eprintln!("this process lacks CAP_SYS_RESOURCE: only the warning could be checked");
+        assert!(out.contains("⚠ online ext4 growth"), "{out}");
+    }
+    // Only ext4 grows this way: no such check when the node uses none.
+    let (_, out) = doctor_via(
+        &drop_cap,
+        &xfs.mount_point.join("pool"),
+        &["--fs-type", "xfs,btrfs"],
+    );
+    assert!(!out.contains("online ext4 growth"), "{out}");
+    assert!(out.lines().last().unwrap().starts_with("all "), "{out}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -608,6 +705,18 @@ async fn csi_client_drives_the_lifecycle_and_status_reports_it() {
     assert_eq!(loops.len(), 1);
     assert_eq!(loops[0]["volume_id"], id.as_str());
     assert!(status["capacity"]["reserved_bytes"].as_u64().unwrap() > 0);
+    // The text form: its summary lines are a label, padding, then a sentence without runs of
+    // spaces (the tables below them are columns).
+    let text = loopvol(&["status", "--pool-dir", &pool]);
+    assert!(text.status.success());
+    let text = stdout(&text);
+    let summary: Vec<&str> = text
+        .lines()
+        .take_while(|l| !l.is_empty())
+        .filter_map(|l| l.split_once("  ").map(|(_, rest)| rest.trim_start()))
+        .collect();
+    assert!(summary.len() >= 4, "{text}");
+    assert!(space_runs(&summary.join("\n")).is_empty(), "{text}");
     let inspect = json_of(&loopvol(&[
         "volume",
         "inspect",

@@ -376,10 +376,16 @@ fn doctor(d: &Driver) -> (bool, String) {
         .arg(d.path("no-kubelet-here"))
         .output()
         .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-    )
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(space_runs(&text).is_empty(), "{text}");
+    (out.status.success(), text)
+}
+
+/// Health messages are sentences: no run of spaces left by a broken string continuation.
+fn assert_single_spaced(h: &[volume_health::VolumeHealthEntry]) {
+    for e in h {
+        assert!(space_runs(&e.message).is_empty(), "{:?}", e.message);
+    }
 }
 
 async fn wait_for_marker(pool: &Path) {
@@ -415,6 +421,7 @@ async fn freezes_are_reported_bounded_and_thawed_at_start_when_everything_died()
     let h = volume_health(&mut n, &v.id).await;
     assert_eq!(reasons(&h), ["FilesystemFrozen"], "{h:?}");
     assert_eq!(h[0].status, VolumeHealthErrorType::Degraded as i32);
+    assert_single_spaced(&h);
     let h = controller_health(&mut c, &v.id).await;
     assert_eq!(reasons(&h), ["FilesystemFrozen"], "{h:?}");
 
@@ -1086,6 +1093,7 @@ async fn health_and_doctor_report_filesystems_forced_read_only_or_shut_down() {
     let r = reasons(&h);
     assert!(r.contains(&"FilesystemReadOnly"), "{h:?}");
     assert!(r.contains(&"FilesystemErrors"), "{h:?}");
+    assert_single_spaced(&h);
     let h = controller_health(&mut c, &v.id).await;
     assert!(reasons(&h).contains(&"FilesystemReadOnly"), "{h:?}");
     let listed = c
@@ -1119,6 +1127,7 @@ async fn health_and_doctor_report_filesystems_forced_read_only_or_shut_down() {
     let h = volume_health(&mut n, &x).await;
     assert_eq!(reasons(&h), ["FilesystemShutdown"], "{h:?}");
     assert_eq!(h[0].status, VolumeHealthErrorType::Inaccessible as i32);
+    assert_single_spaced(&h);
 
     n.node_unstage_volume(unstage_req(&x, &xs)).await.unwrap();
     delete(&mut c, &x).await;

@@ -14,7 +14,12 @@ pub const NODE_ID: &str = "bench-node";
 
 /// Where the driver binary is: `--loopvol`, else next to the bench binary (target/release).
 /// Under `cargo run` it is (re)built first, since cargo builds only the bench's library
-/// dependencies, not the `loopvol` binary.
+/// dependencies, not the `loopvol` binary. That build must be the very build `scripts/run` and
+/// a plain `cargo build --release --bin loopvol` make, or each one rebuilds what the other
+/// built: the same selection (the workspace, not `-p loopvol-driver`, whose feature set differs
+/// for rustix and fastrand), and none of the variables `cargo run` sets for the bench, since
+/// build scripts track some (ring's tracks CARGO_PKG_NAME and CARGO_MANIFEST_DIR: with them
+/// set, ring, rustls, tonic, kube and ten more were rebuilt after every bench run).
 pub fn locate_binary(explicit: Option<PathBuf>, build: bool) -> anyhow::Result<PathBuf> {
     if let Some(p) = explicit {
         return Ok(p);
@@ -25,14 +30,13 @@ pub fn locate_binary(explicit: Option<PathBuf>, build: bool) -> anyhow::Result<P
     if build {
         if let Some(cargo) = std::env::var_os("CARGO") {
             let mut cmd = Command::new(cargo);
-            cmd.args([
-                "build",
-                "--quiet",
-                "-p",
-                "loopvol-driver",
-                "--bin",
-                "loopvol",
-            ]);
+            cmd.args(["build", "--quiet", "--bin", "loopvol"])
+                .current_dir(crate::workspace_dir());
+            for (name, _) in std::env::vars_os() {
+                if name.to_str().is_some_and(set_by_cargo_run) {
+                    cmd.env_remove(name);
+                }
+            }
             if dir.file_name().is_some_and(|n| n == "release") {
                 cmd.arg("--release");
             }
@@ -233,9 +237,50 @@ impl Memory {
     }
 }
 
+/// Variables `cargo run` sets for the program it runs (cargo's "environment variables Cargo
+/// sets for crates"), which a shell running `cargo build` does not have.
+fn set_by_cargo_run(name: &str) -> bool {
+    name.starts_with("CARGO_PKG_")
+        || [
+            "CARGO_MANIFEST_DIR",
+            "CARGO_MANIFEST_PATH",
+            "CARGO_MANIFEST_LINKS",
+            "CARGO_CRATE_NAME",
+            "CARGO_BIN_NAME",
+            "CARGO_PRIMARY_PACKAGE",
+            "CARGO_TARGET_TMPDIR",
+            "CARGO_RUSTC_CURRENT_DIR",
+            "OUT_DIR",
+        ]
+        .contains(&name)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_nested_build_drops_what_cargo_run_set() {
+        for v in [
+            "CARGO_PKG_NAME",
+            "CARGO_PKG_VERSION_MAJOR",
+            "CARGO_MANIFEST_DIR",
+            "OUT_DIR",
+        ] {
+            assert!(set_by_cargo_run(v), "{v}");
+        }
+        // What cargo itself needs, and the user's own settings, stay.
+        for v in [
+            "CARGO",
+            "CARGO_HOME",
+            "CARGO_TARGET_DIR",
+            "RUSTFLAGS",
+            "PATH",
+            "CC",
+        ] {
+            assert!(!set_by_cargo_run(v), "{v}");
+        }
+    }
 
     #[test]
     fn reads_memory_from_proc_status() {

@@ -1,7 +1,7 @@
 //! loopvol's benchmark harness. Starts the release `loopvol serve --mode all` on a private
 //! socket and pool, drives it over CSI the way csi-provisioner and kubelet do, measures the
-//! same kernel work done directly (the floor) in the same run, and writes
-//! docs/benchmarks.json and docs/benchmarks.md.
+//! same kernel work done directly (the floor) in the same run, and writes benchmarks.json and
+//! benchmarks.md: into target/bench, or with --record into docs/ (the recorded full run).
 
 mod attach;
 mod csi_ops;
@@ -45,9 +45,14 @@ struct Args {
     /// Smaller batches and 50 volumes at scale: a smoke run of every section.
     #[arg(long)]
     quick: bool,
-    /// Where benchmarks.json and benchmarks.md are written.
-    #[arg(long, default_value_os_t = default_out_dir())]
+    /// Where benchmarks.json and benchmarks.md are written (default: target/bench, a scratch
+    /// dir, so that no run overwrites the recorded one by accident).
+    #[arg(long, default_value_os_t = default_out_dir(), conflicts_with = "record")]
     out_dir: PathBuf,
+    /// Write docs/benchmarks.json and docs/benchmarks.md: replace the recorded full run. Not
+    /// with --quick, whose small batches are no record.
+    #[arg(long, conflicts_with = "quick")]
+    record: bool,
     /// Parent of the private temp dir (its filesystem is the pool's).
     #[arg(long, default_value_os_t = std::env::temp_dir())]
     work_dir: PathBuf,
@@ -86,7 +91,16 @@ fn workspace_dir() -> PathBuf {
 }
 
 fn default_out_dir() -> PathBuf {
-    workspace_dir().join("docs")
+    workspace_dir().join("target/bench")
+}
+
+/// Where this run's files go: docs/ only when asked for with --record.
+fn out_dir(args: &Args) -> PathBuf {
+    if args.record {
+        workspace_dir().join("docs")
+    } else {
+        args.out_dir.clone()
+    }
 }
 
 fn write_markdown(out_dir: &Path, results: &Results) -> anyhow::Result<()> {
@@ -113,7 +127,7 @@ async fn main() -> anyhow::Result<()> {
     if let Some(path) = &args.render {
         let results: Results = serde_json::from_str(&std::fs::read_to_string(path)?)
             .with_context(|| format!("read {}", path.display()))?;
-        return write_markdown(&args.out_dir, &results);
+        return write_markdown(&out_dir(&args), &results);
     }
     anyhow::ensure!(
         nix::unistd::geteuid().is_root(),
@@ -146,7 +160,7 @@ async fn main() -> anyhow::Result<()> {
     let (mounts, loops) = ws.leftovers();
     results.leftover_mounts = mounts.iter().map(|p| p.display().to_string()).collect();
     results.leftover_loops = loops.iter().map(|p| p.display().to_string()).collect();
-    write_outputs(&args.out_dir, &results)?;
+    write_outputs(&out_dir(&args), &results)?;
     anyhow::ensure!(
         mounts.is_empty() && loops.is_empty(),
         "left behind: mounts {mounts:?}, loop devices {loops:?}"
@@ -288,4 +302,26 @@ async fn run(args: &Args, launch: &Launch, ws: &Workspace) -> anyhow::Result<Res
     });
     results.meta.duration_s = started.elapsed().as_secs_f64();
     Ok(results)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_record_writes_docs() {
+        let parse = |argv: &[&str]| Args::try_parse_from([&["bench"], argv].concat());
+        let quick = parse(&["--quick"]).unwrap();
+        assert_eq!(out_dir(&quick), workspace_dir().join("target/bench"));
+        assert_eq!(
+            out_dir(&parse(&[]).unwrap()),
+            workspace_dir().join("target/bench")
+        );
+        let record = parse(&["--record"]).unwrap();
+        assert_eq!(out_dir(&record), workspace_dir().join("docs"));
+        let scratch = parse(&["--out-dir", "/tmp/x"]).unwrap();
+        assert_eq!(out_dir(&scratch), Path::new("/tmp/x"));
+        assert!(parse(&["--record", "--quick"]).is_err());
+        assert!(parse(&["--record", "--out-dir", "docs"]).is_err());
+    }
 }

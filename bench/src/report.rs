@@ -53,6 +53,16 @@ fn ms(v: f64) -> String {
     }
 }
 
+/// A wall time: seconds, or milliseconds under a second (a quick run's batches take a few ms,
+/// which "0.0 s" hid).
+fn wall(seconds: f64) -> String {
+    if seconds < 1.0 {
+        ms(seconds * 1e3)
+    } else {
+        format!("{seconds:.1} s")
+    }
+}
+
 fn num(v: f64) -> String {
     if v >= 100.0 {
         format!("{v:.0}")
@@ -136,9 +146,13 @@ fn run_section(md: &mut String, r: &Results) {
     t.row(&[
         "Mode",
         &format!(
-            "{} ({:.1} min); sections: {}",
+            "{} ({}); sections: {}",
             m.mode,
-            m.duration_s / 60.0,
+            if m.duration_s < 120.0 {
+                wall(m.duration_s)
+            } else {
+                format!("{:.1} min", m.duration_s / 60.0)
+            },
             m.sections.join(", ")
         ),
     ]);
@@ -325,9 +339,9 @@ fn provisioning_section(md: &mut String, p: &Provisioning) {
         let _ = writeln!(
             md,
             "Filling the full pool with {} thin volumes through loopvol (32 workers) took \
-             {:.1} s ({} creates/s).\n",
+             {} ({} creates/s).\n",
             p.prefill,
-            s.wall_s,
+            wall(s.wall_s),
             num(s.ops_per_s)
         );
     }
@@ -676,7 +690,7 @@ fn scale_section(md: &mut String, s: &Scale) {
             p.name.clone(),
             x.ok.to_string(),
             failures(x),
-            format!("{:.1} s", x.wall_s),
+            wall(x.wall_s),
             num(x.ops_per_s),
             ms(x.p50_ms),
             ms(x.p99_ms),
@@ -769,16 +783,19 @@ As root, on a machine with loop devices, `mkfs.ext4`, `mkfs.xfs`, `losetup`, `bl
 
 ```sh
 cargo build --release -p loopvol-driver -p bench
-cargo run -p bench --release            # full run, writes docs/benchmarks.{json,md}
-cargo run -p bench --release -- --quick # smoke run: smaller batches, 50 volumes at scale
+cargo run -p bench --release -- --record # full run, replaces docs/benchmarks.{json,md}
+cargo run -p bench --release             # full run, writes target/bench/benchmarks.{json,md}
+cargo run -p bench --release -- --quick  # smoke run into target/bench/: smaller batches, 50 volumes at scale
 ```
 
-Other flags: `--out-dir DIR` (where the two files go), `--work-dir DIR` (parent of the private
+Other flags: `--out-dir DIR` (where the two files go instead of target/bench/; not with
+`--record`, and `--record` not with `--quick`), `--work-dir DIR` (parent of the private
 temp dir, default the system temp dir: the pool's filesystem is that one's), `--only
 provisioning,attach,datapath,scale` (a subset, for iterating), `--loopvol PATH`,
 `--max-concurrent-ops N` (passed to the driver), `--render FILE.json` (regenerate the Markdown
-from a saved JSON without measuring). Everything runs in a private temp dir; every mount and
-loop device it creates is removed at the end, also after an error, a panic or Ctrl-C.
+from a saved JSON without measuring; with `--record`, into docs/). Everything runs in a
+private temp dir; every mount and loop device it creates is removed at the end, also after an
+error, a panic or Ctrl-C.
 
 ## How to read this
 
@@ -816,5 +833,8 @@ mod tests {
         assert!(md.contains("## How to reproduce") && md.contains("## How to read this"));
         assert_eq!(times(Some(1.234)), "1.23×");
         assert_eq!(times(None), "—");
+        assert_eq!(wall(0.0042), "4.20 ms");
+        assert_eq!(wall(0.25), "250 ms");
+        assert_eq!(wall(12.34), "12.3 s");
     }
 }

@@ -320,7 +320,7 @@ impl Drop for Driver {
     }
 }
 
-/// A small ext4 filesystem (no root-reserved blocks) in a sparse file of its own temp dir,
+/// A small ext4 filesystem (no root-reserved blocks; or an xfs) in a sparse file of its own temp dir,
 /// attached to a loop device and mounted; unmounted and detached on drop.
 pub struct SmallFs {
     pub mount_point: PathBuf,
@@ -330,6 +330,11 @@ pub struct SmallFs {
 
 impl SmallFs {
     pub fn new(bytes: u64) -> SmallFs {
+        SmallFs::of("ext4", bytes)
+    }
+
+    /// The same with `fs`: `ext4`, or `xfs` with reflink (at least 300 MiB).
+    pub fn of(fs_type: &str, bytes: u64) -> SmallFs {
         let dir = tempfile::Builder::new()
             .prefix("loopvol-smallfs-")
             .tempdir()
@@ -339,14 +344,19 @@ impl SmallFs {
             .unwrap()
             .set_len(bytes)
             .unwrap();
-        let out = Command::new("mkfs.ext4")
-            .args(["-q", "-F", "-m", "0"])
+        let args: &[&str] = match fs_type {
+            "ext4" => &["-q", "-F", "-m", "0"],
+            "xfs" => &["-q", "-f", "-m", "reflink=1"],
+            _ => panic!("SmallFs of {fs_type}"),
+        };
+        let out = Command::new(format!("mkfs.{fs_type}"))
+            .args(args)
             .arg(&image)
             .output()
-            .expect("run mkfs.ext4");
+            .expect("run mkfs");
         assert!(
             out.status.success(),
-            "mkfs.ext4: {}",
+            "mkfs.{fs_type}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
         let device = loopvol::datapath::loop_device::attach(&image, false, false)
@@ -362,7 +372,7 @@ impl SmallFs {
         loopvol::fs::mount::mount_fs(
             &fs.device,
             &fs.mount_point,
-            "ext4",
+            fs_type,
             nix::mount::MsFlags::empty(),
             "",
         )
@@ -592,4 +602,12 @@ pub fn guardians_of(pid: u32) -> Vec<i32> {
         }
     }
     out
+}
+
+/// Lines of `text` with a run of three or more spaces after their indentation: a sentence
+/// broken by a Rust string continuation that lost its `\`, or padding where none belongs.
+pub fn space_runs(text: &str) -> Vec<&str> {
+    text.lines()
+        .filter(|l| l.trim_start().contains("   "))
+        .collect()
 }

@@ -16,6 +16,7 @@ use crate::cli::ServeArgs;
 use crate::shared::advertise::Advertised;
 use crate::shared::{socket_path, Mode};
 
+mod hint;
 pub mod shutdown;
 pub mod unix_authority;
 use crate::csi::controller_server::ControllerServer;
@@ -97,20 +98,17 @@ pub async fn serve(
 }
 
 /// Bind the unix socket and serve `routes` on it until `stop`, draining in-flight calls for
-/// at most its drain budget.
+/// at most its drain budget. `pool_dir` is the pool served (none for a router), for the
+/// start-up hint.
 async fn serve_socket(
     endpoint: &str,
+    pool_dir: Option<&Path>,
     routes: tonic::service::Routes,
     stop: &Stop,
 ) -> anyhow::Result<()> {
     let path = socket_path(endpoint)?;
     let listener = bind(&path)?;
-    tracing::info!(
-        socket = %path.display(),
-        "ready; next: `loopvol csi --endpoint unix://{0} info`, `loopvol csi --endpoint \
-         unix://{0} create-volume --name demo --size 1Gi`, `loopvol status` (docs/operations.md)",
-        path.display()
-    );
+    tracing::info!(socket = %path.display(), "{}", hint::next_steps(&path, pool_dir));
     tracing::info!(socket = %path.display(), "listening");
     let server = tonic::transport::Server::builder()
         .layer(crate::metrics::rpc_layer::RpcMetricsLayer)
@@ -168,7 +166,7 @@ async fn serve_router(args: &ServeArgs, stop: &Stop) -> anyhow::Result<()> {
         ));
     let metrics = crate::ops::metrics_http::Sources::without_pool();
     let _metrics = crate::ops::metrics_http::start_if(args.metrics_address, metrics).await?;
-    serve_socket(&args.endpoint, routes.routes(), stop).await
+    serve_socket(&args.endpoint, None, routes.routes(), stop).await
 }
 
 /// Open the pool, then serve it on the socket (and to the router, with --pool-listen).
@@ -313,7 +311,13 @@ async fn serve_pool(args: &ServeArgs, stop: &Stop) -> anyhow::Result<()> {
         volumes = driver.pool.len(),
         "loopvol serving"
     );
-    let result = serve_socket(&args.endpoint, routes.routes(), stop).await;
+    let result = serve_socket(
+        &args.endpoint,
+        Some(&args.pool.pool_dir),
+        routes.routes(),
+        stop,
+    )
+    .await;
     if let Some(h) = pool_server {
         h.await?.context("pool API server")?;
     }

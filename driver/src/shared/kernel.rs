@@ -1,4 +1,5 @@
-//! The running kernel's version, which decides the filesystem features mkfs may enable.
+//! The running kernel's version, which decides the filesystem features mkfs may enable, and
+//! the capabilities this process holds, which decide what the kernel lets it do.
 
 use std::fmt;
 
@@ -31,6 +32,26 @@ pub fn running() -> Version {
         .unwrap_or(Version(0, 0))
 }
 
+/// CAP_SYS_RESOURCE (linux/capability.h): among others, what EXT4_IOC_RESIZE_FS demands, so
+/// what online growth of a mounted ext4 needs.
+pub const CAP_SYS_RESOURCE: u32 = 24;
+
+/// Whether this process holds capability `bit` in its effective set (`CapEff` of
+/// /proc/self/status); `None` when that cannot be read.
+pub fn has_capability(bit: u32) -> Option<bool> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    effective_has(&status, bit)
+}
+
+/// `has_capability` over a given /proc/<pid>/status text.
+fn effective_has(status: &str, bit: u32) -> Option<bool> {
+    let mask = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())?;
+    Some(mask & (1 << bit) != 0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -50,5 +71,16 @@ mod tests {
         assert_eq!(parse_version("nothing"), None);
         assert!(Version(5, 10) < Version(5, 15));
         assert!(running() > Version(3, 0));
+    }
+
+    #[test]
+    fn effective_capabilities_parse() {
+        let with = "Name:\tloopvol\nCapPrm:\t000001ffffffffff\nCapEff:\t000001ffffffffff\n";
+        let without = "CapEff:\t000001fffeffffff\nCapBnd:\t000001ffffffffff\n";
+        assert_eq!(effective_has(with, CAP_SYS_RESOURCE), Some(true));
+        assert_eq!(effective_has(without, CAP_SYS_RESOURCE), Some(false));
+        assert_eq!(effective_has(without, 23), Some(true));
+        assert_eq!(effective_has("Name:\tx\n", CAP_SYS_RESOURCE), None);
+        assert!(has_capability(CAP_SYS_RESOURCE).is_some());
     }
 }

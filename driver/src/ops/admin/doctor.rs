@@ -1,11 +1,13 @@
-//! `loopvol doctor`: can this node run loopvol, and is its pool sound? Each check prints ✔ or ✘,
-//! and every ✘ says what to do about it. The exit status is non-zero when any check fails.
+//! `loopvol doctor`: can this node run loopvol, and is its pool sound? Each check prints ✔, ⚠
+//! or ✘, and every ⚠ and ✘ says what to do about it. The exit status is non-zero when any check
+//! fails; a warning (loopvol works, but less well than an operator would expect) does not fail.
 //!
 //! Everything here is safe next to a running driver: the pool is read without its locks, and
 //! the only writes are two small scratch files (O_DIRECT and reflink probes) that are removed
 //! again, named so that nothing in the pool ever mistakes them for a volume.
 
 mod frozen;
+mod growth;
 mod kernel;
 mod node_id;
 mod orphans;
@@ -54,6 +56,8 @@ pub struct Check {
 pub enum Verdict {
     /// Fine; the text says what was found (and notes anything worth knowing).
     Pass(String),
+    /// Works, but not as an operator would expect: what they will see, and how to avoid it.
+    Warn { problem: String, fix: String },
     /// A problem, and the fix to apply.
     Fail { problem: String, fix: String },
 }
@@ -76,8 +80,22 @@ impl Check {
         }
     }
 
+    fn warn(name: impl Into<String>, problem: impl Into<String>, fix: impl Into<String>) -> Check {
+        Check {
+            name: name.into(),
+            verdict: Verdict::Warn {
+                problem: problem.into(),
+                fix: fix.into(),
+            },
+        }
+    }
+
     pub fn failed(&self) -> bool {
         matches!(self.verdict, Verdict::Fail { .. })
+    }
+
+    pub fn warned(&self) -> bool {
+        matches!(self.verdict, Verdict::Warn { .. })
     }
 }
 
@@ -87,6 +105,10 @@ pub fn main(args: &DoctorArgs) -> i32 {
     for c in &checks {
         match &c.verdict {
             Verdict::Pass(detail) => println!("✔ {}: {detail}", c.name),
+            Verdict::Warn { problem, fix } => {
+                println!("⚠ {}: {problem}", c.name);
+                println!("    to avoid it: {fix}");
+            }
             Verdict::Fail { problem, fix } => {
                 println!("✘ {}: {problem}", c.name);
                 println!("    fix: {fix}");
@@ -94,11 +116,17 @@ pub fn main(args: &DoctorArgs) -> i32 {
         }
     }
     let failed = checks.iter().filter(|c| c.failed()).count();
+    let warned = checks.iter().filter(|c| c.warned()).count();
+    let warnings = match warned {
+        0 => String::new(),
+        1 => " (1 with a warning)".to_string(),
+        n => format!(" ({n} with warnings)"),
+    };
     if failed == 0 {
-        println!("all {} checks passed", checks.len());
+        println!("all {} checks passed{warnings}", checks.len());
         0
     } else {
-        println!("{failed} of {} checks failed", checks.len());
+        println!("{failed} of {} checks failed{warnings}", checks.len());
         1
     }
 }
@@ -107,6 +135,7 @@ pub fn main(args: &DoctorArgs) -> i32 {
 pub fn run(args: &DoctorArgs) -> Vec<Check> {
     let mut checks = vec![kernel::loop_support()];
     checks.extend(tools::check(&args.fs_types));
+    checks.extend(growth::ext4_online(&args.fs_types));
     let probe_dir = existing_ancestor(&args.pool_dir);
     checks.push(pool_fs::pool_dir(&args.pool_dir));
     checks.push(node_id::check(&args.pool_dir, args.node_id.as_deref()));

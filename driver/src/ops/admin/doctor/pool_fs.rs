@@ -112,7 +112,8 @@ fn is_full(e: &std::io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
 }
 
-/// FICLONE between two scratch files. No reflink is fine: snapshots then use sparse copies.
+/// FICLONE between two scratch files. No reflink is a warning, not a failure: snapshots still
+/// work, as sparse copies, but they freeze a mounted source for the whole copy.
 pub fn reflink(dir: &Path) -> Check {
     const NAME: &str = "reflink (FICLONE)";
     let fs = fs_of(dir);
@@ -128,12 +129,16 @@ pub fn reflink(dir: &Path) -> Check {
             NAME,
             format!("{fs} shares extents: snapshots and clones are instant"),
         ),
-        Ok(false) => Check::pass(
+        Ok(false) => Check::warn(
             NAME,
             format!(
-                "not supported by {fs}: sparse copies will be used for snapshots and clones \
-                 (xfs with reflink or btrfs make them instant)"
+                "not supported by {fs}: snapshots and clones are sparse copies, and the \
+                 filesystem of a staged source volume stays frozen for the whole copy, so its \
+                 writers wait (1.1 to 4.5 s per 2 GiB of data on a shared 2-core machine)"
             ),
+            "put the pool on xfs with reflink (mkfs.xfs -m reflink=1, the default of current \
+             xfsprogs) or on btrfs: snapshots and clones are then instant, frozen only for a \
+             flush",
         ),
         Err(e) => cannot_probe(NAME, dir, e),
     }
