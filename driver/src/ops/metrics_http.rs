@@ -52,7 +52,7 @@ impl Sources {
     fn exposition(&self) -> String {
         let sample = self.driver.as_ref().and_then(|d| {
             let node = matches!(d.mode, Mode::Node | Mode::All);
-            crate::ops::pool_gauges::measure(&d.pool, node)
+            crate::ops::pool_gauges::measure(d.pools.default_pool(), node)
                 .inspect_err(
                     |e| tracing::warn!(error = %e, "pool gauges unavailable for this scrape"),
                 )
@@ -63,12 +63,19 @@ impl Sources {
 
     /// Blocking: `Err(reason)` when the pool is not usable.
     fn health(&self) -> Result<(), String> {
-        match &self.driver {
-            Some(d) if !crate::shared::pool_usable(d.pool.dir()) => Err(format!(
+        let Some(d) = &self.driver else {
+            return Ok(());
+        };
+        match d
+            .pools
+            .iter()
+            .find(|p| !crate::shared::pool_usable(p.dir()))
+        {
+            Some(p) => Err(format!(
                 "pool directory {} is not usable\n",
-                d.pool.dir().display()
+                p.dir().display()
             )),
-            _ => Ok(()),
+            None => Ok(()),
         }
     }
 }

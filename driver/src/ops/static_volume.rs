@@ -70,6 +70,7 @@ pub fn pool_node_id(pool: &PoolArgs) -> anyhow::Result<String> {
 fn open(pool: &PoolArgs) -> anyhow::Result<Pool> {
     let (p, repairs) = Pool::open(PoolOptions {
         dir: pool.pool_dir.clone(),
+        name: provisioner::ids::DEFAULT_POOL.into(),
         node_id: pool_node_id(pool)?,
         overcommit_ratio: pool.overcommit_ratio,
         writer: true,

@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use provisioner::{Pool, PoolOptions};
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 use tokio_stream::StreamExt;
@@ -16,6 +15,7 @@ use crate::cli::ServeArgs;
 use crate::shared::advertise::Advertised;
 use crate::shared::{socket_path, Mode};
 
+mod pools;
 pub mod unix_authority;
 use crate::csi::controller_server::ControllerServer;
 use crate::csi::group_controller_server::GroupControllerServer;
@@ -185,25 +185,11 @@ where
 {
     let node_id = args.pool.node_id();
     let pool_api = args.multi.pool_listen;
-    let pool_opts = PoolOptions {
-        dir: args.pool.pool_dir.clone(),
-        node_id: node_id.clone(),
-        overcommit_ratio: args.pool.overcommit_ratio,
-        // A node serving its pool to the router owns the pool outright.
-        writer: matches!(args.mode, Mode::Controller | Mode::All) || pool_api.is_some(),
-        node: matches!(args.mode, Mode::Node | Mode::All),
-        in_use: crate::datapath::in_use_hook(crate::datapath::default_path()),
+    let pools = {
+        let (args, node_id) = (args.clone(), node_id.clone());
+        tokio::task::spawn_blocking(move || pools::open(&args, &node_id)).await??
     };
-    let (mut pool, repairs) = tokio::task::spawn_blocking(move || Pool::open(pool_opts))
-        .await?
-        .with_context(|| format!("open pool {}", args.pool.pool_dir.display()))?;
-    pool.set_max_bytes(args.pool.max_pool_bytes);
-    for r in &repairs {
-        tracing::warn!(repair = %r, "pool repaired at start-up");
-    }
-    if let Err(e) = crate::ops::static_volume::remember_node_id(pool.dir(), pool.node_id()) {
-        tracing::warn!(error = %e, "could not record the pool's node ID for the offline CLI");
-    }
+    let pool = pools.default_pool();
     if args.max_concurrent_ops == 0 {
         bail!("--max-concurrent-ops must be at least 1");
     }
@@ -215,15 +201,18 @@ where
     };
     // Before anything is served: no filesystem stays frozen by a loopvol that was killed
     // (in any mode: whichever process took a snapshot may have been the one killed).
-    let image_of = {
-        let pool_dir = pool.dir().to_path_buf();
-        move |hex: &str| pool_dir.join("volumes").join(format!("{hex}.img"))
-    };
-    let node_dir = freeze.node_dir.clone();
-    for line in
-        tokio::task::spawn_blocking(move || crate::fs::freeze::recover(&node_dir, image_of)).await?
-    {
-        tracing::warn!(recovery = %line, "abandoned filesystem freeze cleared at start-up");
+    for pool in pools.iter() {
+        let image_of = {
+            let pool_dir = pool.dir().to_path_buf();
+            move |hex: &str| pool_dir.join("volumes").join(format!("{hex}.img"))
+        };
+        let node_dir = pool.node_state_dir();
+        for line in
+            tokio::task::spawn_blocking(move || crate::fs::freeze::recover(&node_dir, image_of))
+                .await?
+        {
+            tracing::warn!(pool = %pool.name(), recovery = %line, "abandoned filesystem freeze cleared at start-up");
+        }
     }
     let roots: Vec<PathBuf> = std::iter::once(args.kubelet_dir.clone())
         .chain(args.allowed_root.iter().cloned())
@@ -234,9 +223,9 @@ where
             r.display()
         );
     }
-    let paths = crate::engine::paths::Confinement::new(roots, pool.dir());
+    let paths = crate::engine::paths::Confinement::with_pools(roots, pools.iter().map(|p| p.dir()));
     let engine = Engine {
-        pool,
+        pools,
         paths,
         cgroups: crate::engine::io_throttle::CgroupConfig {
             root: args.cgroup_root.clone(),
@@ -254,7 +243,10 @@ where
         args.max_concurrent_ops,
     ));
     if matches!(args.mode, Mode::Node | Mode::All) {
-        driver.data_path.start(&driver.pool.node_state_dir());
+        // The attachment index is the node's, not a pool's: it lives with the default pool.
+        driver
+            .data_path
+            .start(&driver.pools.default_pool().node_state_dir());
         let d = driver.clone();
         let report = tokio::task::spawn_blocking(move || crate::engine::recover(&d)).await?;
         for line in report {
@@ -266,7 +258,7 @@ where
             args.driver_name.clone(),
             args.mode,
             controller,
-            Some(args.pool.pool_dir.clone()),
+            Some(driver.pools.default_pool().dir().to_path_buf()),
         ))
     };
     let pool_server = match pool_api {
@@ -318,9 +310,10 @@ where
     tracing::info!(
         mode = ?args.mode,
         node_id = %node_id,
-        pool = %args.pool.pool_dir.display(),
+        pool = %driver.pools.default_pool().dir().display(),
+        pools = ?driver.pools.names(),
         allowed_roots = ?driver.paths.roots(),
-        volumes = driver.pool.len(),
+        volumes = driver.pools.iter().map(|p| p.len()).sum::<usize>(),
         "loopvol serving"
     );
     let result = serve_socket(&args.endpoint, routes.routes(), stopped()).await;
@@ -328,7 +321,7 @@ where
         h.await?.context("pool API server")?;
     }
     if matches!(args.mode, Mode::Node | Mode::All) {
-        let state_dir = driver.pool.node_state_dir();
+        let state_dir = driver.pools.default_pool().node_state_dir();
         let data_path = driver.data_path;
         tokio::task::spawn_blocking(move || {
             data_path.stop(&state_dir, std::time::Duration::from_secs(2))

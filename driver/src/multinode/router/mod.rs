@@ -220,7 +220,7 @@ fn parse_token(token: &str) -> Result<(Option<String>, String)> {
     };
     let (node, inner) = token.split_once(':').ok_or_else(bad)?;
     validate_node_id(node).map_err(|_| bad())?;
-    if !(inner.is_empty() || provisioner::ids::is_hex_id(inner)) {
+    if !(inner.is_empty() || provisioner::ids::parse_page_token(inner).is_some()) {
         return Err(bad());
     }
     Ok((Some(node.to_string()), inner.to_string()))
