@@ -61,6 +61,10 @@ pub struct Report {
 pub fn copy(source: &File, sink: &File, progress: &mut dyn FnMut(Progress)) -> io::Result<Report> {
     let total = source.metadata()?.len();
     let ranges = extents::data_ranges(source, total)?;
+    // Full length first: writes then never extend the file, and xfs gives no speculative
+    // preallocation past EOF that a later extension would turn into allocated blocks (measured:
+    // 3 MiB of data became 6 MiB allocated when the length was set last).
+    sink.set_len(total)?;
     let mut method = Method::CopyFileRange;
     let mut copied = 0u64;
     for r in &ranges {
@@ -86,7 +90,6 @@ pub fn copy(source: &File, sink: &File, progress: &mut dyn FnMut(Progress)) -> i
             });
         }
     }
-    sink.set_len(total)?;
     Ok(Report {
         extents: ranges,
         data_bytes: copied,

@@ -304,8 +304,8 @@ impl Drop for Driver {
     }
 }
 
-/// A small ext4 filesystem (no root-reserved blocks) in a sparse file of its own temp dir,
-/// attached to a loop device and mounted; unmounted and detached on drop.
+/// A small ext4 (or xfs) filesystem (no root-reserved blocks) in a sparse file of its own temp
+/// dir, attached to a loop device and mounted; unmounted and detached on drop.
 pub struct SmallFs {
     pub mount_point: PathBuf,
     pub device: PathBuf,
@@ -314,6 +314,15 @@ pub struct SmallFs {
 
 impl SmallFs {
     pub fn new(bytes: u64) -> SmallFs {
+        Self::with_fs(bytes, "ext4")
+    }
+
+    /// An xfs filesystem (reflink on, mkfs.xfs needs at least 300 MB).
+    pub fn xfs(bytes: u64) -> SmallFs {
+        Self::with_fs(bytes, "xfs")
+    }
+
+    fn with_fs(bytes: u64, fs: &str) -> SmallFs {
         let dir = tempfile::Builder::new()
             .prefix("loopvol-smallfs-")
             .tempdir()
@@ -323,14 +332,18 @@ impl SmallFs {
             .unwrap()
             .set_len(bytes)
             .unwrap();
-        let out = Command::new("mkfs.ext4")
-            .args(["-q", "-F", "-m", "0"])
+        let (mkfs, args): (&str, &[&str]) = match fs {
+            "ext4" => ("mkfs.ext4", &["-q", "-F", "-m", "0"]),
+            _ => ("mkfs.xfs", &["-q", "-f"]),
+        };
+        let out = Command::new(mkfs)
+            .args(args)
             .arg(&image)
             .output()
-            .expect("run mkfs.ext4");
+            .expect("run mkfs");
         assert!(
             out.status.success(),
-            "mkfs.ext4: {}",
+            "{mkfs}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
         let device = loopvol::datapath::loop_device::attach(&image, false, false)
@@ -338,6 +351,7 @@ impl SmallFs {
             .device;
         let mount_point = dir.path().join("mnt");
         std::fs::create_dir(&mount_point).unwrap();
+        let fs_type = fs;
         let fs = SmallFs {
             mount_point,
             device,
@@ -346,7 +360,7 @@ impl SmallFs {
         loopvol::fs::mount::mount_fs(
             &fs.device,
             &fs.mount_point,
-            "ext4",
+            fs_type,
             nix::mount::MsFlags::empty(),
             "",
         )
