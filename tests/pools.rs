@@ -20,6 +20,8 @@ use tonic::Code;
 /// filesystems its pools live on.
 struct Node {
     d: Driver,
+    /// Where `/metrics` is served.
+    metrics_port: u16,
     c: ControllerClient<Channel>,
     n: NodeClient<Channel>,
     ext: SmallFs,
@@ -37,10 +39,47 @@ impl Node {
             "xfs={},max-bytes=400Mi",
             xfs.mount_point.join("pool").display()
         );
-        let d = Driver::start_with(&["--pool", &ext_arg, "--pool", &xfs_arg]).await;
+        let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let metrics = format!("127.0.0.1:{metrics_port}");
+        let d = Driver::start_with(&[
+            "--pool",
+            &ext_arg,
+            "--pool",
+            &xfs_arg,
+            "--metrics-address",
+            &metrics,
+        ])
+        .await;
         let c = d.controller().await;
         let n = d.node().await;
-        Node { d, c, n, ext, xfs }
+        Node {
+            d,
+            metrics_port,
+            c,
+            n,
+            ext,
+            xfs,
+        }
+    }
+
+    /// The value of one series of `/metrics`.
+    fn metric(&self, series: &str) -> Option<f64> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.metrics_port)).unwrap();
+        write!(
+            s,
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
     }
 
     fn dir(&self, pool: &str) -> PathBuf {
@@ -194,6 +233,31 @@ async fn volumes_land_in_the_pool_their_class_names_and_capacity_is_per_pool() {
     let c = t.create(req("c", 16 * MIB, &[])).await.unwrap();
     assert_eq!(c.volume_id, format!("vol-{}@{NODE}", hex_of(&c.volume_id)));
     assert!(t.image("default", &c.volume_id).exists());
+
+    // Metrics: one series per pool, logical (provisioned) and physical (allocated) apart.
+    let m = |s: &str| t.metric(s).unwrap_or_else(|| panic!("no series {s}"));
+    for pool in ["default", "ext", "xfs"] {
+        assert_eq!(
+            m(&format!("loopvol_pool_volumes{{pool=\"{pool}\"}}")),
+            1.0,
+            "{pool}"
+        );
+    }
+    assert_eq!(
+        m(r#"loopvol_pool_provisioned_bytes{pool="ext"}"#),
+        (32 * MIB) as f64
+    );
+    assert!(m(r#"loopvol_pool_allocated_bytes{pool="ext"}"#) < (1 << 20) as f64);
+    assert_eq!(
+        m(r#"loopvol_pool_provisioned_bytes{pool="xfs"}"#),
+        (64 * MIB) as f64
+    );
+    assert!(m(r#"loopvol_pool_allocated_bytes{pool="xfs"}"#) >= (64 * MIB) as f64);
+    assert_eq!(m(r#"loopvol_pool_reserved_bytes{pool="xfs"}"#), 0.0);
+    assert_eq!(
+        m(r#"loopvol_pool_reserved_bytes{pool="ext"}"#),
+        (32 * MIB) as f64
+    );
 
     // A pool this node lacks has no capacity here; a malformed name is the caller's error.
     assert_eq!(t.capacity(&[("pool", "nvme")]).await.unwrap(), 0);
