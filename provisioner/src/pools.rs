@@ -246,3 +246,107 @@ fn volume_hex(r: &VolumeRecord) -> Option<String> {
 fn snapshot_hex(r: &SnapshotRecord) -> Option<String> {
     VolumeId::parse(Kind::Snapshot, &r.id).map(|v| v.hex)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::params::VolumeParams;
+    use crate::PoolOptions;
+
+    fn open(dir: &std::path::Path, name: &str) -> Pool {
+        let opts = PoolOptions {
+            name: name.into(),
+            ..PoolOptions::all(dir.join(name), "n1")
+        };
+        Pool::open(opts).unwrap().0
+    }
+
+    fn req(name: &str) -> CreateRequest {
+        CreateRequest {
+            name: name.into(),
+            required_bytes: 1 << 20,
+            limit_bytes: 0,
+            params: VolumeParams::default(),
+            needs_filesystem: false,
+            source: None,
+        }
+    }
+
+    fn no_quiesce(_: &VolumeRecord) -> Result<Box<dyn crate::pool::Quiesced>, PoolError> {
+        Ok(Box::new(()))
+    }
+
+    #[test]
+    fn ids_dispatch_names_are_unique_and_pages_cover_every_pool() {
+        let t = tempfile::tempdir().unwrap();
+        let pools = Pools::new(["default", "a", "b"].map(|n| open(t.path(), n))).unwrap();
+        let mut made = Vec::new();
+        for (i, pool) in ["default", "a", "b", "a", "default", "b", "b"]
+            .iter()
+            .enumerate()
+        {
+            let v = pools
+                .create_volume(pool, &req(&format!("v{i}")), &no_quiesce)
+                .unwrap();
+            assert_eq!(
+                pools.owner(Kind::Volume, &v.id).unwrap().unwrap().name(),
+                *pool
+            );
+            made.push(v.id);
+        }
+        // One name, one pool.
+        let err = pools
+            .create_volume("a", &req("v0"), &no_quiesce)
+            .unwrap_err();
+        assert!(matches!(err, PoolError::AlreadyExists(_)), "{err}");
+        assert!(matches!(
+            pools.create_volume("zz", &req("new"), &no_quiesce),
+            Err(PoolError::ResourceExhausted(_))
+        ));
+        assert!(matches!(
+            pools.create_volume("Z", &req("new"), &no_quiesce),
+            Err(PoolError::InvalidArgument(_))
+        ));
+        // Every page size lists every volume exactly once, across pools.
+        for max in 0..=8 {
+            let (mut seen, mut token) = (Vec::new(), None::<String>);
+            loop {
+                let (page, next) = pools.list_page(token.as_deref(), max).unwrap();
+                assert!(max == 0 || page.len() <= max);
+                seen.extend(page.into_iter().map(|r| r.id));
+                match next {
+                    Some(n) => token = Some(n),
+                    None => break,
+                }
+            }
+            seen.sort();
+            let mut want = made.clone();
+            want.sort();
+            assert_eq!(seen, want, "max {max}");
+        }
+        assert!(matches!(
+            pools.list_page(Some("x:0123"), 1),
+            Err(PoolError::Aborted(_))
+        ));
+        // An ID of a pool the node lacks is nobody's: NOT_FOUND from the default pool.
+        let foreign = VolumeId::from_name_in(Kind::Volume, "v1", "c", "n1").to_string();
+        assert!(pools.owner(Kind::Volume, &foreign).unwrap().is_none());
+        assert!(matches!(
+            pools.get_volume(&foreign),
+            Err(PoolError::NotFound(_))
+        ));
+    }
+
+    #[test]
+    fn the_pools_must_include_default_and_share_a_node() {
+        let t = tempfile::tempdir().unwrap();
+        assert!(Pools::new([open(t.path(), "a")]).is_err());
+        let other = Pool::open(PoolOptions {
+            name: "b".into(),
+            ..PoolOptions::all(t.path().join("b"), "n2")
+        })
+        .unwrap()
+        .0;
+        assert!(Pools::new([open(t.path(), "default"), other]).is_err());
+    }
+}

@@ -358,7 +358,18 @@ mod tests {
             parse_token("n2:0123456789abcdef0123").unwrap().1,
             "0123456789abcdef0123"
         );
-        for bad in ["nonsense", "n2:xyz", "a/b:", ":"] {
+        // A node's own token names the pool it stopped in when that is not the default.
+        assert_eq!(
+            parse_token("n2:fast:0123456789abcdef0123").unwrap().1,
+            "fast:0123456789abcdef0123"
+        );
+        for bad in [
+            "nonsense",
+            "n2:xyz",
+            "a/b:",
+            ":",
+            "n2:Fast:0123456789abcdef0123",
+        ] {
             assert_eq!(
                 parse_token(bad).unwrap_err().code(),
                 tonic::Code::Aborted,
