@@ -556,3 +556,68 @@ fn a_named_pool_needs_room_for_its_ids() {
     );
     assert!(err.contains("at most 96 bytes"), "{err}");
 }
+
+/// `loopvol volume create --pool-name` makes a static volume whose ID names its pool, so the
+/// driver serving that directory as `--pool fast=DIR` finds it; `volume delete` takes the pool
+/// from the ID.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_static_volume_of_a_named_pool_is_served_by_that_pool() {
+    if !root_or_skip("a_static_volume_of_a_named_pool_is_served_by_that_pool") {
+        return;
+    }
+    let fast = tempfile::tempdir().unwrap();
+    let dir = fast.path().join("fast");
+    let dir_arg = dir.to_string_lossy().into_owned();
+    let cli = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_loopvol"))
+            .args(args)
+            .args(["--pool-dir", &dir_arg, "--node-id", NODE])
+            .output()
+            .unwrap()
+    };
+    let out = cli(&[
+        "volume",
+        "create",
+        "--pool-name",
+        "fast",
+        "--name",
+        "data-1",
+        "--size",
+        "16Mi",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let id = id_in("data-1", "fast");
+    let manifest = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        manifest.contains(&format!("volumeHandle: {id}")),
+        "{manifest}"
+    );
+
+    let mut d = Driver::start_with(&["--pool", &format!("fast={dir_arg}")]).await;
+    {
+        let mut c = d.controller().await;
+        let v = c
+            .controller_get_volume(ControllerGetVolumeRequest {
+                volume_id: id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(v.volume.unwrap().capacity_bytes, 16 * MIB);
+    }
+    assert!(d.stop().success());
+    let out = cli(&["volume", "delete", &id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!dir
+        .join("volumes")
+        .join(format!("{}.img", hex_of(&id)))
+        .exists());
+}

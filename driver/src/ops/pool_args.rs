@@ -30,6 +30,10 @@ pub struct VolumeCreateArgs {
     /// Name of the volume (and of the printed PV; the PVC gets `<name>-claim`).
     #[arg(long)]
     pub name: String,
+    /// The name the driver serves --pool-dir under (`serve --pool NAME=DIR`); it is part of the
+    /// volume's ID, so it must be the one the driver uses.
+    #[arg(long, default_value = provisioner::ids::DEFAULT_POOL, value_parser = parse_pool_name)]
+    pub pool_name: String,
     /// Size as a Kubernetes quantity: 10Gi, 1.5Gi, 512Mi, 10G or a number of bytes.
     #[arg(long, value_parser = parse_size)]
     pub size: u64,
@@ -56,6 +60,11 @@ impl PoolArgs {
                 .unwrap_or_else(|| "localhost".into())
         })
     }
+}
+
+fn parse_pool_name(s: &str) -> Result<String, String> {
+    provisioner::ids::validate_pool_name(s).map_err(|e| e.to_string())?;
+    Ok(s.to_string())
 }
 
 /// One `serve --pool NAME=DIR[,overcommit-ratio=R][,max-bytes=SIZE]`: everything about one
