@@ -234,6 +234,34 @@ async fn volumes_land_in_the_pool_their_class_names_and_capacity_is_per_pool() {
     assert_eq!(c.volume_id, format!("vol-{}@{NODE}", hex_of(&c.volume_id)));
     assert!(t.image("default", &c.volume_id).exists());
 
+    // `loopvol status` with the node's pools: one report each, never summed.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_loopvol"))
+        .args(["status", "-o", "json", "--pool-dir"])
+        .arg(&t.d.pool)
+        .arg("--pool")
+        .arg(format!("ext={}", t.dir("ext").display()))
+        .arg("--pool")
+        .arg(format!("xfs={}", t.dir("xfs").display()))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let reports: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let reports = reports.as_array().expect("one report per pool");
+    let names: Vec<_> = reports
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["default", "ext", "xfs"]);
+    for r in reports {
+        assert_eq!(r["volumes"], 1, "{r}");
+    }
+    assert_eq!(reports[1]["filesystem"], "ext4");
+    assert_eq!(reports[2]["filesystem"], "xfs");
+
     // Metrics: one series per pool, logical (provisioned) and physical (allocated) apart.
     let m = |s: &str| t.metric(s).unwrap_or_else(|| panic!("no series {s}"));
     for pool in ["default", "ext", "xfs"] {
