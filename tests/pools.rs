@@ -377,6 +377,50 @@ async fn pool_names_are_checked_and_a_name_lives_in_one_pool() {
         Code::AlreadyExists
     );
 
+    // A group snapshot lives in the pool of its volumes: one pool, one group.
+    let ch = tonic::transport::Endpoint::from_shared(format!("unix://{}", t.d.socket.display()))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut g = loopvol::csi::group_controller_client::GroupControllerClient::new(ch);
+    let group = |name: &str, ids: &[&str]| CreateVolumeGroupSnapshotRequest {
+        name: name.into(),
+        source_volume_ids: ids.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    };
+    let across = g
+        .create_volume_group_snapshot(group("g1", &[&dup.volume_id, &other.volume_id]))
+        .await;
+    assert_eq!(code_of(across), Code::NotFound);
+    let one = g
+        .create_volume_group_snapshot(group("g2", &[&dup.volume_id]))
+        .await
+        .unwrap()
+        .into_inner()
+        .group_snapshot
+        .unwrap();
+    assert!(
+        one.group_snapshot_id.contains("~ext@"),
+        "{}",
+        one.group_snapshot_id
+    );
+    assert!(one
+        .snapshots
+        .iter()
+        .all(|s| s.snapshot_id.contains("~ext@")));
+    g.delete_volume_group_snapshot(DeleteVolumeGroupSnapshotRequest {
+        group_snapshot_id: one.group_snapshot_id.clone(),
+        snapshot_ids: one
+            .snapshots
+            .iter()
+            .map(|s| s.snapshot_id.clone())
+            .collect(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+
     // ValidateVolumeCapabilities: a class naming another pool does not fit the volume.
     let validate = |pool: &str| ValidateVolumeCapabilitiesRequest {
         volume_id: dup.volume_id.clone(),
