@@ -56,7 +56,21 @@ pub(crate) fn transfer_quiesced(
         None => None,
     };
     let started = Instant::now();
-    let copied = crate::transfer::copy(from, dst, &mut |_| {})
+    // A long copy says how far it got every LOG_EVERY bytes, as a sparse copy does.
+    let mut next_log = copy::LOG_EVERY;
+    let mut progress = |p: copy::Progress| {
+        if p.copied_bytes >= next_log {
+            next_log = (p.copied_bytes / copy::LOG_EVERY + 1) * copy::LOG_EVERY;
+            tracing::info!(
+                copied_bytes = p.copied_bytes,
+                offset = p.offset,
+                total_bytes = p.total_bytes,
+                elapsed_s = started.elapsed().as_secs(),
+                "copy between pools in progress"
+            );
+        }
+    };
+    let copied = crate::transfer::copy(from, dst, &mut progress)
         .map_err(|e| space_error("copy the source from another pool", e));
     let released = guard.map_or(Ok(()), |g| g.release());
     let report = copied?;
