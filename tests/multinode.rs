@@ -96,8 +96,8 @@ impl Drop for Proc {
     }
 }
 
-/// `loopvol serve --mode node` for node `name`: its socket, its pool under `dir`, and the pool
-/// API on `listen` with the certificates in `certs`.
+/// `loopvol serve --mode node` for node `name`: its socket, its pools under `dir` (the default
+/// one and `fast`), and the pool API on `listen` with the certificates in `certs`.
 fn node_args(name: &str, sock: &Path, dir: &Path, listen: &str, certs: &Path) -> Vec<String> {
     vec![
         "serve".into(),
@@ -109,6 +109,8 @@ fn node_args(name: &str, sock: &Path, dir: &Path, listen: &str, certs: &Path) ->
         format!("unix://{}", s(sock)),
         "--pool-dir".into(),
         s(&dir.join(format!("{name}/pool"))),
+        "--pool".into(),
+        format!("fast={}", s(&dir.join(format!("{name}/fast")))),
         "--pool-listen".into(),
         listen.into(),
         "--tls-cert".into(),
@@ -486,6 +488,108 @@ async fn router_places_routes_paginates_and_survives_a_node_outage() {
         back.expect("node came back").volume.unwrap().capacity_bytes,
         32 * MIB
     );
+}
+
+/// Named pools behind the router: IDs `vol-<hex>~fast@<node>` are routed by their node part,
+/// the node finds the pool, and lists page across nodes and pools.
+#[tokio::test(flavor = "multi_thread")]
+async fn router_routes_volumes_of_named_pools() {
+    if !root_or_skip("router_routes_volumes_of_named_pools") {
+        return;
+    }
+    let cl = Cluster::start();
+    let mut r = cl.router().await;
+    let in_fast = |name: &str, node: u8| {
+        let mut req = on_node(name, node);
+        req.parameters.insert("pool".into(), "fast".into());
+        req
+    };
+    let mut ids = HashSet::new();
+    for (name, node, fast) in [("f2", 2, true), ("f3", 3, true), ("d2", 2, false)] {
+        let req = if fast {
+            in_fast(name, node)
+        } else {
+            on_node(name, node)
+        };
+        let v = r
+            .create_volume(req)
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
+        let pool_dir = if fast { "fast" } else { "pool" };
+        let suffix = if fast {
+            format!("~fast@n{node}")
+        } else {
+            format!("@n{node}")
+        };
+        assert!(v.volume_id.ends_with(&suffix), "{}", v.volume_id);
+        let image = cl.dir.path().join(format!(
+            "n{node}/{pool_dir}/volumes/{}.img",
+            hex_of(&v.volume_id)
+        ));
+        assert!(image.exists(), "{}", image.display());
+        ids.insert(v.volume_id);
+    }
+    let f2 = ids
+        .iter()
+        .find(|i| i.ends_with("~fast@n2"))
+        .unwrap()
+        .clone();
+    // Routed by ID: the node's pool answers.
+    let got = r
+        .controller_get_volume(ControllerGetVolumeRequest {
+            volume_id: f2.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.volume.unwrap().volume_id, f2);
+    // Capacity per node and pool: a pool no node has offers nothing.
+    let cap = |pool: &str| GetCapacityRequest {
+        parameters: [("pool".to_string(), pool.to_string())].into(),
+        accessible_topology: Some(loopvol::edge::controller::topology("n2")),
+        ..Default::default()
+    };
+    let fast = r.get_capacity(cap("fast")).await.unwrap().into_inner();
+    assert!(fast.available_capacity > 0);
+    let none = r.get_capacity(cap("nvme")).await.unwrap().into_inner();
+    assert_eq!(none.available_capacity, 0);
+    // Every volume once, one per page, across nodes and their pools.
+    let mut listed = HashSet::new();
+    let mut token = String::new();
+    loop {
+        let page = r
+            .list_volumes(ListVolumesRequest {
+                max_entries: 1,
+                starting_token: token.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        for e in page.entries {
+            assert!(listed.insert(e.volume.unwrap().volume_id));
+        }
+        if page.next_token.is_empty() {
+            break;
+        }
+        token = page.next_token;
+    }
+    assert_eq!(listed, ids);
+    for id in &ids {
+        r.delete_volume(DeleteVolumeRequest {
+            volume_id: id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    assert!(!cl
+        .dir
+        .path()
+        .join(format!("n2/fast/volumes/{}.img", hex_of(&f2)))
+        .exists());
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -102,10 +102,20 @@ async fn metrics_and_health_follow_a_workload() {
 
     let (status, busy) = http_get(port, "/metrics");
     assert_eq!(status, 200);
-    assert_eq!(sample(&busy, "loopvol_pool_volumes"), Some(1.0), "{busy}");
-    assert_eq!(sample(&busy, "loopvol_node_staged_volumes"), Some(1.0));
-    assert_eq!(sample(&busy, "loopvol_loop_devices_attached"), Some(1.0));
-    assert!(sample(&busy, "loopvol_pool_reserved_bytes").unwrap() > 0.0);
+    assert_eq!(
+        sample(&busy, r#"loopvol_pool_volumes{pool="default"}"#),
+        Some(1.0),
+        "{busy}"
+    );
+    assert_eq!(
+        sample(&busy, r#"loopvol_node_staged_volumes{pool="default"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&busy, r#"loopvol_loop_devices_attached{pool="default"}"#),
+        Some(1.0)
+    );
+    assert!(sample(&busy, r#"loopvol_pool_reserved_bytes{pool="default"}"#).unwrap() > 0.0);
 
     n.node_unpublish_volume(NodeUnpublishVolumeRequest {
         volume_id: id.clone(),
@@ -169,13 +179,25 @@ async fn metrics_and_health_follow_a_workload() {
     assert!(text
         .lines()
         .any(|l| l.starts_with("loopvol_stage_duration_seconds_bucket{")));
-    assert!(count("loopvol_pool_capacity_bytes") > 0.0);
-    assert!(count("loopvol_pool_available_bytes") > 0.0);
-    assert!(sample(&text, "loopvol_pool_reserved_bytes").is_some());
-    assert_eq!(sample(&text, "loopvol_pool_volumes"), Some(0.0));
-    assert_eq!(sample(&text, "loopvol_pool_snapshots"), Some(0.0));
-    assert_eq!(sample(&text, "loopvol_node_staged_volumes"), Some(0.0));
-    assert_eq!(sample(&text, "loopvol_loop_devices_attached"), Some(0.0));
+    assert!(count(r#"loopvol_pool_capacity_bytes{pool="default"}"#) > 0.0);
+    assert!(count(r#"loopvol_pool_available_bytes{pool="default"}"#) > 0.0);
+    assert!(sample(&text, r#"loopvol_pool_reserved_bytes{pool="default"}"#).is_some());
+    assert_eq!(
+        sample(&text, r#"loopvol_pool_volumes{pool="default"}"#),
+        Some(0.0)
+    );
+    assert_eq!(
+        sample(&text, r#"loopvol_pool_snapshots{pool="default"}"#),
+        Some(0.0)
+    );
+    assert_eq!(
+        sample(&text, r#"loopvol_node_staged_volumes{pool="default"}"#),
+        Some(0.0)
+    );
+    assert_eq!(
+        sample(&text, r#"loopvol_loop_devices_attached{pool="default"}"#),
+        Some(0.0)
+    );
     assert!(text.ends_with("# EOF\n"));
 
     assert_eq!(http_get(port, "/healthz"), (200, "ok\n".to_string()));

@@ -21,6 +21,43 @@ pub struct Cli {
     pub command: Command,
 }
 
+impl Cli {
+    /// Parse the command line with the checks clap cannot express; exits on a usage error.
+    pub fn parse_checked() -> Cli {
+        Self::try_parse_checked_from(std::env::args_os()).unwrap_or_else(|e| e.exit())
+    }
+
+    /// [`Cli::parse_checked`] over given arguments, returning the usage error.
+    pub fn try_parse_checked_from<I, T>(args: I) -> Result<Cli, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        use clap::{CommandFactory, FromArgMatches};
+        let matches = Cli::command().try_get_matches_from(args)?;
+        let cli = Cli::from_arg_matches(&matches)?;
+        if let (Command::Serve(a), Some(m)) = (&cli.command, matches.subcommand_matches("serve")) {
+            let explicit_dir = matches!(
+                m.value_source("pool_dir"),
+                Some(
+                    clap::parser::ValueSource::CommandLine | clap::parser::ValueSource::EnvVariable
+                )
+            );
+            let default = provisioner::ids::DEFAULT_POOL;
+            if explicit_dir && a.pools.iter().any(|p| p.name == default) {
+                return Err(Cli::command().error(
+                    clap::error::ErrorKind::ArgumentConflict,
+                    format!(
+                        "--pool {default}=DIR and --pool-dir both name the pool {default:?}; \
+                         give one of them"
+                    ),
+                ));
+            }
+        }
+        Ok(cli)
+    }
+}
+
 #[derive(Debug, Subcommand)]
 // Parsed once per process: the size of the serve variant costs nothing.
 #[allow(clippy::large_enum_variant)]
@@ -128,6 +165,10 @@ pub struct ServeArgs {
     pub endpoint: String,
     #[command(flatten)]
     pub pool: PoolArgs,
+    /// Another pool of this node (repeatable), chosen by the StorageClass parameter `pool`:
+    /// NAME=DIR[,overcommit-ratio=R][,max-bytes=SIZE]. --pool-dir is the pool `default`.
+    #[arg(long = "pool", value_name = "NAME=DIR[,OPTS]", value_parser = crate::ops::pool_args::parse_pool_spec)]
+    pub pools: Vec<crate::ops::pool_args::PoolSpec>,
     /// The CSI driver name reported by GetPluginInfo; must match the CSIDriver object.
     #[arg(long, default_value = "loopvol.csi.dev")]
     pub driver_name: String,
@@ -224,6 +265,37 @@ mod tests {
     #[test]
     fn overcommit_ratio_flag_is_checked() {
         assert!(Cli::try_parse_from(["loopvol", "serve", "--overcommit-ratio", "0"]).is_err());
+    }
+
+    #[test]
+    fn the_default_pool_is_named_once() {
+        let both = [
+            "loopvol",
+            "serve",
+            "--pool-dir",
+            "/a",
+            "--pool",
+            "default=/b",
+        ];
+        let e = Cli::try_parse_checked_from(both).unwrap_err();
+        assert_eq!(e.kind(), clap::error::ErrorKind::ArgumentConflict);
+        assert!(e.to_string().contains("--pool-dir"), "{e}");
+        let ok = [
+            "loopvol",
+            "serve",
+            "--pool",
+            "default=/b",
+            "--pool",
+            "fast=/c",
+        ];
+        let Command::Serve(a) = Cli::try_parse_checked_from(ok).unwrap().command else {
+            panic!()
+        };
+        assert_eq!(a.pools.len(), 2);
+        let ok = ["loopvol", "serve", "--pool-dir", "/a", "--pool", "fast=/c"];
+        assert!(Cli::try_parse_checked_from(ok).is_ok());
+        let twice = ["loopvol", "serve", "--pool", "x=/c", "--pool", "Bad=/d"];
+        assert!(Cli::try_parse_checked_from(twice).is_err());
     }
 
     #[test]

@@ -1,4 +1,3 @@
-use clap::Parser;
 use loopvol::cli::{Cli, Command, LogFormat, VolumeCommand};
 use loopvol::ops::static_volume;
 use loopvol::server;
@@ -32,7 +31,7 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let cli = Cli::parse_checked();
     match cli.command {
         Command::Serve(args) => {
             init_logging(args.log_format, &args.log_level);

@@ -16,11 +16,13 @@ pub mod keyed_lock;
 pub mod listing;
 pub mod params;
 pub mod pool;
+pub mod pools;
 pub mod quantity;
 pub mod record;
 pub mod size;
 pub mod snapshot;
 pub mod snapshot_metadata;
+pub mod transfer;
 
 pub use error::PoolError;
 pub use ids::{validate_name, VolumeId};
@@ -30,4 +32,5 @@ pub use params::{Allocation, FsType, VolumeParams};
 /// Group snapshots live with the pool (its start-up repair finishes interrupted groups).
 pub use pool::group_snapshot;
 pub use pool::{CreateRequest, Pool, PoolOptions};
+pub use pools::Pools;
 pub use record::{SnapshotRecord, VolumeRecord};

@@ -6,12 +6,15 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
 
+use crate::ids::PoolName;
 use crate::io_limits::{IoLimits, IoLimitsChange};
 use crate::size::MIB;
 use crate::PoolError;
 
 pub const PARAM_FS_TYPE: &str = "fsType";
 pub const PARAM_ALLOCATION: &str = "allocation";
+/// Which of the node's pools the volume goes to (default: the pool named `default`).
+pub const PARAM_POOL: &str = "pool";
 const SIDECAR_PREFIX: &str = "csi.storage.k8s.io/";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -106,6 +109,8 @@ pub struct VolumeParams {
     pub fs_explicit: bool,
     /// IO limits from the StorageClass (and, at CreateVolume, its VolumeAttributesClass).
     pub io_limits: IoLimits,
+    /// The pool the StorageClass names ([`PARAM_POOL`]).
+    pub pool: PoolName,
 }
 
 impl VolumeParams {
@@ -125,11 +130,16 @@ impl VolumeParams {
             match key {
                 PARAM_FS_TYPE => param_fs = Some(value.parse()?),
                 PARAM_ALLOCATION => out.allocation = value.parse()?,
+                PARAM_POOL => {
+                    out.pool = PoolName::new(value).map_err(|e| {
+                        PoolError::InvalidArgument(format!("parameter {PARAM_POOL}: {e}"))
+                    })?
+                }
                 k if k.starts_with(SIDECAR_PREFIX) => {}
                 k => {
                     return Err(PoolError::InvalidArgument(format!(
                         "unknown StorageClass parameter {k:?}; loopvol accepts {PARAM_FS_TYPE}, \
-                         {PARAM_ALLOCATION}, {} (and ignores keys under {SIDECAR_PREFIX})",
+                         {PARAM_ALLOCATION}, {PARAM_POOL}, {} (and ignores keys under {SIDECAR_PREFIX})",
                         crate::io_limits::KEYS.join(", ")
                     )))
                 }
@@ -164,6 +174,9 @@ mod tests {
         let p = VolumeParams::parse([], None).unwrap();
         assert_eq!(p.fs_type, FsType::Ext4);
         assert_eq!(p.allocation, Allocation::Thin);
+        assert_eq!(p.pool.as_str(), "default");
+        let p = VolumeParams::parse([("pool", "nvme-0")], None).unwrap();
+        assert_eq!(p.pool.as_str(), "nvme-0");
     }
 
     #[test]
@@ -198,6 +211,9 @@ mod tests {
         assert!(e.to_string().contains("ntfs"), "{e}");
         let e = VolumeParams::parse([("allocation", "lazy")], None).unwrap_err();
         assert!(e.to_string().contains("lazy"), "{e}");
+        let e = VolumeParams::parse([("pool", "Fast")], None).unwrap_err();
+        assert!(matches!(e, PoolError::InvalidArgument(_)), "{e}");
+        assert!(e.to_string().contains("parameter pool"), "{e}");
         let e = VolumeParams::parse([("fsType", "ext4")], Some("xfs")).unwrap_err();
         assert!(e.to_string().contains("contradicts"), "{e}");
     }

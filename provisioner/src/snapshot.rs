@@ -27,7 +27,7 @@ impl Pool {
     /// Check a snapshot ID from a request, like [`Pool::parse_volume_id`].
     pub fn parse_snapshot_id(&self, id: &str) -> Result<Option<VolumeId>, PoolError> {
         ids::validate_id("snapshot_id", id)?;
-        Ok(VolumeId::parse(Kind::Snapshot, id).filter(|v| v.node == self.node_id()))
+        Ok(VolumeId::parse(Kind::Snapshot, id).filter(|v| self.owns(v)))
     }
 
     pub fn get_snapshot(&self, id: &str) -> Result<SnapshotRecord, PoolError> {
@@ -64,7 +64,7 @@ impl Pool {
                 self.node_id()
             ))
         })?;
-        let id = VolumeId::from_name(Kind::Snapshot, name, self.node_id());
+        let id = self.mint(Kind::Snapshot, name);
         let _guard = self.locks.lock(&snapshot_lock_key(&id.hex));
         if let Some(existing) = self
             .snapshots
@@ -104,7 +104,7 @@ impl Pool {
                 .ctx(|| format!("create {}", tmp.display()))?;
             // Before freezing: a freeze on a full pool fails with EIO (the volume's dirty data
             // cannot be written back), and a copy that cannot fit is not worth a freeze.
-            self.ensure_room_for_copy(&from_path)?;
+            self.ensure_room_for_copy(&from_path, true)?;
             let method = copy_quiesced(
                 quiesce,
                 Some(&volume),

@@ -333,6 +333,11 @@ impl SmallFs {
         SmallFs::of("ext4", bytes)
     }
 
+    /// An xfs filesystem (reflink on, mkfs.xfs needs at least 300 MB).
+    pub fn xfs(bytes: u64) -> SmallFs {
+        SmallFs::of("xfs", bytes)
+    }
+
     /// The same with `fs`: `ext4`, or `xfs` with reflink (at least 300 MiB).
     pub fn of(fs_type: &str, bytes: u64) -> SmallFs {
         let dir = tempfile::Builder::new()

@@ -1,4 +1,4 @@
-//! CSI Controller over the local pool: provisioning, deletion, capacity, listing.
+//! CSI Controller over the node's pools: provisioning, deletion, capacity, listing.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -151,22 +151,14 @@ pub fn capabilities(advertised: &Advertised) -> ControllerGetCapabilitiesRespons
     }
 }
 
-/// Check paging arguments; a token we did not issue is ABORTED, as the spec says.
+/// Check paging arguments; the pools check the token (one we did not issue is ABORTED).
 fn page_token(max_entries: i32, token: &str) -> Result<Option<&str>> {
     if max_entries < 0 {
         return Err(Error::InvalidArgument(
             "max_entries must not be negative".into(),
         ));
     }
-    if token.is_empty() {
-        return Ok(None);
-    }
-    if provisioner::ids::is_hex_id(token) {
-        return Ok(Some(token));
-    }
-    Err(Error::Aborted(format!(
-        "starting_token {token:?} is not a token this driver issued"
-    )))
+    Ok((!token.is_empty()).then_some(token))
 }
 
 fn params_of(
@@ -226,6 +218,7 @@ impl Controller for ControllerService {
         if needs_filesystem && source.is_none() {
             tools::require(tools::mkfs_of(params.fs_type))?;
         }
+        let pool = params.pool;
         let create = CreateRequest {
             name: req.name,
             required_bytes: range.required_bytes,
@@ -236,7 +229,10 @@ impl Controller for ControllerService {
         };
         let record = self
             .driver
-            .blocking(move |d| Ok(d.pool.create_volume_with(&create, &|r| quiesce(d, r))?))
+            .blocking(move |d| {
+                let quiesce = |r: &VolumeRecord| quiesce(d, r);
+                Ok(d.pools.create_volume(pool.as_str(), &create, &quiesce)?)
+            })
             .await?;
         tracing::Span::current().record("volume_id", record.id.as_str());
         Ok(Response::new(CreateVolumeResponse {
@@ -251,7 +247,7 @@ impl Controller for ControllerService {
     ) -> Result<Response<DeleteVolumeResponse>, Status> {
         let id = required("volume_id", &req.get_ref().volume_id)?.to_string();
         self.driver
-            .blocking(move |d| Ok(d.pool.delete_volume(&id)?))
+            .blocking(move |d| Ok(d.pools.for_id(Kind::Volume, &id)?.delete_volume(&id)?))
             .await?;
         Ok(Response::new(DeleteVolumeResponse {}))
     }
@@ -286,7 +282,11 @@ impl Controller for ControllerService {
         if req.volume_capabilities.is_empty() {
             return Err(Error::InvalidArgument("volume_capabilities is required".into()).into());
         }
-        let record = self.driver.pool.get(&req.volume_id).map_err(Error::from)?;
+        let record = self
+            .driver
+            .pools
+            .get_volume(&req.volume_id)
+            .map_err(Error::from)?;
         let verdict = capability::check_all(&req.volume_capabilities).and_then(|caps| {
             let p = params_of(&req.parameters, &caps)?;
             let needs_fs = caps
@@ -296,6 +296,13 @@ impl Controller for ControllerService {
                 return Err(Error::InvalidArgument(format!(
                     "volume holds {} but {} was asked for",
                     record.fs_type, p.fs_type
+                )));
+            }
+            let pool = VolumeId::parse(Kind::Volume, &record.id).map(|v| v.pool_name().to_string());
+            if !req.parameters.is_empty() && pool.as_deref() != Some(p.pool.as_str()) {
+                return Err(Error::InvalidArgument(format!(
+                    "volume is in pool {pool:?} but pool {} was asked for",
+                    p.pool
                 )));
             }
             if !req.parameters.is_empty() && p.allocation != record.allocation {
@@ -332,7 +339,9 @@ impl Controller for ControllerService {
     ) -> Result<Response<ListVolumesResponse>, Status> {
         let req = req.into_inner();
         let after = page_token(req.max_entries, &req.starting_token)?;
-        let (page, next) = self.driver.pool.list_page(after, req.max_entries as usize);
+        let (page, next) = (self.driver.pools)
+            .list_page(after, req.max_entries as usize)
+            .map_err(Error::from)?;
         let entries = page
             .iter()
             .map(|r| list_volumes_response::Entry {
@@ -364,11 +373,15 @@ impl Controller for ControllerService {
             .accessible_topology
             .as_ref()
             .is_some_and(|t| !topology_allows(t, self.driver.node_id()));
-        let available = if elsewhere {
-            0
-        } else {
-            let cap = self.driver.blocking(|d| Ok(d.pool.capacity()?)).await?;
-            cap.for_allocation(params.allocation)
+        // Per pool: the parameters name one, so CSIStorageCapacity is per StorageClass. A
+        // pool this node lacks has nothing to offer here.
+        let pool = self.driver.pools.get(params.pool.as_str()).cloned();
+        let available = match pool {
+            Some(pool) if !elsewhere => {
+                let cap = self.driver.blocking(move |_| Ok(pool.capacity()?)).await?;
+                cap.for_allocation(params.allocation)
+            }
+            _ => 0,
         };
         let available = available.min(i64::MAX as u64) as i64;
         Ok(Response::new(GetCapacityResponse {
@@ -398,7 +411,10 @@ impl Controller for ControllerService {
         let name = req.name;
         let snap = self
             .driver
-            .blocking(move |d| Ok(d.pool.create_snapshot(&name, &source, &|r| quiesce(d, r))?))
+            .blocking(move |d| {
+                Ok(d.pools
+                    .create_snapshot(&name, &source, &|r| quiesce(d, r))?)
+            })
             .await?;
         Ok(Response::new(CreateSnapshotResponse {
             snapshot: Some(to_snapshot(&snap)),
@@ -412,7 +428,7 @@ impl Controller for ControllerService {
     ) -> Result<Response<DeleteSnapshotResponse>, Status> {
         let id = required("snapshot_id", &req.get_ref().snapshot_id)?.to_string();
         self.driver
-            .blocking(move |d| Ok(d.pool.delete_snapshot(&id)?))
+            .blocking(move |d| Ok(d.pools.for_id(Kind::Snapshot, &id)?.delete_snapshot(&id)?))
             .await?;
         Ok(Response::new(DeleteSnapshotResponse {}))
     }
@@ -429,7 +445,7 @@ impl Controller for ControllerService {
         };
         // A filter naming something that does not exist yields an empty list, not an error.
         if !req.snapshot_id.is_empty() {
-            let found = self.driver.pool.get_snapshot(&req.snapshot_id).ok();
+            let found = self.driver.pools.get_snapshot(&req.snapshot_id).ok();
             let entries = found
                 .filter(|s| {
                     req.source_volume_id.is_empty() || s.source_volume_id == req.source_volume_id
@@ -442,10 +458,9 @@ impl Controller for ControllerService {
             }));
         }
         let source = (!req.source_volume_id.is_empty()).then_some(req.source_volume_id.as_str());
-        let (page, next) = self
-            .driver
-            .pool
-            .list_snapshots(source, after, req.max_entries as usize);
+        let (page, next) = (self.driver.pools)
+            .list_snapshots(source, after, req.max_entries as usize)
+            .map_err(Error::from)?;
         Ok(Response::new(ListSnapshotsResponse {
             entries: page.iter().map(entry).collect(),
             next_token: next.unwrap_or_default(),
@@ -458,7 +473,7 @@ impl Controller for ControllerService {
         req: Request<GetSnapshotRequest>,
     ) -> Result<Response<GetSnapshotResponse>, Status> {
         let id = required("snapshot_id", &req.get_ref().snapshot_id)?;
-        let snap = self.driver.pool.get_snapshot(id).map_err(Error::from)?;
+        let snap = self.driver.pools.get_snapshot(id).map_err(Error::from)?;
         Ok(Response::new(GetSnapshotResponse {
             snapshot: Some(to_snapshot(&snap)),
         }))
@@ -470,9 +485,9 @@ impl Controller for ControllerService {
         req: Request<ControllerGetVolumeHealthRequest>,
     ) -> Result<Response<ControllerGetVolumeHealthResponse>, Status> {
         let id = required("volume_id", &req.get_ref().volume_id)?;
-        let record = self.driver.pool.get(id).map_err(Error::from)?;
+        let record = self.driver.pools.get_volume(id).map_err(Error::from)?;
         Ok(Response::new(ControllerGetVolumeHealthResponse {
-            volume_health: Some(health::of_volume(&self.driver.pool, &record)),
+            volume_health: Some(health::of_volume(&self.driver.pools, &record)),
         }))
     }
 
@@ -483,9 +498,11 @@ impl Controller for ControllerService {
     ) -> Result<Response<ControllerListVolumeHealthResponse>, Status> {
         let req = req.into_inner();
         let after = page_token(req.max_entries, &req.starting_token)?;
-        let (page, next) = self.driver.pool.list_page(after, req.max_entries as usize);
+        let (page, next) = (self.driver.pools)
+            .list_page(after, req.max_entries as usize)
+            .map_err(Error::from)?;
         // Only volumes with something to report are listed, as the spec asks.
-        let inspector = health::Inspector::new(&self.driver.pool);
+        let inspector = health::Inspector::new(&self.driver.pools);
         let entries = page
             .iter()
             .map(|r| inspector.of_volume(r))
@@ -513,8 +530,11 @@ impl Controller for ControllerService {
         let record = self
             .driver
             .blocking(move |d| {
-                Ok(d.pool
-                    .expand_volume(&id, range.required_bytes, range.limit_bytes)?)
+                Ok(d.pools.for_id(Kind::Volume, &id)?.expand_volume(
+                    &id,
+                    range.required_bytes,
+                    range.limit_bytes,
+                )?)
             })
             .await?;
         // The loop device must pick up the new size on the node even for raw block volumes,
@@ -531,7 +551,7 @@ impl Controller for ControllerService {
         req: Request<ControllerGetVolumeRequest>,
     ) -> Result<Response<ControllerGetVolumeResponse>, Status> {
         let id = required("volume_id", &req.get_ref().volume_id)?;
-        let record = self.driver.pool.get(id).map_err(Error::from)?;
+        let record = self.driver.pools.get_volume(id).map_err(Error::from)?;
         Ok(Response::new(ControllerGetVolumeResponse {
             volume: Some(to_volume(&record)),
             status: Some(controller_get_volume_response::VolumeStatus {
@@ -556,7 +576,9 @@ impl Controller for ControllerService {
         .map_err(Error::from)?;
         self.driver
             .blocking(move |d| {
-                d.pool.modify_volume(&id, &change)?;
+                d.pools
+                    .for_id(Kind::Volume, &id)?
+                    .modify_volume(&id, &change)?;
                 // Pods using the volume on this node get the new rules now, without a
                 // remount; a volume staged nowhere gets them at its next publish.
                 io_throttle::reapply(d, &id, || engine::attached_device(d, &id))?;

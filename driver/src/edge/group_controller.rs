@@ -82,7 +82,7 @@ fn quiesce_member(
     let Some(hex) = VolumeId::parse(Kind::Volume, &r.id).map(|v| v.hex) else {
         return Ok(Box::new(()));
     };
-    let staged = crate::node_state::load(&d.pool.node_state_dir(), &hex)
+    let staged = crate::node_state::load(&d.node_dir_of(&hex), &hex)
         .map_err(crate::error::to_pool_error)?
         .is_some();
     if staged {
@@ -135,7 +135,15 @@ impl GroupController for GroupControllerService {
         let (group, members) = self
             .driver
             .blocking(move |d| {
-                Ok(d.pool.create_group_snapshot(
+                // A group lives in the pool of its volumes; members of another pool are not
+                // found there (NOT_FOUND, like volumes of another node).
+                let first = req
+                    .source_volume_ids
+                    .iter()
+                    .min()
+                    .map_or("", |s| s.as_str());
+                let pool = d.pools.for_id(Kind::Volume, first)?;
+                Ok(pool.create_group_snapshot(
                     &req.name,
                     &req.source_volume_ids,
                     &|r| quiesce_member(d, r, count),
@@ -157,8 +165,8 @@ impl GroupController for GroupControllerService {
         required("group_snapshot_id", &req.group_snapshot_id)?;
         self.driver
             .blocking(move |d| {
-                Ok(d.pool
-                    .delete_group_snapshot(&req.group_snapshot_id, &req.snapshot_ids)?)
+                let pool = d.pools.for_id(Kind::Group, &req.group_snapshot_id)?;
+                Ok(pool.delete_group_snapshot(&req.group_snapshot_id, &req.snapshot_ids)?)
             })
             .await?;
         Ok(Response::new(DeleteVolumeGroupSnapshotResponse {}))
@@ -171,10 +179,9 @@ impl GroupController for GroupControllerService {
     ) -> Result<Response<GetVolumeGroupSnapshotResponse>, Status> {
         let req = req.into_inner();
         required("group_snapshot_id", &req.group_snapshot_id)?;
-        let (group, members) = self
-            .driver
-            .pool
-            .get_group_snapshot(&req.group_snapshot_id)
+        let (group, members) = (self.driver.pools)
+            .for_id(Kind::Group, &req.group_snapshot_id)
+            .and_then(|p| p.get_group_snapshot(&req.group_snapshot_id))
             .map_err(Error::from)?;
         // The ID alone names the group here; a list given must still match it (the spec asks
         // an SP that can detect a mismatch to report it).

@@ -178,23 +178,26 @@ impl Node for NodeService {
                         volume_capability: None,
                     });
                 }
-                match d.pool.capacity() {
-                    Ok(c) if c.available_bytes < (1 << 20) => out.push(StorageBackendHealth {
-                        status: StorageHealthErrorType::StorageDegraded as i32,
-                        reason: "PoolFull".into(),
-                        message: format!(
-                            "pool filesystem under {} is full",
-                            d.pool.dir().display()
-                        ),
-                        volume_capability: None,
-                    }),
-                    Ok(_) => {}
-                    Err(e) => out.push(StorageBackendHealth {
-                        status: StorageHealthErrorType::StorageUnreachable as i32,
-                        reason: "PoolUnusable".into(),
-                        message: e.to_string(),
-                        volume_capability: None,
-                    }),
+                for pool in d.pools.iter() {
+                    match pool.capacity() {
+                        Ok(c) if c.available_bytes < (1 << 20) => out.push(StorageBackendHealth {
+                            status: StorageHealthErrorType::StorageDegraded as i32,
+                            reason: "PoolFull".into(),
+                            message: format!(
+                                "pool {} filesystem under {} is full",
+                                pool.name(),
+                                pool.dir().display()
+                            ),
+                            volume_capability: None,
+                        }),
+                        Ok(_) => {}
+                        Err(e) => out.push(StorageBackendHealth {
+                            status: StorageHealthErrorType::StorageUnreachable as i32,
+                            reason: "PoolUnusable".into(),
+                            message: format!("pool {}: {e}", pool.name()),
+                            volume_capability: None,
+                        }),
+                    }
                 }
                 Ok(out)
             })

@@ -9,6 +9,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use provisioner::extents::{self, Range};
+use provisioner::ids::Kind;
 use tonic::{Request, Response, Status};
 
 use crate::csi::snapshot_metadata_server::SnapshotMetadata;
@@ -102,7 +103,11 @@ impl SnapshotMetadata for SnapshotMetadataService {
         let id = required("snapshot_id", &req.snapshot_id)?.to_string();
         let map = self
             .driver
-            .blocking(move |d| Ok(d.pool.snapshot_allocated(&id)?))
+            .blocking(move |d| {
+                Ok(d.pools
+                    .for_id(Kind::Snapshot, &id)?
+                    .snapshot_allocated(&id)?)
+            })
             .await?;
         respond(
             map.capacity,
@@ -129,7 +134,10 @@ impl SnapshotMetadata for SnapshotMetadataService {
         let started = std::time::Instant::now();
         let (map, method) = self
             .driver
-            .blocking(move |d| Ok(d.pool.snapshot_delta(&base, &target)?))
+            .blocking(move |d| {
+                let pool = d.pools.for_id(Kind::Snapshot, &target)?;
+                Ok(pool.snapshot_delta(&base, &target)?)
+            })
             .await?;
         let changed: u64 = map.ranges.iter().map(|r| r.len).sum();
         tracing::info!(

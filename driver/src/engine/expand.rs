@@ -11,9 +11,9 @@ use crate::node_state::{self, StagedAccess};
 /// Grow the loop device to the backing file's new size and the filesystem to the device.
 pub fn expand(d: &Engine, id: &str, path: &str, block_hint: bool) -> Result<u64> {
     let vol = volume(d, id)?;
-    let _g = hold(d, &vol)?;
+    let _g = hold(&vol)?;
     let path = volume_path(d, path)?;
-    let state = node_state::load(&d.pool.node_state_dir(), &vol.hex)?;
+    let state = node_state::load(&vol.pool.node_state_dir(), &vol.hex)?;
     let l = current_loop(d, &vol, state.as_ref().map(|s| s.device.as_path())).ok_or_else(|| {
         Error::FailedPrecondition(format!("volume {id} is not staged on this node"))
     })?;

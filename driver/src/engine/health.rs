@@ -5,7 +5,7 @@ use std::cell::OnceCell;
 use std::path::Path;
 
 use provisioner::ids::Kind;
-use provisioner::{Pool, VolumeId, VolumeRecord};
+use provisioner::{Pool, Pools, VolumeId, VolumeRecord};
 
 use crate::csi::volume_health::VolumeHealthEntry;
 use crate::csi::{VolumeHealth, VolumeHealthErrorType};
@@ -171,24 +171,31 @@ fn ext4_errors(source: &str) -> Option<u64> {
 /// process can see of the node (the `all` and `node` modes share the staging mounts). The
 /// mount table is read once, and only if some volume is staged with a filesystem.
 pub struct Inspector<'a> {
-    pool: &'a Pool,
+    pools: &'a Pools,
     mounts: OnceCell<Vec<MountEntry>>,
 }
 
 impl<'a> Inspector<'a> {
-    pub fn new(pool: &'a Pool) -> Self {
+    pub fn new(pools: &'a Pools) -> Self {
         Inspector {
-            pool,
+            pools,
             mounts: OnceCell::new(),
         }
     }
 
+    /// The findings for `r`, from the pool its ID names.
     pub fn of_volume(&self, r: &VolumeRecord) -> VolumeHealth {
-        let mut statuses = pool_findings(self.pool, r);
+        let pool = self
+            .pools
+            .owner(Kind::Volume, &r.id)
+            .ok()
+            .flatten()
+            .unwrap_or(self.pools.default_pool());
+        let mut statuses = pool_findings(pool, r);
         if let Some(hex) = VolumeId::parse(Kind::Volume, &r.id).map(|v| v.hex) {
-            let node_dir = self.pool.node_state_dir();
+            let node_dir = pool.node_state_dir();
             statuses.extend(freeze_findings(&node_dir, &hex));
-            statuses.extend(self.staged_findings(&node_dir, &hex));
+            statuses.extend(self.staged_findings(pool, &node_dir, &hex));
         }
         VolumeHealth {
             volume_id: r.id.clone(),
@@ -196,7 +203,7 @@ impl<'a> Inspector<'a> {
         }
     }
 
-    fn staged_findings(&self, node_dir: &Path, hex: &str) -> Vec<VolumeHealthEntry> {
+    fn staged_findings(&self, pool: &Pool, node_dir: &Path, hex: &str) -> Vec<VolumeHealthEntry> {
         let Some(s) = node_state::load(node_dir, hex).ok().flatten() else {
             return vec![];
         };
@@ -206,7 +213,7 @@ impl<'a> Inspector<'a> {
         let all = self
             .mounts
             .get_or_init(|| mount::mounts().unwrap_or_default());
-        let image = self.pool.image_path(hex);
+        let image = pool.image_path(hex);
         match mount::topmost_at(all, &s.staging_path) {
             Some(m)
                 if crate::datapath::default_path()
@@ -220,6 +227,6 @@ impl<'a> Inspector<'a> {
     }
 }
 
-pub fn of_volume(pool: &Pool, r: &VolumeRecord) -> VolumeHealth {
-    Inspector::new(pool).of_volume(r)
+pub fn of_volume(pools: &Pools, r: &VolumeRecord) -> VolumeHealth {
+    Inspector::new(pools).of_volume(r)
 }

@@ -149,10 +149,7 @@ pub fn device_number(device: &Path) -> Result<(u32, u32)> {
 }
 
 fn record_path(d: &Engine, hex: &str) -> PathBuf {
-    d.pool
-        .node_state_dir()
-        .join("io")
-        .join(format!("{hex}.json"))
+    d.node_dir_of(hex).join("io").join(format!("{hex}.json"))
 }
 
 fn load(d: &Engine, hex: &str) -> Vec<Applied> {
@@ -190,7 +187,7 @@ fn hex_of(id: &str) -> Result<String> {
 /// cgroup cannot be found is refused rather than published unlimited; kubelet reports the
 /// error as an event on the pod.
 pub fn before_publish(d: &Engine, id: &str, pod_uid: Option<&str>) -> Result<Option<PathBuf>> {
-    let limits = d.pool.get(id)?.io_limits;
+    let limits = d.pools.get_volume(id)?.io_limits;
     let found = find_cgroup(&d.cgroups, pod_uid)?;
     if found.is_none() && !limits.is_empty() {
         let looked = match pod_uid.filter(|u| !u.is_empty()) {
@@ -220,8 +217,8 @@ pub fn after_publish(
         return Ok(());
     };
     let hex = hex_of(id)?;
-    let _g = d.pool.lock_volume(&hex);
-    let limits = d.pool.get(id)?.io_limits;
+    let _g = d.pools.for_id(Kind::Volume, id)?.lock_volume(&hex);
+    let limits = d.pools.get_volume(id)?.io_limits;
     let (major, minor) = device_number(device)?;
     write_rules(&cgroup, (major, minor), &limits)?;
     let mut applied = load(d, &hex);
@@ -241,7 +238,7 @@ pub fn after_publish(
 /// the volume's use in it, and the device number will be reused).
 pub fn after_unpublish(d: &Engine, id: &str, target: &Path) -> Result<()> {
     let hex = hex_of(id)?;
-    let _g = d.pool.lock_volume(&hex);
+    let _g = d.pools.for_id(Kind::Volume, id)?.lock_volume(&hex);
     let mut applied = load(d, &hex);
     let Some(pos) = applied.iter().position(|a| a.target == target) else {
         return Ok(());
@@ -263,12 +260,12 @@ pub fn reapply(
     device: impl FnOnce() -> Result<Option<PathBuf>>,
 ) -> Result<usize> {
     let hex = hex_of(id)?;
-    let _g = d.pool.lock_volume(&hex);
+    let _g = d.pools.for_id(Kind::Volume, id)?.lock_volume(&hex);
     let mut applied = load(d, &hex);
     if applied.is_empty() {
         return Ok(0);
     }
-    let limits = d.pool.get(id)?.io_limits;
+    let limits = d.pools.get_volume(id)?.io_limits;
     let now = device()?.as_deref().map(device_number).transpose()?;
     applied.retain(|a| a.cgroup.exists());
     for a in &mut applied {

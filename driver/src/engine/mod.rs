@@ -30,12 +30,16 @@ pub use unstage::unstage;
 pub use volume::{attached_device, check_path, volume, Vol};
 pub use volume_health::volume_health;
 
-use provisioner::Pool;
+use std::path::PathBuf;
 
-/// What the node engine works with: the pool, where it may mount, how it freezes and where it
-/// enforces IO limits. The CSI edge's [`crate::state::Driver`] holds one and derefs to it.
+use provisioner::Pools;
+
+/// What the node engine works with: the node's pools, where it may mount, how it freezes and
+/// where it enforces IO limits. The CSI edge's [`crate::state::Driver`] holds one and derefs
+/// to it.
 pub struct Engine {
-    pub pool: Pool,
+    /// Every pool of the node; a volume's ID names its pool ([`volume()`] finds it).
+    pub pools: Pools,
     /// Where IO limits are enforced.
     pub cgroups: io_throttle::CgroupConfig,
     /// How snapshots and clones freeze mounted sources.
@@ -48,6 +52,17 @@ pub struct Engine {
 
 impl Engine {
     pub fn node_id(&self) -> &str {
-        self.pool.node_id()
+        self.pools.node_id()
+    }
+
+    /// The node-side state directory of the pool holding volume `hex` (a name lives in one
+    /// pool, so a hex is one volume on the node), for state kept by hex alone; the default
+    /// pool's when no pool holds it (any more).
+    pub fn node_dir_of(&self, hex: &str) -> PathBuf {
+        self.pools
+            .iter()
+            .find(|p| p.has_volume(hex))
+            .unwrap_or(self.pools.default_pool())
+            .node_state_dir()
     }
 }

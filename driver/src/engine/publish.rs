@@ -23,14 +23,15 @@ pub fn publish(
 ) -> Result<()> {
     let mut steps = Steps::start();
     let vol = volume(d, id)?;
-    let _g = hold(d, &vol)?;
+    let _g = hold(&vol)?;
     let not_staged = || {
         Error::FailedPrecondition(format!(
             "volume {id} is not staged at {}; call NodeStageVolume first",
             staging.display()
         ))
     };
-    let mut state = node_state::load(&d.pool.node_state_dir(), &vol.hex)?.ok_or_else(not_staged)?;
+    let mut state =
+        node_state::load(&vol.pool.node_state_dir(), &vol.hex)?.ok_or_else(not_staged)?;
     let l = current_loop(d, &vol, Some(&state.device));
     steps.mark("lookup");
     // Questions about the staging and target paths are answered for those paths alone; only
@@ -39,7 +40,7 @@ pub fn publish(
     if !same_path(&state.staging_path, staging) {
         match &l {
             Some(l) if staged_at(&state, staging, l, &mounts)? => {
-                rehome(d, &vol, &mut state, staging, l)?
+                rehome(&vol, &mut state, staging, l)?
             }
             _ => return Err(not_staged()),
         }
@@ -142,8 +143,8 @@ fn single_writer_check(
 pub fn unpublish(d: &Engine, id: &str, target: &Path) -> Result<()> {
     let mut steps = Steps::start();
     let vol = volume(d, id)?;
-    let _g = hold(d, &vol)?;
-    let dev = current_loop(d, &vol, remembered_device(d, &vol).as_deref()).map(|l| l.dev);
+    let _g = hold(&vol)?;
+    let dev = current_loop(d, &vol, remembered_device(&vol).as_deref()).map(|l| l.dev);
     steps.mark("lookup");
     for _ in 0..8 {
         let Some(m) = mount::mount_at(target)? else {

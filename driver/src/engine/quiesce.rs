@@ -16,7 +16,8 @@ pub fn quiesce(d: &Engine, record: &VolumeRecord) -> Result<Option<crate::fs::fr
     let Some(hex) = VolumeId::parse(Kind::Volume, &record.id).map(|v| v.hex) else {
         return Ok(None);
     };
-    let Some(staged) = node_state::load(&d.pool.node_state_dir(), &hex)? else {
+    let pool = d.pools.for_id(Kind::Volume, &record.id)?.clone();
+    let Some(staged) = node_state::load(&pool.node_state_dir(), &hex)? else {
         return Ok(None);
     };
     if !matches!(staged.access, StagedAccess::Mount { .. }) {
@@ -24,15 +25,23 @@ pub fn quiesce(d: &Engine, record: &VolumeRecord) -> Result<Option<crate::fs::fr
     }
     let vol = Vol {
         record: record.clone(),
-        image: d.pool.image_path(&hex),
+        image: pool.image_path(&hex),
         hex,
+        pool,
     };
     let Some(l) = current_loop(d, &vol, Some(&staged.device)) else {
         return Ok(None);
     };
     match visible_mount(&staged, &l, &mount::MountView::new())? {
         Some(m) => {
-            crate::fs::freeze::freeze(&d.freeze, &record.id, &vol.hex, &vol.image, &m.mount_point)
+            // The marker lives with the volume's pool, which is also the pool a freeze that
+            // fails for lack of space is short of.
+            let settings = crate::fs::freeze::Settings {
+                node_dir: vol.pool.node_state_dir(),
+                pool_dir: vol.pool.dir().to_path_buf(),
+                ..d.freeze.clone()
+            };
+            crate::fs::freeze::freeze(&settings, &record.id, &vol.hex, &vol.image, &m.mount_point)
                 .map(Some)
         }
         None => Ok(None),

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use crate::fs::mount::{self, MountEntry};
 use crate::node_state::{self, StagedAccess};
+use provisioner::Pool;
 use std::collections::HashMap;
 
 use super::volume::*;
@@ -18,10 +19,15 @@ use crate::datapath::{blockdev, Attachment, FileId};
 /// between delete steps) when nothing uses them. Every staging record is kept: one whose
 /// device is gone is restored by the next NodeStageVolume.
 pub fn recover(d: &Engine) -> Vec<String> {
-    let state_dir = d.pool.node_state_dir();
+    d.pools.iter().flat_map(|p| recover_pool(d, p)).collect()
+}
+
+/// [`recover`] for one pool: its staging records, the loop devices over its images.
+fn recover_pool(d: &Engine, pool: &Pool) -> Vec<String> {
+    let state_dir = pool.node_state_dir();
     let mut report = node_state::sweep_interrupted_writes(&state_dir);
     // One scan for all records: a scan per record asks every loop device once per record.
-    let pool_loops = d.data_path.list_under(d.pool.dir());
+    let pool_loops = d.data_path.list_under(pool.dir());
     let by_file: HashMap<FileId, &Attachment> = pool_loops
         .iter()
         .filter_map(|l| l.backing.map(|id| (id, l)))
@@ -32,7 +38,7 @@ pub fn recover(d: &Engine) -> Vec<String> {
         ms.into_iter().map(|m| m.mount_point.clone()).collect()
     };
     for (hex, mut s) in node_state::all(&state_dir) {
-        let Some(l) = FileId::of(&d.pool.image_path(&hex)).and_then(|id| by_file.get(&id)) else {
+        let Some(l) = FileId::of(&pool.image_path(&hex)).and_then(|id| by_file.get(&id)) else {
             report.push(format!(
                 "{} was staged at {} but is no longer attached (node rebooted?); the next NodeStageVolume restores it",
                 s.volume_id,

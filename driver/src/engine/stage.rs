@@ -17,7 +17,7 @@ use crate::node_state::{self, Staged, StagedAccess};
 pub fn stage(d: &Engine, id: &str, staging: &Path, cap: &Checked) -> Result<()> {
     let mut steps = Steps::start();
     let vol = volume(d, id)?;
-    let _g = hold(d, &vol)?;
+    let _g = hold(&vol)?;
     if !vol.image.exists() {
         return Err(Error::FailedPrecondition(format!(
             "backing file {} of volume {id} is missing",
@@ -31,7 +31,7 @@ pub fn stage(d: &Engine, id: &str, staging: &Path, cap: &Checked) -> Result<()> 
         read_only: cap.read_only(),
         device: PathBuf::new(),
     };
-    let state_dir = d.pool.node_state_dir();
+    let state_dir = vol.pool.node_state_dir();
     // A record whose staging is gone (the node rebooted, or the record outlived its unstage
     // through a power cut) describes nothing and must not block a new stage.
     if let Some(mut prev) = node_state::load(&state_dir, &vol.hex)? {
@@ -60,7 +60,7 @@ pub fn stage(d: &Engine, id: &str, staging: &Path, cap: &Checked) -> Result<()> 
                             if want.read_only { ", read-only" } else { "" },
                         )));
                     }
-                    return rehome(d, &vol, &mut prev, staging, &l);
+                    return rehome(&vol, &mut prev, staging, &l);
                 }
                 tracing::info!(volume_id = id, staged_at = %prev.staging_path.display(), device = %l.device.display(), "volume attached but its staging path is not mounted; mounting it again");
             }
@@ -86,7 +86,7 @@ pub fn stage(d: &Engine, id: &str, staging: &Path, cap: &Checked) -> Result<()> 
     // volume can still be formatted, and the mount itself is made read-only.
     let block_ro = matches!(want.access, StagedAccess::Block) && want.read_only;
     // Asked before attaching, so nothing written through the device can have happened yet.
-    let never_written = d.pool.allocated_bytes(&vol.hex) == Some(0);
+    let never_written = vol.pool.allocated_bytes(&vol.hex) == Some(0);
     steps.mark("lookup");
     let att = d.data_path.attach_ready(
         &vol.image,

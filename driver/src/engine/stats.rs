@@ -63,7 +63,7 @@ pub(super) fn ensure_volume_at(
 pub fn stats(d: &Engine, id: &str, path: &str) -> Result<Vec<VolumeUsage>> {
     let vol = volume(d, id)?;
     let path = &volume_path(d, path)?;
-    let record = node_state::load(&d.pool.node_state_dir(), &vol.hex)?;
+    let record = node_state::load(&vol.pool.node_state_dir(), &vol.hex)?;
     // Also proves that `path` is a mount point of this volume, or its device node.
     ensure_volume_at(d, &vol, record.as_ref().map(|s| s.device.as_path()), path)?;
     if blockdev::rdev_of(path).is_some() {

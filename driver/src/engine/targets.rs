@@ -93,7 +93,7 @@ fn remember(d: &Engine, hex: &str, at: &Opened, kind: Kind) -> Result<()> {
         Err(e) => tracing::debug!(target = %at.path.display(), error = %e,
             "target cannot carry loopvol's mark; recording it in the pool instead"),
     }
-    let node_dir = d.pool.node_state_dir();
+    let node_dir = d.node_dir_of(hex);
     let (dev, ino) = at.id()?;
     let mut r = load(&node_dir, hex);
     r.targets.retain(|m| m.path != at.path);
@@ -138,7 +138,7 @@ pub fn undo(d: &Engine, hex: &str, at: &Opened) {
 pub fn forget(d: &Engine, hex: &str) -> Result<()> {
     // Most volumes have no record (their targets carry marks): a lookup, not an unlink that
     // takes the directory's lock to find nothing.
-    let node_dir = d.pool.node_state_dir();
+    let node_dir = d.node_dir_of(hex);
     if std::fs::symlink_metadata(record_path(&node_dir, hex)).is_err() {
         return Ok(());
     }
@@ -148,7 +148,7 @@ pub fn forget(d: &Engine, hex: &str) -> Result<()> {
 /// Remove `target` (already unmounted) if this volume's publish created it and it is still that
 /// same, empty directory or file; otherwise leave it.
 pub fn remove_if_ours(d: &Engine, hex: &str, target: &Path) -> Result<()> {
-    let node_dir = d.pool.node_state_dir();
+    let node_dir = d.node_dir_of(hex);
     let r = load(&node_dir, hex);
     let recorded = r.targets.iter().position(|m| m.path == target);
     if mount::is_mount_root(target) == Some(true) {

@@ -14,8 +14,8 @@ use crate::node_state::{self, StagedAccess};
 pub fn unstage(d: &Engine, id: &str, staging: &Path) -> Result<()> {
     let mut steps = Steps::start();
     let vol = volume(d, id)?;
-    let _g = hold(d, &vol)?;
-    let state_dir = d.pool.node_state_dir();
+    let _g = hold(&vol)?;
+    let state_dir = vol.pool.node_state_dir();
     let record = node_state::load(&state_dir, &vol.hex)?;
     // The device the staging record remembers, checked with the kernel (one open and one
     // ioctl), or else every device backed by the image. A second device attached next to the

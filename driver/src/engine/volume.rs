@@ -3,31 +3,41 @@
 //! shows it. Shared by every node operation.
 
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::fs::mount::{self, MountEntry, MountView};
 use crate::node_state::{self, Staged, StagedAccess};
 use provisioner::ids::Kind;
-use provisioner::{VolumeId, VolumeRecord};
+use provisioner::{Pool, VolumeId, VolumeRecord};
 
 use super::access::{Access, Checked};
 use super::Engine;
 use crate::datapath::Attachment;
 
-/// A volume of this node's pool, resolved from a request's volume_id.
+/// A volume of one of this node's pools, resolved from a request's volume_id.
 pub struct Vol {
+    /// The pool the ID names: its image, records and node-side state.
+    pub pool: Arc<Pool>,
     pub record: VolumeRecord,
     pub hex: String,
     pub image: PathBuf,
 }
 
+/// The one lookup every node operation makes: the pool from the ID, then the record.
 pub fn volume(d: &Engine, id: &str) -> Result<Vol> {
-    let record = d.pool.get(id)?;
+    let pool = d.pools.for_id(Kind::Volume, id)?.clone();
+    let record = pool.get(id)?;
     let hex = VolumeId::parse(Kind::Volume, id)
         .map(|v| v.hex)
         .ok_or_else(|| Error::Internal(format!("record of {id} has a malformed id")))?;
-    let image = d.pool.image_path(&hex);
-    Ok(Vol { record, hex, image })
+    let image = pool.image_path(&hex);
+    Ok(Vol {
+        pool,
+        record,
+        hex,
+        image,
+    })
 }
 
 /// Paths from the CO are not ours to confine, but they must be plain absolute paths: no `..`,
@@ -56,8 +66,8 @@ pub fn check_path(field: &str, s: &str) -> Result<PathBuf> {
     Ok(p.to_path_buf())
 }
 
-pub(super) fn hold(d: &Engine, vol: &Vol) -> Result<provisioner::keyed_lock::KeyGuard> {
-    d.pool.try_lock_volume(&vol.hex).ok_or_else(|| {
+pub(super) fn hold(vol: &Vol) -> Result<provisioner::keyed_lock::KeyGuard> {
+    vol.pool.try_lock_volume(&vol.hex).ok_or_else(|| {
         Error::Aborted(format!(
             "another operation on volume {} is in progress; retry",
             vol.record.id
@@ -86,12 +96,12 @@ pub(super) fn current_loop(d: &Engine, vol: &Vol, hint: Option<&Path>) -> Option
 /// The loop device volume `id` is attached to on this node right now, if any.
 pub fn attached_device(d: &Engine, id: &str) -> Result<Option<PathBuf>> {
     let vol = volume(d, id)?;
-    Ok(current_loop(d, &vol, remembered_device(d, &vol).as_deref()).map(|l| l.device))
+    Ok(current_loop(d, &vol, remembered_device(&vol).as_deref()).map(|l| l.device))
 }
 
 /// The device this node's staging record remembers for the volume, if any.
-pub(super) fn remembered_device(d: &Engine, vol: &Vol) -> Option<PathBuf> {
-    node_state::load(&d.pool.node_state_dir(), &vol.hex)
+pub(super) fn remembered_device(vol: &Vol) -> Option<PathBuf> {
+    node_state::load(&vol.pool.node_state_dir(), &vol.hex)
         .ok()
         .flatten()
         .map(|s| s.device)
@@ -158,13 +168,7 @@ pub(super) fn visible_mount(
 
 /// Point the staging record at `staging`, where the volume was found staged under another
 /// path than the one recorded (the driver that recorded it lived in another mount namespace).
-pub(super) fn rehome(
-    d: &Engine,
-    vol: &Vol,
-    s: &mut Staged,
-    staging: &Path,
-    l: &Attachment,
-) -> Result<()> {
+pub(super) fn rehome(vol: &Vol, s: &mut Staged, staging: &Path, l: &Attachment) -> Result<()> {
     if s.staging_path == staging && s.device == l.device {
         return Ok(());
     }
@@ -173,7 +177,7 @@ pub(super) fn rehome(
         "staging record re-adopted: the volume is staged here under another path than recorded");
     s.staging_path = staging.to_path_buf();
     s.device = l.device.clone();
-    node_state::save(&d.pool.node_state_dir(), &vol.hex, s)
+    node_state::save(&vol.pool.node_state_dir(), &vol.hex, s)
 }
 
 /// Mounts sharing the staged filesystem other than the staging mount `staged` itself (its

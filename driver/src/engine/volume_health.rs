@@ -14,9 +14,12 @@ use super::Engine;
 /// Node-side health: the pool's findings plus what the kernel says about the staged volume.
 pub fn volume_health(d: &Engine, id: &str) -> Result<VolumeHealth> {
     let vol = volume(d, id)?;
-    let mut statuses = health::pool_findings(&d.pool, &vol.record);
-    statuses.extend(health::freeze_findings(&d.pool.node_state_dir(), &vol.hex));
-    if let Some(s) = node_state::load(&d.pool.node_state_dir(), &vol.hex)? {
+    let mut statuses = health::pool_findings(&vol.pool, &vol.record);
+    statuses.extend(health::freeze_findings(
+        &vol.pool.node_state_dir(),
+        &vol.hex,
+    ));
+    if let Some(s) = node_state::load(&vol.pool.node_state_dir(), &vol.hex)? {
         match current_loop(d, &vol, Some(&s.device)) {
             None => statuses.push(entry(
                 VolumeHealthErrorType::Inaccessible,
@@ -46,14 +49,14 @@ pub fn volume_health(d: &Engine, id: &str) -> Result<VolumeHealth> {
         }
     }
     if vol.record.allocation == provisioner::Allocation::Thin {
-        if let Ok(c) = d.pool.capacity() {
+        if let Ok(c) = vol.pool.capacity() {
             if c.available_bytes < (1 << 20) {
                 statuses.push(entry(
                     VolumeHealthErrorType::Degraded,
                     "PoolFull",
                     format!(
                         "the pool filesystem under {} is full: writes to this thin volume fail with ENOSPC",
-                        d.pool.dir().display()
+                        vol.pool.dir().display()
                     ),
                 ));
             }

@@ -15,19 +15,25 @@ use prometheus_client::encoding::text::{encode_eof, encode_registry};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use tonic::Code;
 
 use provisioner::IoLimits;
 
-/// What `/metrics` reports about the pool.
+/// What `/metrics` reports about one pool (every series carries its `pool` label).
 #[derive(Debug, Clone, PartialEq)]
 pub struct PoolSample {
+    /// The pool's name (`default` for `--pool-dir`).
+    pub pool: String,
     pub capacity_bytes: u64,
     pub available_bytes: u64,
     pub reserved_bytes: u64,
+    /// Logical: the sizes of the pool's volumes, summed (what was promised).
+    pub provisioned_bytes: u64,
+    /// Physical: the blocks its volume and snapshot images take on the filesystem.
+    pub allocated_bytes: u64,
     pub volumes: u64,
     pub snapshots: u64,
     /// Staging records in `<pool>/node/`; `None` when this process does not serve Node.
@@ -179,58 +185,84 @@ pub fn observe_mkfs(fs: provisioner::FsType, elapsed: Duration) {
         .observe(elapsed.as_secs_f64());
 }
 
-/// The whole exposition in OpenMetrics text: the event metrics, then the pool gauges of
-/// `sample` (absent when this process serves no pool).
-pub fn encode(sample: Option<&PoolSample>) -> String {
+/// The whole exposition in OpenMetrics text: the event metrics, then the gauges of every pool
+/// in `samples` (none when this process serves no pool).
+pub fn encode(samples: &[PoolSample]) -> String {
     let mut out = String::new();
     // Writing into a String cannot fail, and our label values need no escaping that could.
     let _ = encode_registry(&mut out, &get().registry);
-    if let Some(s) = sample {
-        let _ = encode_registry(&mut out, &pool_registry(s));
+    if !samples.is_empty() {
+        let _ = encode_registry(&mut out, &pool_registry(samples));
     }
     let _ = encode_eof(&mut out);
     out
 }
 
-/// A throwaway registry holding one scrape's pool gauges.
-fn pool_registry(s: &PoolSample) -> Registry {
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PoolLabels {
+    pool: String,
+}
+
+/// A throwaway registry holding one scrape's pool gauges, one series per pool: pools are
+/// different disks, so their bytes are never summed here.
+fn pool_registry(samples: &[PoolSample]) -> Registry {
     let mut r = Registry::with_prefix(PREFIX);
-    let gauge = |v: u64| ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX));
-    r.register(
+    let mut family = |name: &str, help: &str, value: &dyn Fn(&PoolSample) -> Option<u64>| {
+        let f: Family<PoolLabels, Gauge> = Family::default();
+        for s in samples {
+            if let Some(v) = value(s) {
+                let labels = PoolLabels {
+                    pool: s.pool.clone(),
+                };
+                f.get_or_create(&labels)
+                    .set(i64::try_from(v).unwrap_or(i64::MAX));
+            }
+        }
+        if samples.iter().any(|s| value(s).is_some()) {
+            r.register(name, help, f);
+        }
+    };
+    family(
         "pool_capacity_bytes",
         "Size of the filesystem holding the pool",
-        gauge(s.capacity_bytes),
+        &|s| Some(s.capacity_bytes),
     );
-    r.register(
+    family(
         "pool_available_bytes",
         "Free bytes of the pool's filesystem",
-        gauge(s.available_bytes),
+        &|s| Some(s.available_bytes),
     );
-    r.register(
+    family(
         "pool_reserved_bytes",
         "Bytes promised to thin volumes but not yet written",
-        gauge(s.reserved_bytes),
+        &|s| Some(s.reserved_bytes),
     );
-    r.register("pool_volumes", "Volumes in the pool", gauge(s.volumes));
-    r.register(
-        "pool_snapshots",
-        "Snapshots in the pool",
-        gauge(s.snapshots),
+    family(
+        "pool_provisioned_bytes",
+        "Logical: the sizes of the pool's volumes, summed",
+        &|s| Some(s.provisioned_bytes),
     );
-    if let Some(staged) = s.staged_volumes {
-        r.register(
-            "node_staged_volumes",
-            "Volumes this node has staged (staging records in <pool>/node/)",
-            gauge(staged),
-        );
-    }
-    r.register(
+    family(
+        "pool_allocated_bytes",
+        "Physical: blocks the pool's volume and snapshot images take on its filesystem",
+        &|s| Some(s.allocated_bytes),
+    );
+    family("pool_volumes", "Volumes in the pool", &|s| Some(s.volumes));
+    family("pool_snapshots", "Snapshots in the pool", &|s| {
+        Some(s.snapshots)
+    });
+    family(
+        "node_staged_volumes",
+        "Volumes this node has staged (staging records in <pool>/node/)",
+        &|s| s.staged_volumes,
+    );
+    family(
         "loop_devices_attached",
         "Loop devices backed by files of this pool",
-        gauge(s.loop_devices),
+        &|s| Some(s.loop_devices),
     );
     let limits: Family<IoLimitLabels, Gauge> = Family::default();
-    for (id, l) in &s.io_limits {
+    for (id, l) in samples.iter().flat_map(|s| &s.io_limits) {
         for (limit, v) in [
             ("read_iops", l.read_iops),
             ("write_iops", l.write_iops),
@@ -290,6 +322,9 @@ mod tests {
         count_error(Code::NotFound);
         observe_mkfs(provisioner::FsType::Xfs, Duration::from_millis(300));
         let sample = PoolSample {
+            pool: "default".into(),
+            provisioned_bytes: 30,
+            allocated_bytes: 20,
             capacity_bytes: 100,
             available_bytes: 60,
             reserved_bytes: 10,
@@ -305,7 +340,14 @@ mod tests {
                 },
             )],
         };
-        let text = encode(Some(&sample));
+        let fast = PoolSample {
+            pool: "fast".into(),
+            available_bytes: 7,
+            staged_volumes: None,
+            io_limits: vec![],
+            ..sample.clone()
+        };
+        let text = encode(&[sample, fast]);
         assert!(text.contains(r#"loopvol_rpc_requests_total{method="Probe",code="OK"} "#));
         assert!(
             text.contains(
@@ -317,8 +359,18 @@ mod tests {
         );
         assert!(text.contains(r#"loopvol_errors_total{code="NOT_FOUND"} "#));
         assert!(text.contains(r#"loopvol_mkfs_duration_seconds_count{fs_type="xfs"} "#));
-        assert!(text.contains("loopvol_pool_available_bytes 60\n"), "{text}");
-        assert!(text.contains("loopvol_node_staged_volumes 1\n"));
+        assert!(
+            text.contains("loopvol_pool_available_bytes{pool=\"default\"} 60\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("loopvol_pool_available_bytes{pool=\"fast\"} 7\n"),
+            "{text}"
+        );
+        assert!(text.contains("loopvol_pool_provisioned_bytes{pool=\"fast\"} 30\n"));
+        assert!(text.contains("loopvol_pool_allocated_bytes{pool=\"fast\"} 20\n"));
+        assert!(text.contains("loopvol_node_staged_volumes{pool=\"default\"} 1\n"));
+        assert!(!text.contains("loopvol_node_staged_volumes{pool=\"fast\"}"));
         assert!(
             text.contains(
                 r#"loopvol_volume_io_limit{volume_id="vol-0123456789abcdef0123@n1",limit="write_iops"} 300"#
@@ -327,6 +379,6 @@ mod tests {
         );
         assert!(!text.contains(r#"limit="read_iops""#));
         assert!(text.ends_with("# EOF\n"));
-        assert!(!encode(None).contains("loopvol_pool_"));
+        assert!(!encode(&[]).contains("loopvol_pool_"));
     }
 }

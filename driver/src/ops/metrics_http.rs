@@ -50,25 +50,36 @@ impl Sources {
 
     /// Blocking: measures the pool.
     fn exposition(&self) -> String {
-        let sample = self.driver.as_ref().and_then(|d| {
-            let node = matches!(d.mode, Mode::Node | Mode::All);
-            crate::ops::pool_gauges::measure(&d.pool, node)
-                .inspect_err(
-                    |e| tracing::warn!(error = %e, "pool gauges unavailable for this scrape"),
-                )
-                .ok()
-        });
-        crate::metrics::encode(sample.as_ref())
+        let samples: Vec<_> = self
+            .driver
+            .iter()
+            .flat_map(|d| {
+                let node = matches!(d.mode, Mode::Node | Mode::All);
+                d.pools.iter().filter_map(move |p| {
+                    crate::ops::pool_gauges::measure(p, node)
+                        .inspect_err(|e| tracing::warn!(pool = %p.name(), error = %e, "pool gauges unavailable for this scrape"))
+                        .ok()
+                })
+            })
+            .collect();
+        crate::metrics::encode(&samples)
     }
 
     /// Blocking: `Err(reason)` when the pool is not usable.
     fn health(&self) -> Result<(), String> {
-        match &self.driver {
-            Some(d) if !crate::shared::pool_usable(d.pool.dir()) => Err(format!(
+        let Some(d) = &self.driver else {
+            return Ok(());
+        };
+        match d
+            .pools
+            .iter()
+            .find(|p| !crate::shared::pool_usable(p.dir()))
+        {
+            Some(p) => Err(format!(
                 "pool directory {} is not usable\n",
-                d.pool.dir().display()
+                p.dir().display()
             )),
-            _ => Ok(()),
+            None => Ok(()),
         }
     }
 }

@@ -1,11 +1,13 @@
-//! The pool's state at scrape time. A process that manages the pool's records (controller or
-//! all) reads its own in-memory view; a node-only process reads the records from disk, because
-//! the controller process owns them and the node's in-memory view of them is empty.
+//! A pool's state at scrape time, one sample per pool (pools are never summed). A process
+//! that manages the pool's records (controller or all) reads its own in-memory view; a
+//! node-only process reads the records from disk, because the controller process owns them and
+//! the node's in-memory view of them is empty.
 
 use std::path::Path;
 
 use provisioner::capacity::Capacity;
-use provisioner::{listing, Pool};
+use provisioner::ids::Kind;
+use provisioner::{listing, Pool, VolumeId};
 
 use crate::metrics::PoolSample;
 use crate::node_state;
@@ -13,12 +15,24 @@ use crate::node_state;
 /// Measure `pool` (blocking: statvfs, a sysfs walk, and in node-only mode a read of the
 /// record files). `serves_node` is true in the node and all modes.
 pub fn measure(pool: &Pool, serves_node: bool) -> Result<PoolSample, provisioner::PoolError> {
-    let (capacity, volumes, snapshots, io_limits) = if pool.is_writer() {
+    let (capacity, volumes, snapshots, io_limits, sizes) = if pool.is_writer() {
+        let (vols, _) = pool.list_page(None, 0);
+        let (snaps, _) = pool.list_snapshots(None, None, 0);
+        let hex = |kind, id: &str| VolumeId::parse(kind, id).map(|v| v.hex).unwrap_or_default();
+        let allocated = (vols.iter())
+            .map(|r| pool.allocated_bytes(&hex(Kind::Volume, &r.id)))
+            .chain(
+                (snaps.iter()).map(|r| pool.snapshot_allocated_bytes(&hex(Kind::Snapshot, &r.id))),
+            )
+            .map(|b| b.unwrap_or(0))
+            .sum();
+        let provisioned = vols.iter().map(|r| r.size_bytes).sum();
         (
             pool.capacity()?,
-            pool.len() as u64,
-            pool.snapshot_count() as u64,
+            vols.len() as u64,
+            snaps.len() as u64,
             pool.io_limited(),
+            (provisioned, allocated),
         )
     } else {
         let l = listing::read_records(pool.dir())?;
@@ -29,14 +43,23 @@ pub fn measure(pool: &Pool, serves_node: bool) -> Result<PoolSample, provisioner
             .filter(|v| !v.record.io_limits.is_empty())
             .map(|v| (v.record.id.clone(), v.record.io_limits))
             .collect();
+        let allocated = (l.volumes.iter().map(|v| v.allocated_bytes()))
+            .chain(l.snapshots.iter().map(|s| s.allocated_bytes()))
+            .map(|b| b.unwrap_or(0))
+            .sum();
+        let provisioned = l.volumes.iter().map(|v| v.record.size_bytes).sum();
         (
             cap,
             l.volumes.len() as u64,
             l.snapshots.len() as u64,
             limited,
+            (provisioned, allocated),
         )
     };
     Ok(PoolSample {
+        pool: pool.name().to_string(),
+        provisioned_bytes: sizes.0,
+        allocated_bytes: sizes.1,
         capacity_bytes: capacity.total_bytes,
         available_bytes: capacity.available_bytes,
         reserved_bytes: capacity.reserved_bytes,

@@ -24,9 +24,11 @@ pub fn pool_node_id(pool: &PoolArgs) -> anyhow::Result<String> {
     Ok(owner.unwrap_or_else(|| pool.node_id()))
 }
 
-fn open(pool: &PoolArgs) -> anyhow::Result<Pool> {
+/// Open the pool at `--pool-dir` as the pool `name` (the IDs it issues and accepts carry it).
+fn open(pool: &PoolArgs, name: &str) -> anyhow::Result<Pool> {
     let (p, repairs) = Pool::open(PoolOptions {
         dir: pool.pool_dir.clone(),
+        name: name.into(),
         node_id: pool_node_id(pool)?,
         overcommit_ratio: pool.overcommit_ratio,
         writer: true,
@@ -71,7 +73,7 @@ pub fn create(args: &VolumeCreateArgs) -> anyhow::Result<()> {
         ],
         None,
     )?;
-    let pool = open(&args.pool)?;
+    let pool = open(&args.pool, &args.pool_name)?;
     let record = pool
         .create_volume(&CreateRequest {
             name: args.name.clone(),
@@ -139,7 +141,12 @@ spec:
 /// Delete by ID. An ID of another node, or one the pool does not hold, is an error (exit 1):
 /// an admin deleting by hand means a volume that exists, and must not be told "done".
 pub fn delete(args: &PoolArgs, id: &str) -> anyhow::Result<()> {
-    let pool = open(args)?;
+    // The ID names its pool; the directory is the operator's word for where that pool is.
+    let name = VolumeId::parse(Kind::Volume, id).map(|v| v.pool_name().to_string());
+    let pool = open(
+        args,
+        name.as_deref().unwrap_or(provisioner::ids::DEFAULT_POOL),
+    )?;
     if let Some(v) = VolumeId::parse(Kind::Volume, id) {
         if v.node != pool.node_id() {
             bail!(

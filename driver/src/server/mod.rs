@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use provisioner::{Pool, PoolOptions};
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 use tokio_stream::StreamExt;
@@ -17,6 +16,7 @@ use crate::shared::advertise::Advertised;
 use crate::shared::{socket_path, Mode};
 
 mod hint;
+mod pools;
 pub mod shutdown;
 pub mod unix_authority;
 use crate::csi::controller_server::ControllerServer;
@@ -173,22 +173,11 @@ async fn serve_router(args: &ServeArgs, stop: &Stop) -> anyhow::Result<()> {
 async fn serve_pool(args: &ServeArgs, stop: &Stop) -> anyhow::Result<()> {
     let node_id = args.pool.node_id();
     let pool_api = args.multi.pool_listen;
-    let pool_opts = PoolOptions {
-        dir: args.pool.pool_dir.clone(),
-        node_id: node_id.clone(),
-        overcommit_ratio: args.pool.overcommit_ratio,
-        // A node serving its pool to the router owns the pool outright.
-        writer: matches!(args.mode, Mode::Controller | Mode::All) || pool_api.is_some(),
-        node: matches!(args.mode, Mode::Node | Mode::All),
-        in_use: crate::datapath::in_use_hook(crate::datapath::default_path()),
+    let pools = {
+        let (args, node_id) = (args.clone(), node_id.clone());
+        tokio::task::spawn_blocking(move || pools::open(&args, &node_id)).await??
     };
-    let (mut pool, repairs) = tokio::task::spawn_blocking(move || Pool::open(pool_opts))
-        .await?
-        .with_context(|| format!("open pool {}", args.pool.pool_dir.display()))?;
-    pool.set_max_bytes(args.pool.max_pool_bytes);
-    for r in &repairs {
-        tracing::warn!(repair = %r, "pool repaired at start-up");
-    }
+    let pool = pools.default_pool();
     if args.max_concurrent_ops == 0 {
         bail!("--max-concurrent-ops must be at least 1");
     }
@@ -200,15 +189,18 @@ async fn serve_pool(args: &ServeArgs, stop: &Stop) -> anyhow::Result<()> {
     };
     // Before anything is served: no filesystem stays frozen by a loopvol that was killed
     // (in any mode: whichever process took a snapshot may have been the one killed).
-    let image_of = {
-        let pool_dir = pool.dir().to_path_buf();
-        move |hex: &str| pool_dir.join("volumes").join(format!("{hex}.img"))
-    };
-    let node_dir = freeze.node_dir.clone();
-    for line in
-        tokio::task::spawn_blocking(move || crate::fs::freeze::recover(&node_dir, image_of)).await?
-    {
-        tracing::warn!(recovery = %line, "abandoned filesystem freeze cleared at start-up");
+    for pool in pools.iter() {
+        let image_of = {
+            let pool_dir = pool.dir().to_path_buf();
+            move |hex: &str| pool_dir.join("volumes").join(format!("{hex}.img"))
+        };
+        let node_dir = pool.node_state_dir();
+        for line in
+            tokio::task::spawn_blocking(move || crate::fs::freeze::recover(&node_dir, image_of))
+                .await?
+        {
+            tracing::warn!(pool = %pool.name(), recovery = %line, "abandoned filesystem freeze cleared at start-up");
+        }
     }
     let roots: Vec<PathBuf> = std::iter::once(args.kubelet_dir.clone())
         .chain(args.allowed_root.iter().cloned())
@@ -219,9 +211,9 @@ async fn serve_pool(args: &ServeArgs, stop: &Stop) -> anyhow::Result<()> {
             r.display()
         );
     }
-    let paths = crate::engine::paths::Confinement::new(roots, pool.dir());
+    let paths = crate::engine::paths::Confinement::with_pools(roots, pools.iter().map(|p| p.dir()));
     let engine = Engine {
-        pool,
+        pools,
         paths,
         cgroups: crate::engine::io_throttle::CgroupConfig {
             root: args.cgroup_root.clone(),
@@ -239,7 +231,10 @@ async fn serve_pool(args: &ServeArgs, stop: &Stop) -> anyhow::Result<()> {
         args.max_concurrent_ops,
     ));
     if matches!(args.mode, Mode::Node | Mode::All) {
-        driver.data_path.start(&driver.pool.node_state_dir());
+        // The attachment index is the node's, not a pool's: it lives with the default pool.
+        driver
+            .data_path
+            .start(&driver.pools.default_pool().node_state_dir());
         let d = driver.clone();
         let report = tokio::task::spawn_blocking(move || crate::engine::recover(&d)).await?;
         for line in report {
@@ -251,7 +246,7 @@ async fn serve_pool(args: &ServeArgs, stop: &Stop) -> anyhow::Result<()> {
             args.driver_name.clone(),
             args.mode,
             controller,
-            Some(args.pool.pool_dir.clone()),
+            Some(driver.pools.default_pool().dir().to_path_buf()),
         ))
     };
     let pool_server = match pool_api {
@@ -306,9 +301,10 @@ async fn serve_pool(args: &ServeArgs, stop: &Stop) -> anyhow::Result<()> {
     tracing::info!(
         mode = ?args.mode,
         node_id = %node_id,
-        pool = %args.pool.pool_dir.display(),
+        pool = %driver.pools.default_pool().dir().display(),
+        pools = ?driver.pools.names(),
         allowed_roots = ?driver.paths.roots(),
-        volumes = driver.pool.len(),
+        volumes = driver.pools.iter().map(|p| p.len()).sum::<usize>(),
         "loopvol serving"
     );
     let result = serve_socket(
@@ -322,7 +318,7 @@ async fn serve_pool(args: &ServeArgs, stop: &Stop) -> anyhow::Result<()> {
         h.await?.context("pool API server")?;
     }
     if matches!(args.mode, Mode::Node | Mode::All) {
-        let state_dir = driver.pool.node_state_dir();
+        let state_dir = driver.pools.default_pool().node_state_dir();
         let data_path = driver.data_path;
         // Whatever the drain left of the budget: idle loop nodes removed before the exit.
         let wait = stop.remaining();

@@ -50,7 +50,7 @@ mod tests;
 mod volumes;
 
 use quiesce::no_quiesce;
-pub(crate) use quiesce::{copy_quiesced, snapshot_lock_key};
+pub(crate) use quiesce::{copy_quiesced, snapshot_lock_key, transfer_quiesced};
 pub use quiesce::{Quiesce, Quiesced};
 use repair::{clear_tmp, load_dir};
 pub(crate) use space::space_error;
@@ -66,6 +66,9 @@ pub const FULL_BYTES: u64 = 1 << 20;
 #[derive(Debug, Clone)]
 pub struct PoolOptions {
     pub dir: PathBuf,
+    /// The pool's name ([`ids::DEFAULT_POOL`] for `--pool-dir`); it is part of the IDs of the
+    /// pool's objects unless it is the default.
+    pub name: String,
     pub node_id: String,
     pub overcommit_ratio: f64,
     /// Manage volumes (create, delete, expand, repair at start). One process at a time.
@@ -84,6 +87,7 @@ impl PoolOptions {
     pub fn all(dir: impl Into<PathBuf>, node_id: impl Into<String>) -> Self {
         PoolOptions {
             dir: dir.into(),
+            name: ids::DEFAULT_POOL.to_string(),
             node_id: node_id.into(),
             overcommit_ratio: 1.0,
             writer: true,
@@ -107,6 +111,7 @@ pub struct CreateRequest {
 
 pub struct Pool {
     pub(crate) dir: PathBuf,
+    name: String,
     node_id: String,
     overcommit_ratio: f64,
     volumes: RwLock<BTreeMap<String, VolumeRecord>>,
@@ -129,6 +134,8 @@ impl Pool {
     /// `opts.node_id` (identity.rs), repair what a crash left behind and load the volume records. Returns the repairs made, for the caller to log.
     pub fn open(opts: PoolOptions) -> Result<(Self, Vec<String>), PoolError> {
         ids::validate_node_id(&opts.node_id)?;
+        ids::validate_pool_name(&opts.name)?;
+        ids::check_fits(&opts.name, &opts.node_id)?;
         if !(opts.overcommit_ratio.is_finite() && opts.overcommit_ratio >= 1.0) {
             return Err(PoolError::InvalidArgument(format!(
                 "overcommit ratio must be a number ≥ 1.0, got {}",
@@ -166,6 +173,7 @@ impl Pool {
         };
         let pool = Pool {
             dir,
+            name: opts.name,
             node_id: opts.node_id,
             overcommit_ratio: opts.overcommit_ratio,
             volumes: RwLock::new(volumes),
@@ -191,6 +199,27 @@ impl Pool {
 
     pub fn node_id(&self) -> &str {
         &self.node_id
+    }
+
+    /// The pool's name (see [`PoolOptions::name`]).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The ID `name` gets in this pool.
+    pub(crate) fn mint(&self, kind: Kind, name: &str) -> VolumeId {
+        VolumeId::from_name_in(kind, name, &self.name, &self.node_id)
+    }
+
+    /// Whether `id` designates an object of this pool (right node, right pool).
+    pub fn owns(&self, id: &VolumeId) -> bool {
+        id.node == self.node_id && id.pool_name() == self.name
+    }
+
+    /// Whether this pool holds a volume record for `hex` (one lookup; used to find a name in
+    /// any pool of the node).
+    pub fn has_volume(&self, hex: &str) -> bool {
+        self.get_hex(hex).is_some()
     }
 
     pub fn overcommit_ratio(&self) -> f64 {
@@ -221,7 +250,7 @@ impl Pool {
     /// issued for another node, is `None` (the caller answers NOT_FOUND, or OK for deletes).
     pub fn parse_volume_id(&self, id: &str) -> Result<Option<VolumeId>, PoolError> {
         ids::validate_id("volume_id", id)?;
-        Ok(VolumeId::parse(Kind::Volume, id).filter(|v| v.node == self.node_id))
+        Ok(VolumeId::parse(Kind::Volume, id).filter(|v| self.owns(v)))
     }
 
     /// Serialise operations on one volume. Keyed by the hex part, shared by name and ID paths.

@@ -44,6 +44,48 @@ pub(crate) fn copy_quiesced(
     Ok(method)
 }
 
+/// [`copy_quiesced`] between two pools: a sparse [`crate::transfer`], never a reflink.
+pub(crate) fn transfer_quiesced(
+    quiesce: Quiesce<'_>,
+    what: Option<&VolumeRecord>,
+    from: &File,
+    dst: &File,
+) -> Result<crate::transfer::Method, PoolError> {
+    let guard = match what {
+        Some(v) => Some(quiesce(v)?),
+        None => None,
+    };
+    let started = Instant::now();
+    // A long copy says how far it got every LOG_EVERY bytes, as a sparse copy does.
+    let mut next_log = copy::LOG_EVERY;
+    let mut progress = |p: copy::Progress| {
+        if p.copied_bytes >= next_log {
+            next_log = (p.copied_bytes / copy::LOG_EVERY + 1) * copy::LOG_EVERY;
+            tracing::info!(
+                copied_bytes = p.copied_bytes,
+                offset = p.offset,
+                total_bytes = p.total_bytes,
+                elapsed_s = started.elapsed().as_secs(),
+                "copy between pools in progress"
+            );
+        }
+    };
+    let copied = crate::transfer::copy(from, dst, &mut progress)
+        .map_err(|e| space_error("copy the source from another pool", e));
+    let released = guard.map_or(Ok(()), |g| g.release());
+    let report = copied?;
+    released?;
+    tracing::info!(
+        data_bytes = report.data_bytes,
+        total_bytes = report.total_bytes,
+        extents = report.extents.len(),
+        method = report.method.as_str(),
+        ms = started.elapsed().as_millis() as u64,
+        "copied between pools"
+    );
+    Ok(report.method)
+}
+
 pub(crate) fn snapshot_lock_key(hex: &str) -> String {
     format!("snap-{hex}")
 }

@@ -74,9 +74,9 @@ impl Pool {
     /// Refuse a copy of `image` that the pool's free space cannot hold, before anything is
     /// frozen. A sparse copy needs the image's allocated bytes; a reflink only metadata. Both
     /// keep [`FULL_BYTES`] free, below which the pool counts as full everywhere.
-    pub fn ensure_room_for_copy(&self, image: &Path) -> Result<(), PoolError> {
+    pub fn ensure_room_for_copy(&self, image: &Path, may_share: bool) -> Result<(), PoolError> {
         let available = Capacity::measure(&self.dir, 0, 1.0)?.available_bytes;
-        let data = if self.reflinks() {
+        let data = if may_share && self.reflinks() {
             0
         } else {
             fs::metadata(image).map(|m| m.blocks() * 512).unwrap_or(0)

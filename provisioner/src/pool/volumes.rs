@@ -17,9 +17,21 @@ impl Pool {
         req: &CreateRequest,
         quiesce: Quiesce<'_>,
     ) -> Result<VolumeRecord, PoolError> {
+        self.create_volume_from(req, quiesce, self)
+    }
+
+    /// [`Pool::create_volume_with`], with the content source (if any) found in `source_pool`,
+    /// another pool of this node or this one. Between two pools the copy is a
+    /// [`crate::transfer`]: sparse, never a reflink.
+    pub fn create_volume_from(
+        &self,
+        req: &CreateRequest,
+        quiesce: Quiesce<'_>,
+        source_pool: &Pool,
+    ) -> Result<VolumeRecord, PoolError> {
         self.require_writer()?;
         ids::validate_name(&req.name)?;
-        let id = VolumeId::from_name(Kind::Volume, &req.name, &self.node_id);
+        let id = self.mint(Kind::Volume, &req.name);
         let _guard = self.lock_volume(&id.hex);
         if let Some(existing) = self.get_hex(&id.hex) {
             return check_compatible(&existing, req);
@@ -27,7 +39,7 @@ impl Pool {
         let source = req
             .source
             .as_ref()
-            .map(|s| self.resolve_source(s))
+            .map(|s| source_pool.resolve_source(s))
             .transpose()?;
         let mut params = req.params;
         let mut minimum = if req.needs_filesystem {
@@ -79,16 +91,21 @@ impl Pool {
             )?,
             Some(src) => {
                 // Hold the source still (no delete/expand) while it is copied.
-                let _src_guard = src.lock_key.as_ref().map(|k| self.locks.lock(k));
+                let _src_guard = src.lock_key.as_ref().map(|k| source_pool.locks.lock(k));
+                let same_pool = std::ptr::eq(self, source_pool);
                 let from =
                     File::open(&src.image).ctx(|| format!("open {}", src.image.display()))?;
                 // Quiesced only once the space is admitted and known to be there: a freeze
                 // must not be spent on a copy that cannot fit, and a full pool makes the
                 // freeze itself fail (the volume's dirty data cannot be written back).
                 self.build_image(&self.image_path(&id.hex), &id.hex, size, params.allocation, |dst| {
-                    self.ensure_room_for_copy(&src.image)?;
-                    let method = copy_quiesced(quiesce, src.volume.as_ref(), &from, dst, "copy the source")?;
-                    tracing::info!(volume_id = %record.id, method = method.as_str(), "volume content copied from its source");
+                    self.ensure_room_for_copy(&src.image, same_pool)?;
+                    let method = if same_pool {
+                        copy_quiesced(quiesce, src.volume.as_ref(), &from, dst, "copy the source")?.as_str()
+                    } else {
+                        transfer_quiesced(quiesce, src.volume.as_ref(), &from, dst)?.as_str()
+                    };
+                    tracing::info!(volume_id = %record.id, method, "volume content copied from its source");
                     Ok(())
                 })?
             }

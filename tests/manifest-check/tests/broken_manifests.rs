@@ -315,6 +315,7 @@ fn topology_and_volume_ids_are_checked() {
 fn storage_class_parameters_and_sizes_are_checked() {
     let findings = findings_after(&[
         ("manifests/storageclasses.yaml", "  allocation: thin", "  alocation: thin"),
+        ("manifests/storageclasses.yaml", "  allocation: thick", "  allocation: thick\n  pool: Fast"),
         (
             "manifests/examples/statefulset.yaml",
             "storageClassName: loopvol\n        resources:\n          requests:\n            storage: 512Mi",
@@ -327,8 +328,10 @@ fn storage_class_parameters_and_sizes_are_checked() {
             "manifests/examples/statefulset.yaml StatefulSet/loopvol-web: volumeClaimTemplate data: \
              requests 100Mi but xfs volumes (StorageClass loopvol-xfs-thick) must be at least 300Mi",
             "manifests/storageclasses.yaml StorageClass/loopvol: unknown parameter alocation: loopvol \
-             refuses it at CreateVolume; it accepts fsType, allocation and the IO limits readIOPS, \
-             writeIOPS, readBPS, writeBPS (keys under csi.storage.k8s.io/ are for the sidecars)",
+             refuses it at CreateVolume; it accepts fsType, allocation, pool and the IO limits \
+             readIOPS, writeIOPS, readBPS, writeBPS (keys under csi.storage.k8s.io/ are for the sidecars)",
+            "manifests/storageclasses.yaml StorageClass/loopvol-xfs-thick: parameter pool: pool name \
+             \"Fast\" must be 1-16 characters of [a-z0-9-], starting and ending with a letter or digit",
         ],
     );
 }

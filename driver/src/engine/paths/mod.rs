@@ -28,12 +28,19 @@ struct Root {
     real: PathBuf,
 }
 
-/// The node plugin's allowed roots and its pool.
+/// The node plugin's allowed roots and its pools.
 #[derive(Debug, Clone)]
 pub struct Confinement {
     roots: Vec<Root>,
-    pool: PathBuf,
-    pool_id: Option<(u64, u64)>,
+    pools: Vec<PoolDir>,
+}
+
+/// A pool directory nothing may be mounted in or over.
+#[derive(Debug, Clone)]
+struct PoolDir {
+    real: PathBuf,
+    /// Device and inode, when it exists.
+    id: Option<(u64, u64)>,
 }
 
 /// A directory or file reached under the confinement, held open (O_PATH).
@@ -89,6 +96,14 @@ fn normal(p: &Path) -> PathBuf {
 
 impl Confinement {
     pub fn new(roots: impl IntoIterator<Item = PathBuf>, pool: &Path) -> Confinement {
+        Self::with_pools(roots, [pool])
+    }
+
+    /// [`Confinement::new`] for a node with several pools: none of them may be touched.
+    pub fn with_pools<'a>(
+        roots: impl IntoIterator<Item = PathBuf>,
+        pools: impl IntoIterator<Item = &'a Path>,
+    ) -> Confinement {
         use std::os::unix::fs::MetadataExt;
         let roots = roots
             .into_iter()
@@ -98,15 +113,15 @@ impl Confinement {
                 Root { given, real }
             })
             .collect();
-        let pool_real = std::fs::canonicalize(pool).unwrap_or_else(|_| normal(pool));
-        let pool_id = std::fs::metadata(&pool_real)
-            .ok()
-            .map(|m| (m.dev(), m.ino()));
-        Confinement {
-            roots,
-            pool: pool_real,
-            pool_id,
-        }
+        let pools = pools
+            .into_iter()
+            .map(|pool| {
+                let real = std::fs::canonicalize(pool).unwrap_or_else(|_| normal(pool));
+                let id = std::fs::metadata(&real).ok().map(|m| (m.dev(), m.ino()));
+                PoolDir { real, id }
+            })
+            .collect();
+        Confinement { roots, pools }
     }
 
     /// The allowed roots, as configured.
@@ -160,19 +175,21 @@ impl Confinement {
             ));
         }
         let real = root.real.join(&rel);
-        if real.starts_with(&self.pool) {
-            return Err(invalid(
-                field,
-                &path,
-                format!("lies in the pool ({})", self.pool.display()),
-            ));
-        }
-        if self.pool.starts_with(&real) {
-            return Err(invalid(
-                field,
-                &path,
-                format!("contains the pool ({})", self.pool.display()),
-            ));
+        for pool in &self.pools {
+            if real.starts_with(&pool.real) {
+                return Err(invalid(
+                    field,
+                    &path,
+                    format!("lies in the pool ({})", pool.real.display()),
+                ));
+            }
+            if pool.real.starts_with(&real) {
+                return Err(invalid(
+                    field,
+                    &path,
+                    format!("contains the pool ({})", pool.real.display()),
+                ));
+            }
         }
         Ok((root, rel))
     }
@@ -316,17 +333,17 @@ impl Confinement {
     /// Refuse `fd` if it is the pool or lies inside it, by device and inode: this also sees
     /// through a bind mount of the pool inside an allowed root.
     fn not_the_pool(&self, field: &str, path: &Path, fd: &OwnedFd) -> Result<()> {
-        let Some(pool) = self.pool_id else {
+        if self.pools.iter().all(|p| p.id.is_none()) {
             return Ok(());
-        };
+        }
         let mut cur = fd.try_clone().map_err(|e| Error::io("dup", e))?;
         for _ in 0..4096 {
             let st = fstat(&cur).map_err(|e| Error::io(format!("stat {}", path.display()), e))?;
-            if (st.st_dev, st.st_ino) == pool {
+            if let Some(pool) = (self.pools.iter()).find(|p| p.id == Some((st.st_dev, st.st_ino))) {
                 return Err(invalid(
                     field,
                     path,
-                    format!("lies in the pool ({})", self.pool.display()),
+                    format!("lies in the pool ({})", pool.real.display()),
                 ));
             }
             let up = nix::fcntl::openat(

@@ -220,7 +220,7 @@ fn parse_token(token: &str) -> Result<(Option<String>, String)> {
     };
     let (node, inner) = token.split_once(':').ok_or_else(bad)?;
     validate_node_id(node).map_err(|_| bad())?;
-    if !(inner.is_empty() || provisioner::ids::is_hex_id(inner)) {
+    if !(inner.is_empty() || provisioner::ids::parse_page_token(inner).is_some()) {
         return Err(bad());
     }
     Ok((Some(node.to_string()), inner.to_string()))
@@ -358,7 +358,18 @@ mod tests {
             parse_token("n2:0123456789abcdef0123").unwrap().1,
             "0123456789abcdef0123"
         );
-        for bad in ["nonsense", "n2:xyz", "a/b:", ":"] {
+        // A node's own token names the pool it stopped in when that is not the default.
+        assert_eq!(
+            parse_token("n2:fast:0123456789abcdef0123").unwrap().1,
+            "fast:0123456789abcdef0123"
+        );
+        for bad in [
+            "nonsense",
+            "n2:xyz",
+            "a/b:",
+            ":",
+            "n2:Fast:0123456789abcdef0123",
+        ] {
             assert_eq!(
                 parse_token(bad).unwrap_err().code(),
                 tonic::Code::Aborted,

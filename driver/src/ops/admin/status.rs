@@ -23,6 +23,10 @@ pub struct StatusArgs {
     /// The driver's --overcommit-ratio, to compute how much can still be promised.
     #[arg(long, default_value_t = 1.0, value_parser = crate::shared::units::parse_overcommit_ratio)]
     pub overcommit_ratio: f64,
+    /// Also report on a named pool, as the driver serves it (repeatable, the same
+    /// NAME=DIR[,overcommit-ratio=R] as `serve --pool`): one report per pool, never summed.
+    #[arg(long = "pool", value_name = "NAME=DIR[,OPTS]", value_parser = crate::ops::pool_args::parse_pool_spec)]
+    pub pools: Vec<crate::ops::pool_args::PoolSpec>,
     /// Output format.
     #[arg(long, short = 'o', value_enum, default_value_t)]
     pub output: Output,
@@ -30,6 +34,8 @@ pub struct StatusArgs {
 
 #[derive(Debug, Serialize)]
 pub struct Status {
+    /// The pool's name (`default` for --pool-dir).
+    pub name: String,
     pub pool: PathBuf,
     /// The filesystem holding the pool (`ext4`, `xfs`, ... or a hex statfs magic).
     pub filesystem: String,
@@ -137,11 +143,39 @@ pub struct LoopView {
 }
 
 pub fn run(args: &StatusArgs) -> anyhow::Result<()> {
-    let status = collect(&args.pool_dir, args.overcommit_ratio)?;
+    if args.pools.is_empty() {
+        let status = collect(&args.pool_dir, args.overcommit_ratio)?;
+        return match args.output {
+            Output::Json => print_json(&status),
+            Output::Table => {
+                print_table(&status);
+                Ok(())
+            }
+        };
+    }
+    // Several pools: one report each (a JSON array), the default pool first.
+    let mut all = Vec::new();
+    if !args
+        .pools
+        .iter()
+        .any(|p| p.name == provisioner::ids::DEFAULT_POOL)
+    {
+        all.push(collect(&args.pool_dir, args.overcommit_ratio)?);
+    }
+    for p in &args.pools {
+        let mut s = collect(&p.dir, p.overcommit_ratio)?;
+        s.name = p.name.clone();
+        all.push(s);
+    }
     match args.output {
-        Output::Json => print_json(&status),
+        Output::Json => print_json(&all),
         Output::Table => {
-            print_table(&status);
+            for (i, s) in all.iter().enumerate() {
+                if i > 0 {
+                    println!();
+                }
+                print_table(s);
+            }
             Ok(())
         }
     }
@@ -168,6 +202,7 @@ pub fn collect(pool_dir: &Path, overcommit_ratio: f64) -> anyhow::Result<Status>
     let cap = Capacity::measure(&pool, l.reserved_bytes(), overcommit_ratio)?;
     let loops = default_path().list_under(&pool);
     Ok(Status {
+        name: provisioner::ids::DEFAULT_POOL.to_string(),
         filesystem: fs_name::of(&pool).with_context(|| format!("statfs {}", pool.display()))?,
         capacity: CapacityView {
             total_bytes: cap.total_bytes,
@@ -283,7 +318,11 @@ pub(crate) fn loop_view(volumes: &HashMap<FileId, String>, li: LoopInfo) -> Loop
 
 fn print_table(s: &Status) {
     let c = &s.capacity;
-    println!("pool         {} ({})", s.pool.display(), s.filesystem);
+    let name = match s.name.as_str() {
+        provisioner::ids::DEFAULT_POOL => String::new(),
+        n => format!("{n}: "),
+    };
+    println!("pool         {name}{} ({})", s.pool.display(), s.filesystem);
     println!(
         "capacity     {} total, {} used, {} available",
         bytes(c.total_bytes),

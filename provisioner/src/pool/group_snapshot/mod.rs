@@ -100,7 +100,7 @@ impl Pool {
     /// Check a group snapshot ID from a request, like [`Pool::parse_volume_id`].
     pub fn parse_group_id(&self, id: &str) -> Result<Option<VolumeId>, PoolError> {
         ids::validate_id("group_snapshot_id", id)?;
-        Ok(VolumeId::parse(Kind::Group, id).filter(|v| v.node == self.node_id()))
+        Ok(VolumeId::parse(Kind::Group, id).filter(|v| self.owns(v)))
     }
 
     fn read_group(&self, hex: &str) -> Result<Option<GroupRecord>, PoolError> {
@@ -163,7 +163,7 @@ impl Pool {
                 w[0]
             )));
         }
-        let gid = VolumeId::from_name(Kind::Group, name, self.node_id());
+        let gid = self.mint(Kind::Group, name);
         let _group_guard = self.locks.lock(&group_lock_key(&gid.hex));
         if let Some(existing) = self.read_group(&gid.hex)? {
             if existing.source_volume_ids == sources {
@@ -192,11 +192,7 @@ impl Pool {
             let volume = self
                 .get_hex(&source_hex)
                 .ok_or_else(|| not_here(&source_id, self.node_id()))?;
-            let snap = VolumeId::from_name(
-                Kind::Snapshot,
-                &member_name(name, &source_id),
-                self.node_id(),
-            );
+            let snap = self.mint(Kind::Snapshot, &member_name(name, &source_id));
             members.push(Member {
                 image: self.snapshot_image_path(&snap.hex),
                 tmp: self.dir.join("tmp").join(format!("group-{}.img", snap.hex)),

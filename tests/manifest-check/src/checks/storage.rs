@@ -13,7 +13,7 @@ use k8s_openapi::api::storage::v1::{StorageClass, VolumeAttributesClass};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use provisioner::io_limits::{self, IoLimitsChange};
 
-use provisioner::params::{Allocation, FsType, PARAM_ALLOCATION, PARAM_FS_TYPE};
+use provisioner::params::{Allocation, FsType, PARAM_ALLOCATION, PARAM_FS_TYPE, PARAM_POOL};
 
 const SIDECAR_PREFIX: &str = "csi.storage.k8s.io/";
 const SIDECAR_FS_TYPE: &str = "csi.storage.k8s.io/fstype";
@@ -62,6 +62,11 @@ fn storage_class(sc: &StorageClass) -> Vec<String> {
             PARAM_ALLOCATION if value.parse::<Allocation>().is_err() => out.push(format!(
                 "parameter {PARAM_ALLOCATION}: {value} is not thin or thick"
             )),
+            PARAM_POOL => {
+                if let Err(e) = provisioner::ids::validate_pool_name(value) {
+                    out.push(format!("parameter {PARAM_POOL}: {e}"));
+                }
+            }
             PARAM_FS_TYPE | SIDECAR_FS_TYPE | PARAM_ALLOCATION => {}
             k if k.starts_with(SIDECAR_PREFIX) => {}
             k if io_limits::KEYS.contains(&k) => {
@@ -71,7 +76,7 @@ fn storage_class(sc: &StorageClass) -> Vec<String> {
             }
             k => out.push(format!(
                 "unknown parameter {k}: loopvol refuses it at CreateVolume; it accepts {PARAM_FS_TYPE}, \
-                 {PARAM_ALLOCATION} and the IO limits {} (keys under {SIDECAR_PREFIX} are for the \
+                 {PARAM_ALLOCATION}, {PARAM_POOL} and the IO limits {} (keys under {SIDECAR_PREFIX} are for the \
                  sidecars)",
                 io_limits::KEYS.join(", ")
             )),
