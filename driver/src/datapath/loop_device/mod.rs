@@ -156,8 +156,13 @@ pub(crate) struct DetachOnDrop {
 impl Drop for DetachOnDrop {
     fn drop(&mut self) {
         for d in &self.devices {
-            if loop_if_backed_by(d, &self.image).is_some() {
-                let _ = detach(d);
+            // A detach flushes first, and a test that failed may have left a write error the
+            // flush keeps reporting: then detach without the flush, so nothing stays attached.
+            if loop_if_backed_by(d, &self.image).is_some() && detach(d).is_err() {
+                let _ = std::process::Command::new("losetup")
+                    .arg("-d")
+                    .arg(d)
+                    .status();
             }
         }
     }
@@ -227,7 +232,7 @@ mod tests {
             .unwrap();
         assert!(out.status.success(), "{out:?}");
         let fs_dev = attach(&fs_image, false, false).unwrap().device;
-        let mut guard = DetachOnDrop {
+        let _guard = DetachOnDrop {
             image: fs_image.clone(),
             devices: vec![fs_dev.clone()],
         };
@@ -259,7 +264,13 @@ mod tests {
             len += 4096;
         }
         let att = attach(&image, false, false).unwrap();
-        guard.devices.insert(0, att.device.clone());
+        // Dropped before `_unmount` and `guard`: the device over the image must go first, or
+        // the lazily unmounted filesystem under it (and its device) stay behind when the test
+        // fails.
+        let _vol_guard = DetachOnDrop {
+            image: image.clone(),
+            devices: vec![att.device.clone()],
+        };
         // Buffered writes through the device into holes of the image: their writeback fails.
         {
             use std::io::Write;
