@@ -693,3 +693,85 @@ async fn a_static_volume_of_a_named_pool_is_served_by_that_pool() {
         .join(format!("{}.img", hex_of(&id)))
         .exists());
 }
+
+/// A pool whose `--pool` flag is dropped at a restart is not served, but its volumes are not
+/// "gone": RPCs naming them are refused with FAILED_PRECONDITION (never NOT_FOUND, never a
+/// delete that answers OK and deletes nothing), and once the flag is back they work again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pool_dropped_from_the_flags_is_refused_not_forgotten() {
+    if !root_or_skip("a_pool_dropped_from_the_flags_is_refused") {
+        return;
+    }
+    let mut t = Node::start().await;
+    let v = t
+        .create(req("kept", 32 * MIB, &[("pool", "ext")]))
+        .await
+        .unwrap();
+    let staging = t.d.path("staging-kept");
+    let cap = block_cap(volume_capability::access_mode::Mode::SingleNodeWriter);
+    t.n.node_stage_volume(stage_req(&v.volume_id, &staging, cap))
+        .await
+        .unwrap();
+    let image = t.image("ext", &v.volume_id);
+    let flags = |with_ext: bool| {
+        let mut f = vec![format!(
+            "xfs={},max-bytes=400Mi",
+            t.xfs.mount_point.join("pool").display()
+        )];
+        if with_ext {
+            f.push(format!("ext={}", t.ext.mount_point.join("pool").display()));
+        }
+        f.into_iter()
+            .flat_map(|p| ["--pool".to_string(), p])
+            .collect::<Vec<_>>()
+    };
+    let (without, with) = (flags(false), flags(true));
+    let restart = |t: &mut Node, args: &[String]| {
+        let idle = || tonic::transport::Endpoint::from_static("http://[::1]:1").connect_lazy();
+        (t.c, t.n) = (ControllerClient::new(idle()), NodeClient::new(idle()));
+        assert!(t.d.stop().success());
+        t.d.set_args(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    };
+    restart(&mut t, &without);
+    t.d.spawn().await;
+    (t.c, t.n) = (t.d.controller().await, t.d.node().await);
+    let deleted =
+        t.c.delete_volume(DeleteVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            ..Default::default()
+        })
+        .await;
+    let err = deleted.expect_err("a delete in an unserved pool must not answer OK");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("--pool ext=DIR"), "{err:?}");
+    let unstaged =
+        t.n.node_unstage_volume(unstage_req(&v.volume_id, &staging))
+            .await;
+    assert_eq!(code_of(unstaged), Code::FailedPrecondition);
+    assert!(image.exists(), "the volume's image must survive");
+    assert!(
+        std::fs::read_to_string(
+            t.ext
+                .mount_point
+                .join("pool/node")
+                .join(format!("{}.json", hex_of(&v.volume_id)))
+        )
+        .is_ok(),
+        "the staging record must survive"
+    );
+
+    // The flag back: the same calls succeed.
+    restart(&mut t, &with);
+    t.d.spawn().await;
+    (t.c, t.n) = (t.d.controller().await, t.d.node().await);
+    t.n.node_unstage_volume(unstage_req(&v.volume_id, &staging))
+        .await
+        .unwrap();
+    t.c.delete_volume(DeleteVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert!(!image.exists());
+}

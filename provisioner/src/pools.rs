@@ -88,7 +88,13 @@ impl Pools {
     }
 
     /// The pool owning the object `id` designates, by the ID alone. `Ok(None)`: an ID of
-    /// another node, of a pool this node lacks, or not one of ours.
+    /// another node, or not one of ours.
+    ///
+    /// An ID of this node naming a pool it does not serve (its `--pool` flag was dropped) is
+    /// FAILED_PRECONDITION, not "no such volume": the volume most likely still exists on a disk
+    /// this process was not told about, and answering NOT_FOUND (or OK to a delete, as the spec
+    /// asks for volumes that do not exist) would unstage nothing and let the CO forget a
+    /// volume whose data stays behind — the node-ID trap of issue 27 over again.
     pub fn owner(&self, kind: Kind, id: &str) -> Result<Option<&Arc<Pool>>, PoolError> {
         let what = match kind {
             Kind::Volume => "volume_id",
@@ -96,9 +102,19 @@ impl Pools {
             Kind::Group => "group_snapshot_id",
         };
         ids::validate_id(what, id)?;
-        Ok(VolumeId::parse(kind, id)
-            .filter(|v| v.node == self.node_id())
-            .and_then(|v| self.get(v.pool_name())))
+        let Some(v) = VolumeId::parse(kind, id).filter(|v| v.node == self.node_id()) else {
+            return Ok(None);
+        };
+        match self.get(v.pool_name()) {
+            Some(pool) => Ok(Some(pool)),
+            None => Err(PoolError::FailedPrecondition(format!(
+                "{id} is in pool {:?}, which this node does not serve (it has {}): start \
+                 loopvol with --pool {}=DIR again",
+                v.pool_name(),
+                self.names().join(", "),
+                v.pool_name()
+            ))),
+        }
     }
 
     /// The pool that answers for `id`: its owner, or the default pool, whose answer for an ID
@@ -328,8 +344,20 @@ mod tests {
             pools.list_page(Some("x:0123"), 1),
             Err(PoolError::Aborted(_))
         ));
-        // An ID of a pool the node lacks is nobody's: NOT_FOUND from the default pool.
-        let foreign = VolumeId::from_name_in(Kind::Volume, "v1", "c", "n1").to_string();
+        // An ID of this node in a pool it does not serve is refused, never NOT_FOUND: the
+        // volume is on a disk this process was not given.
+        let unserved = VolumeId::from_name_in(Kind::Volume, "v1", "c", "n1").to_string();
+        for r in [
+            pools.owner(Kind::Volume, &unserved).map(|_| ()),
+            pools.get_volume(&unserved).map(|_| ()),
+        ] {
+            assert!(
+                matches!(&r, Err(PoolError::FailedPrecondition(m)) if m.contains("--pool c=DIR")),
+                "{r:?}"
+            );
+        }
+        // Another node's ID is nobody's here: NOT_FOUND from the default pool.
+        let foreign = VolumeId::from_name_in(Kind::Volume, "v1", "a", "n2").to_string();
         assert!(pools.owner(Kind::Volume, &foreign).unwrap().is_none());
         assert!(matches!(
             pools.get_volume(&foreign),
