@@ -1200,3 +1200,54 @@ async fn an_interrupted_set_node_id_is_refused_by_serve_and_finished_by_running_
     }
     d.assert_clean();
 }
+
+/// `volume list` and `volume inspect` say which pool a volume belongs to, from its ID: the
+/// short form is the pool `default`, `vol-<hex>~fast@node` the pool `fast`.
+#[test]
+fn volume_list_and_inspect_name_the_pool() {
+    let default = tempfile::tempdir().unwrap();
+    let fast = tempfile::tempdir().unwrap();
+    let o = run_in(
+        default.path(),
+        &["volume", "create", "--name", "plain", "--size", "16Mi"],
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let o = run_in(
+        fast.path(),
+        &[
+            "volume",
+            "create",
+            "--pool-name",
+            "fast",
+            "--name",
+            "quick",
+            "--size",
+            "16Mi",
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+
+    for (dir, pool) in [(default.path(), "default"), (fast.path(), "fast")] {
+        for output in ["table", "wide"] {
+            let out = text(&run_in(dir, &["volume", "list", "-o", output]).stdout);
+            let lines: Vec<&str> = out.lines().collect();
+            let col = lines[0].find("POOL").unwrap_or_else(|| panic!("{out}"));
+            assert!(lines[1][col..].starts_with(&format!("{pool} ")), "{out}");
+        }
+        let json = run_in(dir, &["volume", "list", "-o", "json"]);
+        let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+        assert_eq!(v["volumes"][0]["pool"], pool, "{v}");
+        let yaml = text(&run_in(dir, &["volume", "list", "-o", "yaml"]).stdout);
+        assert!(yaml.contains(&format!("\n  pool: {pool}\n")), "{yaml}");
+
+        let name = if pool == "fast" { "quick" } else { "plain" };
+        let out = text(&run_in(dir, &["volume", "inspect", name]).stdout);
+        assert!(
+            out.lines().any(|l| l == format!("pool         {pool}")),
+            "{out}"
+        );
+        let json = run_in(dir, &["volume", "inspect", name, "-o", "json"]);
+        let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+        assert_eq!(v["pool"], pool, "{v}");
+    }
+}

@@ -775,3 +775,68 @@ async fn a_pool_dropped_from_the_flags_is_refused_not_forgotten() {
     .unwrap();
     assert!(!image.exists());
 }
+
+/// `loopvol doctor --pool NAME=DIR` checks every pool the node serves, each check naming its
+/// pool: the ext4 pool (and the default one on the same ext4) warns that its snapshots and
+/// clones are copies that freeze their source, the xfs reflink pool does not; the node's own
+/// checks run once.
+#[test]
+fn doctor_checks_each_pool_and_names_it() {
+    if !root_or_skip("doctor_checks_each_pool_and_names_it") {
+        return;
+    }
+    let ext = SmallFs::new(64 << 20);
+    let xfs = SmallFs::xfs(300 << 20);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_loopvol"))
+        .arg("doctor")
+        .arg("--pool-dir")
+        .arg(ext.mount_point.join("default"))
+        .arg("--kubelet-dir")
+        .arg(ext.mount_point.join("no-kubelet-here"))
+        .arg("--pool")
+        .arg(format!("ext={}", ext.mount_point.join("pool").display()))
+        .arg("--pool")
+        .arg(format!(
+            "xfs={},overcommit-ratio=2",
+            xfs.mount_point.join("pool").display()
+        ))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "a warning is not a failure:\n{text}");
+    assert!(!text.contains('✘'), "{text}");
+    for pool in ["default", "ext"] {
+        assert!(
+            text.contains(&format!(
+                "⚠ reflink (FICLONE) in pool {pool}: not supported by ext4: snapshots and \
+                 clones in pool {pool} are sparse copies"
+            )),
+            "{text}"
+        );
+    }
+    assert!(
+        text.contains("✔ reflink (FICLONE) in pool xfs: xfs shares extents"),
+        "{text}"
+    );
+    assert!(!text.contains("⚠ reflink (FICLONE) in pool xfs"), "{text}");
+    // Every pool check of every pool, named; none without a pool.
+    let pool_checks = [
+        "pool directory",
+        "node ID",
+        "direct I/O (O_DIRECT)",
+        "reflink (FICLONE)",
+        "free space",
+        "orphaned loop devices",
+        "orphaned records",
+        "frozen filesystems",
+        "staged filesystems",
+    ];
+    for check in pool_checks {
+        for pool in ["default", "ext", "xfs"] {
+            let line = format!("{check} in pool {pool}: ");
+            assert_eq!(text.matches(&line).count(), 1, "{line}\n{text}");
+        }
+        assert!(!text.contains(&format!("{check}: ")), "{check}\n{text}");
+    }
+    assert_eq!(text.matches("kernel loop support").count(), 1, "{text}");
+}

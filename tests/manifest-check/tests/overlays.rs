@@ -169,3 +169,69 @@ fn renderer_matches_kubectl_kustomize_where_available() {
         );
     }
 }
+
+/// The second-pool component gives the node plugin one more `--pool` with its hostPath mounted
+/// at the same path, and a StorageClass choosing that pool.
+#[test]
+fn the_second_pool_component_serves_and_offers_the_pool_fast() {
+    let objects = config("manifests + components/second-pool")
+        .render()
+        .unwrap();
+    let spec = &node_plugin(&objects)["spec"]["template"]["spec"];
+    let driver = &spec["containers"][0];
+    let args: Vec<&str> = driver["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert!(
+        args.contains(&"--pool=fast=/var/lib/loopvol-fast"),
+        "{args:?}"
+    );
+    assert!(
+        args.windows(2)
+            .any(|w| w == ["--pool-dir", "/var/lib/loopvol"]),
+        "the default pool stays: {args:?}"
+    );
+    let mount = driver["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "pool-fast")
+        .unwrap();
+    assert_eq!(mount["mountPath"], "/var/lib/loopvol-fast");
+    let volume = spec["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "pool-fast")
+        .unwrap();
+    assert_eq!(volume["hostPath"]["path"], "/var/lib/loopvol-fast");
+    let class = objects
+        .iter()
+        .find(|o| o["kind"] == "StorageClass" && o["metadata"]["name"] == "loopvol-fast")
+        .unwrap();
+    assert_eq!(class["parameters"]["pool"], "fast");
+
+    // Without the --pool argument, the StorageClass names a pool no node serves.
+    let mut without = objects.clone();
+    let ds = without
+        .iter_mut()
+        .find(|o| o["kind"] == "DaemonSet" && o["metadata"]["name"] == "loopvol-node")
+        .unwrap();
+    ds["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|a| !a.as_str().unwrap().starts_with("--pool="));
+    let found: Vec<String> =
+        manifest_check::check_rendered("no --pool", &without, "/var/lib/kubelet")
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(
+        found[0].contains("StorageClass/loopvol-fast: parameter pool: no node plugin serves a pool \"fast\" (it serves default)"),
+        "{found:?}"
+    );
+}

@@ -62,10 +62,11 @@ fn real_manifests_contain_the_whole_install() {
             count::<RoleBinding>(&inv, Origin::Install),
             4,
         ),
+        // Two, and loopvol-fast from components/second-pool.
         (
             "StorageClass",
             count::<StorageClass>(&inv, Origin::Install),
-            2,
+            3,
         ),
         // From components/snapshots.
         (

@@ -21,6 +21,8 @@ use std::path::{Path, PathBuf};
 
 use provisioner::FsType;
 
+use crate::ops::pool_args::PoolSpec;
+
 #[derive(Debug, Clone, clap::Args)]
 pub struct DoctorArgs {
     /// The pool directory (it need not exist yet: its future filesystem is checked then).
@@ -43,6 +45,10 @@ pub struct DoctorArgs {
     /// belongs to. Not checked when not given.
     #[arg(long, env = "LOOPVOL_NODE_ID")]
     pub node_id: Option<String>,
+    /// Also check a named pool, as the driver serves it (repeatable, the same
+    /// NAME=DIR[,OPTS] as `serve --pool`): each of its checks names the pool.
+    #[arg(long = "pool", value_name = "NAME=DIR[,OPTS]", value_parser = crate::ops::pool_args::parse_pool_spec)]
+    pub pools: Vec<PoolSpec>,
 }
 
 /// The result of one check.
@@ -131,25 +137,71 @@ pub fn main(args: &DoctorArgs) -> i32 {
     }
 }
 
-/// Every check, in the order a person would fix them.
+/// Every check, in the order a person would fix them: the node's, then each pool's.
 pub fn run(args: &DoctorArgs) -> Vec<Check> {
     let mut checks = vec![kernel::loop_support()];
     checks.extend(tools::check(&args.fs_types));
     checks.extend(growth::ext4_online(&args.fs_types));
-    let probe_dir = existing_ancestor(&args.pool_dir);
-    checks.push(pool_fs::pool_dir(&args.pool_dir));
-    checks.push(node_id::check(&args.pool_dir, args.node_id.as_deref()));
-    checks.push(pool_fs::direct_io(&probe_dir));
-    checks.push(pool_fs::reflink(&probe_dir));
-    checks.push(space::free_space(
-        &args.pool_dir,
-        &probe_dir,
-        args.overcommit_ratio,
-    ));
     checks.push(propagation::kubelet_dir(&args.kubelet_dir));
-    checks.extend(orphans::check(&args.pool_dir));
-    checks.push(frozen::check(&args.pool_dir));
-    checks.push(staged::check(&args.pool_dir));
+    let node_id = args.node_id.as_deref();
+    if args.pools.is_empty() {
+        checks.extend(pool_checks(
+            &args.pool_dir,
+            args.overcommit_ratio,
+            node_id,
+            None,
+        ));
+        return checks;
+    }
+    // Several pools, as `serve` and `status` take them: the default pool (--pool-dir) first,
+    // unless a --pool names it.
+    if !args
+        .pools
+        .iter()
+        .any(|p| p.name == provisioner::ids::DEFAULT_POOL)
+    {
+        let default = provisioner::ids::DEFAULT_POOL;
+        checks.extend(pool_checks(
+            &args.pool_dir,
+            args.overcommit_ratio,
+            node_id,
+            Some(default),
+        ));
+    }
+    for p in &args.pools {
+        checks.extend(pool_checks(
+            &p.dir,
+            p.overcommit_ratio,
+            node_id,
+            Some(&p.name),
+        ));
+    }
+    checks
+}
+
+/// One pool's checks; with a name (several pools), each check says which pool it is about.
+fn pool_checks(
+    dir: &Path,
+    overcommit_ratio: f64,
+    node_id: Option<&str>,
+    name: Option<&str>,
+) -> Vec<Check> {
+    let probe_dir = existing_ancestor(dir);
+    let mut checks = vec![
+        pool_fs::pool_dir(dir),
+        node_id::check(dir, node_id),
+        pool_fs::direct_io(&probe_dir),
+        pool_fs::reflink(&probe_dir, name),
+        space::free_space(dir, &probe_dir, overcommit_ratio),
+    ];
+    checks.extend(orphans::check(dir));
+    checks.push(frozen::check(dir));
+    checks.push(staged::check(dir));
+    if let Some(name) = name {
+        for c in &mut checks {
+            c.name = format!("{} in pool {name}", c.name);
+        }
+    }
     checks
 }
 

@@ -69,10 +69,20 @@ pub fn print(value: &impl Serialize, output: ListOutput) -> anyhow::Result<bool>
     Ok(true)
 }
 
+/// The pool a volume belongs to, from its ID (`vol-<hex>~<pool>@node`; the short form is the
+/// pool `default`): a directory does not know the name the driver serves it under.
+pub fn pool_of(volume_id: &str) -> String {
+    provisioner::VolumeId::parse(provisioner::ids::Kind::Volume, volume_id)
+        .map(|v| v.pool_name().to_string())
+        .unwrap_or_else(|| provisioner::ids::DEFAULT_POOL.to_string())
+}
+
 #[derive(Serialize)]
 struct ListedVolume<'a> {
     #[serde(flatten)]
     record: &'a provisioner::VolumeRecord,
+    /// The pool named in the ID (`default` for the short form).
+    pool: String,
     created: String,
     allocated_bytes: Option<u64>,
     /// On this node: staged, published, frozen... as `status` says it; `-` when not staged.
@@ -92,6 +102,7 @@ fn volume_list_in(dir: &Path, output: ListOutput) -> anyhow::Result<()> {
         .iter()
         .map(|v| ListedVolume {
             record: &v.record,
+            pool: pool_of(&v.record.id),
             created: rfc3339(v.record.created_unix),
             allocated_bytes: v.allocated_bytes(),
             state: super::status::volume_state(&listing, &dir.join("node"), &v.hex),
@@ -101,7 +112,7 @@ fn volume_list_in(dir: &Path, output: ListOutput) -> anyhow::Result<()> {
         return Ok(());
     }
     let wide = output == ListOutput::Wide;
-    let mut header = vec!["ID", "NAME", "SIZE", "FS", "ALLOCATION", "STATE"];
+    let mut header = vec!["ID", "NAME", "POOL", "SIZE", "FS", "ALLOCATION", "STATE"];
     if wide {
         header.extend(["ON DISK", "CREATED", "SOURCE"]);
     }
@@ -112,6 +123,7 @@ fn volume_list_in(dir: &Path, output: ListOutput) -> anyhow::Result<()> {
             let mut row = vec![
                 r.id.clone(),
                 r.name.clone(),
+                v.pool.clone(),
                 bytes(r.size_bytes),
                 r.fs_label(),
                 r.allocation.as_str().to_string(),
@@ -156,5 +168,11 @@ mod tests {
     fn times_are_rfc3339() {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
         assert_eq!(rfc3339(1_764_614_763), "2025-12-01T18:46:03Z");
+    }
+
+    #[test]
+    fn the_pool_comes_from_the_id() {
+        assert_eq!(pool_of("vol-0123456789abcdef0123~fast@n1"), "fast");
+        assert_eq!(pool_of("vol-0123456789abcdef0123@n1"), "default");
     }
 }

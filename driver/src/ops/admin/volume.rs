@@ -18,6 +18,8 @@ use crate::shared::units::bytes;
 #[derive(Debug, Serialize)]
 pub struct Inspection {
     pub record: VolumeRecord,
+    /// The pool named in the ID (`default` for the short form).
+    pub pool: String,
     /// `record.created_unix` as RFC 3339.
     pub created: String,
     pub image: PathBuf,
@@ -66,6 +68,7 @@ pub fn collect(pool_dir: &Path, id_or_name: &str) -> anyhow::Result<Inspection> 
         .map(|s| staged_view(&l, &pool_dir.join("node"), &v.hex, s));
     Ok(Inspection {
         record: v.record.clone(),
+        pool: super::output::pool_of(id),
         created: super::output::rfc3339(v.record.created_unix),
         image: v.image.clone(),
         image_present: v.image.exists(),
@@ -92,6 +95,7 @@ fn print_table(i: &Inspection) {
     let r = &i.record;
     println!("id           {}", r.id);
     println!("name         {}", r.name);
+    println!("pool         {}", i.pool);
     println!(
         "size         {} ({} bytes)",
         bytes(r.size_bytes),

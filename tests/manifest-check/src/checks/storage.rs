@@ -2,6 +2,7 @@
 //! parameters the driver accepts, its topology key, its volume ID format, sizes each
 //! filesystem can be made in, and pre-bound claims that can actually bind.
 
+use super::workload::{pods, CommandLine};
 use super::{quantity, TOPOLOGY_KEY};
 use crate::finding::Finding;
 use crate::inventory::{Doc, Inventory};
@@ -25,6 +26,7 @@ pub fn check(inv: &Inventory) -> Vec<Finding> {
     for (doc, sc) in inv.all::<StorageClass>() {
         out.extend(storage_class(sc).into_iter().map(|m| doc.finding(m)));
     }
+    out.extend(unserved_pools(inv));
     for (doc, vac) in inv.all::<VolumeAttributesClass>() {
         // What ControllerModifyVolume would refuse (INVALID_ARGUMENT) for every PVC using it.
         let params = vac.parameters.iter().flatten();
@@ -42,6 +44,45 @@ pub fn check(inv: &Inventory) -> Vec<Finding> {
         out.extend(problems.map(|m| doc.finding(format!("{prefix}{m}"))));
     }
     out
+}
+
+/// A StorageClass whose `pool` no node plugin serves gets RESOURCE_EXHAUSTED on every node.
+/// Checked on rendered sets only: in the source files a component's StorageClass comes without
+/// the patch that adds its `--pool`.
+fn unserved_pools(inv: &Inventory) -> Vec<Finding> {
+    let node_plugins: Vec<CommandLine> = pods(inv)
+        .iter()
+        .filter(|p| p.per_node)
+        .filter_map(|p| p.driver())
+        .map(CommandLine::of)
+        .collect();
+    if !inv.rendered || node_plugins.is_empty() {
+        return Vec::new();
+    }
+    let mut served = vec![provisioner::ids::DEFAULT_POOL];
+    for cmd in &node_plugins {
+        served.extend(
+            cmd.values("pool")
+                .iter()
+                .filter_map(|v| v.split_once('='))
+                .map(|(n, _)| n),
+        );
+    }
+    inv.all::<StorageClass>()
+        .filter_map(|(doc, sc)| {
+            let pool = sc.parameters.as_ref()?.get(PARAM_POOL)?;
+            if served.contains(&pool.as_str())
+                || provisioner::ids::validate_pool_name(pool).is_err()
+            {
+                return None;
+            }
+            Some(doc.finding(format!(
+                "parameter {PARAM_POOL}: no node plugin serves a pool {pool:?} (it serves {}): \
+                 add --pool={pool}=DIR to the node DaemonSet's args, or use components/second-pool",
+                served.join(", ")
+            )))
+        })
+        .collect()
 }
 
 /// The smallest volume loopvol's mkfs of `fs` accepts, if loopvol formats `fs` at all.

@@ -180,6 +180,26 @@ impl CommandLine {
         self.has(name) && self.value(name) != Some("false")
     }
 
+    /// Every value of a repeatable flag, in order.
+    pub fn values(&self, name: &str) -> Vec<&str> {
+        (0..self.words.len())
+            .filter_map(|i| {
+                let word = &self.words[i];
+                if flag_name(word) != Some(name) {
+                    return None;
+                }
+                match word.split_once('=') {
+                    Some((_, value)) => Some(value),
+                    None => self
+                        .words
+                        .get(i + 1)
+                        .filter(|next| !next.starts_with('-'))
+                        .map(String::as_str),
+                }
+            })
+            .collect()
+    }
+
     /// The value of `--name=value` or `--name value`.
     pub fn value(&self, name: &str) -> Option<&str> {
         for (i, word) in self.words.iter().enumerate() {

@@ -113,10 +113,12 @@ fn is_full(e: &std::io::Error) -> bool {
 }
 
 /// FICLONE between two scratch files. No reflink is a warning, not a failure: snapshots still
-/// work, as sparse copies, but they freeze a mounted source for the whole copy.
-pub fn reflink(dir: &Path) -> Check {
+/// work, as sparse copies, but they freeze a mounted source for the whole copy. `pool` names
+/// the pool when a node serves several: only that pool's snapshots and clones are affected.
+pub fn reflink(dir: &Path, pool: Option<&str>) -> Check {
     const NAME: &str = "reflink (FICLONE)";
     let fs = fs_of(dir);
+    let in_pool = pool.map(|p| format!(" in pool {p}")).unwrap_or_default();
     let probe = || -> std::io::Result<bool> {
         let mut src = Scratch::create(dir, "reflink-src", false)?;
         src.file.write_all(&[0x5a; 4096])?;
@@ -132,7 +134,7 @@ pub fn reflink(dir: &Path) -> Check {
         Ok(false) => Check::warn(
             NAME,
             format!(
-                "not supported by {fs}: snapshots and clones are sparse copies, and the \
+                "not supported by {fs}: snapshots and clones{in_pool} are sparse copies, and the \
                  filesystem of a staged source volume stays frozen for the whole copy, so its \
                  writers wait (1.1 to 4.5 s per 2 GiB of data on a shared 2-core machine)"
             ),
