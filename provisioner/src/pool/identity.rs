@@ -165,14 +165,20 @@ fn read_node_id_file(dir: &Path) -> Result<Option<String>, PoolError> {
     }
 }
 
-/// Every node the pool's volume, snapshot and group records name in their own IDs. Records
-/// that do not parse are skipped: the writer's start-up repair quarantines them.
+/// Every node the pool's volume, snapshot and group records name in their own IDs.
 fn record_nodes(dir: &Path) -> Result<BTreeSet<String>, PoolError> {
+    Ok(record_ids(dir)?.into_iter().map(|(_, v)| v.node).collect())
+}
+
+/// Every record's own ID, by kind, in record-directory then file-name order. Records that do
+/// not parse, or whose ID is not one of ours, are skipped: the writer's start-up repair
+/// quarantines them.
+pub(crate) fn record_ids(dir: &Path) -> Result<Vec<(String, VolumeId)>, PoolError> {
     #[derive(Deserialize)]
     struct IdOnly {
         id: String,
     }
-    let mut nodes = BTreeSet::new();
+    let mut out = Vec::new();
     for (kind, sub) in RECORD_DIRS {
         for path in record_files(&dir.join(sub))? {
             let Some(r) = fs::read(&path)
@@ -182,11 +188,11 @@ fn record_nodes(dir: &Path) -> Result<BTreeSet<String>, PoolError> {
                 continue;
             };
             if let Some(v) = VolumeId::parse(kind, &r.id) {
-                nodes.insert(v.node);
+                out.push((r.id, v));
             }
         }
     }
-    Ok(nodes)
+    Ok(out)
 }
 
 /// The `<hex>.json` record files of one record directory (none when it does not exist).

@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::identity::{self, record_files, write_node_id_file, RECORD_DIRS};
+use super::identity::{self, record_files, record_ids, write_node_id_file, RECORD_DIRS};
 use super::{take_lock, to_json};
 use crate::atomic;
 use crate::error::IoContext;
@@ -185,39 +185,28 @@ fn intent_path(dir: &Path) -> PathBuf {
 
 /// What a fresh run will do: read every record's own ID (the references follow from them).
 fn plan(dir: &Path, to: &str) -> Result<Plan, PoolError> {
-    #[derive(Deserialize)]
-    struct IdOnly {
-        id: String,
-    }
     let mut from = std::collections::BTreeSet::new();
     if let Ok(s) = fs::read_to_string(identity::node_id_path(dir)) {
         from.insert(s.trim().to_string());
     }
     let mut ids = Vec::new();
-    for (kind, sub) in RECORD_DIRS {
-        let mut of_kind = Vec::new();
-        for path in record_files(&dir.join(sub))? {
-            let Some(r) = fs::read(&path)
-                .ok()
-                .and_then(|b| serde_json::from_slice::<IdOnly>(&b).ok())
-            else {
-                continue;
-            };
-            let Some(v) = VolumeId::parse(kind, &r.id) else {
-                continue;
-            };
-            from.insert(v.node.clone());
-            if v.node != to {
-                of_kind.push(Renamed {
-                    kind: kind_name(kind).into(),
-                    old: r.id.clone(),
-                    new: rekey_id(kind, &r.id, to),
-                });
-            }
+    for (id, v) in record_ids(dir)? {
+        from.insert(v.node.clone());
+        if v.node != to {
+            ids.push(Renamed {
+                kind: kind_name(v.kind).into(),
+                new: rekey_id(v.kind, &id, to),
+                old: id,
+            });
         }
-        of_kind.sort_by(|a, b| a.old.cmp(&b.old));
-        ids.extend(of_kind);
     }
+    // Kinds in RECORD_DIRS order (as read), IDs sorted within each kind.
+    let rank = |k: &str| {
+        RECORD_DIRS
+            .iter()
+            .position(|(kind, _)| kind_name(*kind) == k)
+    };
+    ids.sort_by(|a, b| (rank(&a.kind), &a.old).cmp(&(rank(&b.kind), &b.old)));
     from.remove(to);
     Ok(Plan {
         from: from.into_iter().filter(|f| !f.is_empty()).collect(),
