@@ -140,16 +140,8 @@ impl Cluster {
             .prefix("loopvol-multi-")
             .tempdir()
             .unwrap();
-        for (name, out) in [
-            ("certs", dir.path().join("certs")),
-            ("rogue", dir.path().join("rogue")),
-        ] {
-            let st = Command::new(env!("CARGO_BIN_EXE_loopvol"))
-                .args(["certs", "--out"])
-                .arg(&out)
-                .status()
-                .unwrap();
-            assert!(st.success(), "certs {name}");
+        for out in ["certs", "rogue"] {
+            write_certs(&dir.path().join(out));
         }
         let certs = dir.path().join("certs");
         let mut nodes = Vec::new();
@@ -853,12 +845,7 @@ async fn router_waits_for_discovery_and_keeps_a_restarting_node() {
         .tempdir()
         .unwrap();
     let certs = dir.path().join("certs");
-    let st = Command::new(env!("CARGO_BIN_EXE_loopvol"))
-        .args(["certs", "--out"])
-        .arg(&certs)
-        .status()
-        .unwrap();
-    assert!(st.success());
+    write_certs(&certs);
     // Discovery gives one port for every node; the nodes differ by IP.
     let ips = ["127.0.0.5", "127.0.0.6"];
     let port = std::net::TcpListener::bind((ips[0], 0))

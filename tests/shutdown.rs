@@ -36,12 +36,7 @@ impl NodePlugin {
             .tempdir()
             .unwrap();
         let certs = dir.path().join("certs");
-        let st = Command::new(env!("CARGO_BIN_EXE_loopvol"))
-            .args(["certs", "--out"])
-            .arg(&certs)
-            .status()
-            .unwrap();
-        assert!(st.success(), "loopvol certs");
+        write_certs(&certs);
         let port = std::net::TcpListener::bind("127.0.0.2:0")
             .unwrap()
             .local_addr()

@@ -616,3 +616,14 @@ pub fn space_runs(text: &str) -> Vec<&str> {
         .filter(|l| l.trim_start().contains("   "))
         .collect()
 }
+
+/// A fresh set of mTLS files (`loopvol certs --out`: CA, node server and router client
+/// certificates) in `dir`.
+pub fn write_certs(dir: &Path) {
+    let st = Command::new(env!("CARGO_BIN_EXE_loopvol"))
+        .args(["certs", "--out"])
+        .arg(dir)
+        .status()
+        .unwrap();
+    assert!(st.success(), "loopvol certs --out {}", dir.display());
+}
