@@ -149,6 +149,7 @@ impl Pool {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .insert(id.hex.clone(), record.clone());
+        self.changed();
         tracing::info!(snapshot_id = %record.id, source = %source_volume_id, method = method.as_str(),
             ms = started.elapsed().as_millis() as u64, "snapshot created");
         Ok(record)
@@ -185,6 +186,7 @@ impl Pool {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&sid.hex);
+        self.changed();
         atomic::remove_file(&self.snapshot_image_path(&sid.hex))
             .ctx(|| format!("remove image of {id}"))?;
         self.remove_chunk_digests(&sid.hex);

@@ -126,6 +126,10 @@ pub struct Pool {
     max_bytes: Option<u64>,
     pub(crate) writer: bool,
     in_use: crate::InUse,
+    /// Bumped by every change to the records (create, delete, expand, modify, snapshot):
+    /// whoever reports on the pool (the LoopPool publisher) polls it, an atomic load, instead
+    /// of being called from the request path.
+    changes: std::sync::atomic::AtomicU64,
     _locks: Vec<Flock<File>>,
 }
 
@@ -185,6 +189,7 @@ impl Pool {
             max_bytes: None,
             writer: opts.writer,
             in_use: opts.in_use,
+            changes: std::sync::atomic::AtomicU64::new(0),
             _locks: locks,
         };
         if pool.writer {
@@ -195,6 +200,17 @@ impl Pool {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// How many times the pool's records changed since it was opened (see `changes`).
+    pub fn changes(&self) -> u64 {
+        self.changes.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Count a change to the records; called after the in-memory map is updated.
+    pub(crate) fn changed(&self) {
+        self.changes
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
     }
 
     pub fn node_id(&self) -> &str {

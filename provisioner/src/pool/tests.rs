@@ -277,3 +277,29 @@ fn thin_reservations_limit_what_can_be_promised() {
         Err(PoolError::ResourceExhausted(_)) | Err(PoolError::OutOfRange(_))
     ));
 }
+
+/// The change counter the LoopPool publisher polls: every change to the records moves it, and
+/// a call that changes nothing (an idempotent repeat, a refusal) does not.
+#[test]
+fn every_change_to_the_records_is_counted() {
+    let t = tempfile::tempdir().unwrap();
+    let pool = open(t.path());
+    assert_eq!(pool.changes(), 0);
+    let v = pool
+        .create_volume(&req("pvc-1", 10 * MIB as i64, Allocation::Thin))
+        .unwrap();
+    assert_eq!(pool.changes(), 1, "create");
+    pool.create_volume(&req("pvc-1", 10 * MIB as i64, Allocation::Thin))
+        .unwrap();
+    assert_eq!(pool.changes(), 1, "an idempotent repeat changes nothing");
+    pool.expand_volume(&v.id, 20 * MIB as i64, 0).unwrap();
+    assert_eq!(pool.changes(), 2, "expand");
+    let s = pool.create_snapshot("snap-1", &v.id, &no_quiesce).unwrap();
+    assert_eq!(pool.changes(), 3, "snapshot");
+    assert!(pool.delete_snapshot(&s.id).unwrap());
+    assert_eq!(pool.changes(), 4, "snapshot delete");
+    assert!(pool.delete_volume(&v.id).unwrap());
+    assert_eq!(pool.changes(), 5, "delete");
+    assert!(!pool.delete_volume(&v.id).unwrap());
+    assert_eq!(pool.changes(), 5, "deleting what is gone changes nothing");
+}

@@ -119,6 +119,7 @@ impl Pool {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .insert(id.hex.clone(), record.clone());
+        self.changed();
         tracing::info!(volume_id = %record.id, volume_name = %record.name, size = size,
             allocation = record.allocation.as_str(), "volume created");
         Ok(record)
@@ -247,6 +248,7 @@ impl Pool {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&vid.hex);
+        self.changed();
         atomic::remove_file(&image).ctx(|| format!("remove image of {id}"))?;
         if let Some((_, v)) = self
             .reserved_cache
@@ -334,6 +336,7 @@ impl Pool {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .insert(vid.hex.clone(), record.clone());
+        self.changed();
         tracing::info!(volume_id = %id, old, new, "volume expanded");
         Ok(record)
     }
@@ -366,6 +369,7 @@ impl Pool {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .insert(vid.hex.clone(), record.clone());
+        self.changed();
         tracing::info!(volume_id = %id, limits = %limits.describe(), "volume IO limits changed");
         Ok(record)
     }

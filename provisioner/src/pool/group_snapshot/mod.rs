@@ -250,6 +250,7 @@ impl Pool {
                 }
             }
         }
+        self.changed();
         drop(guards);
         tracing::info!(group_snapshot_id = %group.id, members = records.len(),
             frozen_ms, ms = started.elapsed().as_millis() as u64, "group snapshot created");
@@ -396,6 +397,7 @@ impl Pool {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .remove(hex);
+        self.changed();
         let _ = atomic::remove_file(&self.snapshot_image_path(hex));
         self.remove_chunk_digests(hex);
     }
