@@ -96,6 +96,13 @@ pub enum NodesFrom {
     Kubernetes,
 }
 
+/// Where the node's pools are published as objects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PublishPools {
+    /// LoopPool objects (CRD looppools.loopvol.csi.dev).
+    Kubernetes,
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct MultiNodeArgs {
     /// Node mode: also serve this pool's Controller API on ADDR:PORT for the router (mTLS only).
@@ -202,6 +209,10 @@ pub struct ServeArgs {
     pub advertise_capabilities: Vec<crate::shared::advertise::Extra>,
     #[command(flatten)]
     pub multi: MultiNodeArgs,
+    /// Keep a LoopPool object per pool of this node current through the Kubernetes API
+    /// (in-cluster credentials, else KUBECONFIG): `kubectl get looppools`. Off when not given.
+    #[arg(long, value_enum, value_name = "WHERE")]
+    pub publish_pools: Option<PublishPools>,
     /// The kubelet's root directory: staging and target paths must lie inside it (or inside
     /// an --allowed-root).
     #[arg(long, default_value = "/var/lib/kubelet", env = "LOOPVOL_KUBELET_DIR")]

@@ -15,6 +15,15 @@ use crate::node_state;
 /// Measure `pool` (blocking: statvfs, a sysfs walk, and in node-only mode a read of the
 /// record files). `serves_node` is true in the node and all modes.
 pub fn measure(pool: &Pool, serves_node: bool) -> Result<PoolSample, provisioner::PoolError> {
+    measure_with_capacity(pool, serves_node).map(|(sample, _)| sample)
+}
+
+/// [`measure`], with the capacity the sample's figures came from (its headroom is what
+/// GetCapacity offers a thin volume): the LoopPool status reports both from one measurement.
+pub fn measure_with_capacity(
+    pool: &Pool,
+    serves_node: bool,
+) -> Result<(PoolSample, Capacity), provisioner::PoolError> {
     let (capacity, volumes, snapshots, io_limits, sizes) = if pool.is_writer() {
         let (vols, _) = pool.list_page(None, 0);
         let (snaps, _) = pool.list_snapshots(None, None, 0);
@@ -56,7 +65,7 @@ pub fn measure(pool: &Pool, serves_node: bool) -> Result<PoolSample, provisioner
             (provisioned, allocated),
         )
     };
-    Ok(PoolSample {
+    let sample = PoolSample {
         pool: pool.name().to_string(),
         provisioned_bytes: sizes.0,
         allocated_bytes: sizes.1,
@@ -68,7 +77,8 @@ pub fn measure(pool: &Pool, serves_node: bool) -> Result<PoolSample, provisioner
         staged_volumes: serves_node.then(|| staged_count(&pool.node_state_dir())),
         loop_devices: crate::datapath::default_path().list_under(pool.dir()).len() as u64,
         io_limits,
-    })
+    };
+    Ok((sample, capacity))
 }
 
 fn staged_count(state_dir: &Path) -> u64 {

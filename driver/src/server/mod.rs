@@ -67,6 +67,9 @@ pub async fn serve(
     if multi.is_router() && args.mode != Mode::Controller {
         bail!("--nodes-from / --node-endpoints make a router: they need --mode controller");
     }
+    if multi.is_router() && args.publish_pools.is_some() {
+        bail!("--publish-pools publishes the pools this process serves; a router serves none");
+    }
     if multi.pool_listen.is_some() && args.mode != Mode::Node {
         bail!("--pool-listen serves a node's pool to the router: it needs --mode node");
     }
@@ -298,6 +301,7 @@ async fn serve_pool(args: &ServeArgs, stop: &Stop) -> anyhow::Result<()> {
     }
     let metrics = crate::ops::metrics_http::Sources::for_driver(driver.clone());
     let _metrics = crate::ops::metrics_http::start_if(args.metrics_address, metrics).await?;
+    let publisher = publish_pools(args, &driver).await?;
     tracing::info!(
         mode = ?args.mode,
         node_id = %node_id,
@@ -317,6 +321,9 @@ async fn serve_pool(args: &ServeArgs, stop: &Stop) -> anyhow::Result<()> {
     if let Some(h) = pool_server {
         h.await?.context("pool API server")?;
     }
+    if let Some(h) = publisher {
+        h.abort();
+    }
     if matches!(args.mode, Mode::Node | Mode::All) {
         let state_dir = driver.pools.default_pool().node_state_dir();
         let data_path = driver.data_path;
@@ -325,6 +332,30 @@ async fn serve_pool(args: &ServeArgs, stop: &Stop) -> anyhow::Result<()> {
         tokio::task::spawn_blocking(move || data_path.stop(&state_dir, wait)).await?;
     }
     result
+}
+
+/// With --publish-pools: start keeping the LoopPool objects current (a task of its own; CSI
+/// never waits for it).
+async fn publish_pools(
+    args: &ServeArgs,
+    driver: &Arc<Driver>,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+    let Some(crate::cli::PublishPools::Kubernetes) = args.publish_pools else {
+        return Ok(None);
+    };
+    #[cfg(not(feature = "kubernetes"))]
+    {
+        let _ = driver;
+        bail!("this loopvol was built without the kubernetes feature: --publish-pools kubernetes needs it");
+    }
+    #[cfg(feature = "kubernetes")]
+    {
+        let pools = driver.pools.iter().cloned().collect();
+        let serves_node = matches!(args.mode, Mode::Node | Mode::All);
+        Ok(Some(
+            crate::ops::looppool::start(driver.node_id(), pools, serves_node).await?,
+        ))
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT.
