@@ -102,7 +102,14 @@ impl Pool {
                 let (a, b) = (name("a"), name("b"));
                 let result = (|| {
                     use std::io::Write;
-                    let mut src = File::create(&a)?;
+                    // FICLONE reads the source: a write-only descriptor is EBADF, which read
+                    // as "cannot reflink" on every filesystem.
+                    let mut src = fs::OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .create(true)
+                        .truncate(true)
+                        .open(&a)?;
                     src.write_all(&[0x5a; 4096])?;
                     src.sync_all()?;
                     let dst = File::create(&b)?;
