@@ -10,6 +10,7 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::api::storage::v1::{CSIDriver, StorageClass, VolumeAttributesClass};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::{ClusterResourceScope, NamespaceResourceScope, Resource};
 use serde::de::DeserializeOwned;
@@ -112,6 +113,7 @@ objects! {
     Role(Role),
     RoleBinding(RoleBinding),
     CsiDriver(CSIDriver),
+    CustomResourceDefinition(CustomResourceDefinition),
     StorageClass(StorageClass),
     VolumeAttributesClass(VolumeAttributesClass),
     Deployment(Deployment),

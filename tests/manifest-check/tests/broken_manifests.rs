@@ -490,3 +490,32 @@ fn the_node_plugin_must_see_the_hosts_cgroup_tree_writable_at_its_cgroup_root() 
     )]);
     assert_exactly(&findings, &[expected_missing]);
 }
+
+#[test]
+fn rbac_on_a_resource_no_crd_serves_is_reported() {
+    let findings = findings_after(&[(
+        "manifests/rbac.yaml",
+        "resources: [\"looppools/status\"]",
+        "resources: [\"looppool/status\"]",
+    )]);
+    assert_exactly(
+        &findings,
+        &[
+            "manifests/rbac.yaml ClusterRole/loopvol-node-looppools: rule on looppool/status in \
+             API group loopvol.csi.dev: no CustomResourceDefinition in the manifests serves it",
+        ],
+    );
+    // The status subresource must be one the CRD has.
+    let findings = findings_after(&[(
+        "manifests/looppool-crd.yaml",
+        "      subresources:\n        status: {}\n",
+        "",
+    )]);
+    assert_exactly(
+        &findings,
+        &[
+            "manifests/rbac.yaml ClusterRole/loopvol-node-looppools: rule on looppools/status in \
+             API group loopvol.csi.dev: no CustomResourceDefinition in the manifests serves it",
+        ],
+    );
+}

@@ -8,6 +8,7 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::api::storage::v1::{CSIDriver, StorageClass, VolumeAttributesClass};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use manifest_check::kinds::{
     Kustomization, Pick, ServiceMonitor, VolumeGroupSnapshot, VolumeGroupSnapshotClass,
     VolumeSnapshot, VolumeSnapshotClass,
@@ -45,15 +46,21 @@ fn real_manifests_contain_the_whole_install() {
             count::<ServiceAccount>(&inv, Origin::Install),
             2,
         ),
+        // The three sidecars', and the node plugin's LoopPool objects.
         (
             "ClusterRole",
             count::<ClusterRole>(&inv, Origin::Install),
-            3,
+            4,
         ),
         (
             "ClusterRoleBinding",
             count::<ClusterRoleBinding>(&inv, Origin::Install),
-            3,
+            4,
+        ),
+        (
+            "CustomResourceDefinition",
+            count::<CustomResourceDefinition>(&inv, Origin::Install),
+            1,
         ),
         // Leader election, CSIStorageCapacity, the router's pod watch, the CA Secret.
         ("Role", count::<Role>(&inv, Origin::Install), 4),

@@ -61,9 +61,10 @@ impl k8s_openapi::Metadata for LoopPool {
 
 /// What `loopvol status` and the per-pool gauges say about one pool, as of `last_update`.
 /// Byte figures are integers for machines; `capacity` and `free` repeat two of them for the
-/// printer columns.
+/// printer columns. Every field has a default when read back, so an object written by an
+/// older loopvol (or by hand) still lists.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", default)]
 pub struct LoopPoolStatus {
     pub node: String,
     pub pool: String,
@@ -97,7 +98,7 @@ pub struct LoopPoolStatus {
 
 /// A condition in the shape of `metav1.Condition`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", default)]
 pub struct Condition {
     #[serde(rename = "type")]
     pub type_: String,

@@ -262,3 +262,16 @@ fn names_the_api_server_would_refuse_are_refused_at_start() {
     assert!(check_name("Node_A", "fast").is_err());
     assert!(check_name(&"n".repeat(64), "fast").is_err());
 }
+
+#[test]
+fn a_status_written_by_someone_else_still_reads() {
+    let obj: LoopPool = serde_json::from_value(serde_json::json!({
+        "apiVersion": API_VERSION, "kind": KIND,
+        "metadata": {"name": "node-a.old"},
+        "status": {"node": "node-a", "pool": "old", "volumes": 3, "conditions": [{"type": "Full"}]},
+    }))
+    .unwrap();
+    let s = obj.status.unwrap();
+    assert_eq!((s.volumes, s.capacity_bytes), (3, 0));
+    assert_eq!(s.conditions[0].type_, FULL);
+}

@@ -11,10 +11,12 @@ use crate::kinds::{
 use k8s_openapi::api::core::v1::{
     ConfigMap, Container, PersistentVolumeClaim, PodSpec, Secret, ServiceAccount,
 };
+use k8s_openapi::api::rbac::v1::PolicyRule;
 use k8s_openapi::api::rbac::v1::{
     ClusterRole, ClusterRoleBinding, Role, RoleBinding, RoleRef, Subject,
 };
 use k8s_openapi::api::storage::v1::StorageClass;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 
 pub fn check(inv: &Inventory) -> Vec<Finding> {
     let mut out = Vec::new();
@@ -23,6 +25,7 @@ pub fn check(inv: &Inventory) -> Vec<Finding> {
         out.extend(selector(&pod));
     }
     out.extend(role_bindings(inv));
+    out.extend(custom_resource_rules(inv));
     out.extend(claims(inv));
     out.extend(snapshots(inv));
     out.extend(group_snapshots(inv));
@@ -417,6 +420,65 @@ fn snapshots(inv: &Inventory) -> Vec<Finding> {
                 "spec.source needs exactly one of persistentVolumeClaimName and volumeSnapshotContentName",
             )),
         }
+    }
+    out
+}
+
+/// A role's rule on the API group of a CRD defined in the manifests names only resources that
+/// CRD serves: its plural, and `<plural>/status` only with the status subresource (a typo
+/// there grants nothing, and the node plugin's applies would be forbidden).
+fn custom_resource_rules(inv: &Inventory) -> Vec<Finding> {
+    let crds: Vec<&CustomResourceDefinition> = inv
+        .all::<CustomResourceDefinition>()
+        .map(|(_, c)| c)
+        .collect();
+    let served = |group: &str, resource: &str| -> Option<bool> {
+        let in_group: Vec<_> = crds.iter().filter(|c| c.spec.group == group).collect();
+        if in_group.is_empty() {
+            return None; // not a group the manifests define
+        }
+        let (plural, sub) = match resource.split_once('/') {
+            Some((p, s)) => (p, Some(s)),
+            None => (resource, None),
+        };
+        Some(in_group.iter().any(|c| {
+            c.spec.names.plural == plural
+                && match sub {
+                    None => true,
+                    Some("status") => c
+                        .spec
+                        .versions
+                        .iter()
+                        .any(|v| v.subresources.as_ref().is_some_and(|s| s.status.is_some())),
+                    Some("scale") => c
+                        .spec
+                        .versions
+                        .iter()
+                        .any(|v| v.subresources.as_ref().is_some_and(|s| s.scale.is_some())),
+                    Some(_) => false,
+                }
+        }))
+    };
+    let mut out = Vec::new();
+    let mut check = |doc: &Doc, rules: &[PolicyRule]| {
+        for rule in rules {
+            for group in rule.api_groups.iter().flatten() {
+                for resource in rule.resources.iter().flatten() {
+                    if served(group, resource) == Some(false) {
+                        out.push(doc.finding(format!(
+                            "rule on {resource} in API group {group}: no CustomResourceDefinition \
+                             in the manifests serves it"
+                        )));
+                    }
+                }
+            }
+        }
+    };
+    for (doc, r) in inv.all::<ClusterRole>() {
+        check(doc, r.rules.as_deref().unwrap_or_default());
+    }
+    for (doc, r) in inv.all::<Role>() {
+        check(doc, r.rules.as_deref().unwrap_or_default());
     }
     out
 }
