@@ -9,7 +9,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::cluster::NetCluster;
+use common::cluster::{self, NetCluster};
 use common::*;
 use loopvol::csi::*;
 use rand::Rng;
@@ -33,6 +33,16 @@ async fn volumes_are_placed_used_and_refused_across_namespaces() {
     let mut cl = NetCluster::start(2).await;
     cl.lan.assert_sealed();
     cl.assert_no_listener_outside();
+    // The nodes reach each other's pool port (a sink pulls from its source), and the router
+    // reaches them. (No probe from the root namespace: its default route would send it out
+    // of the machine.)
+    for (from, to) in [("n1", "n2"), ("n2", "n1"), ("r", "n1"), ("r", "n2")] {
+        let to = cl.lan.member(to).ip;
+        cl.lan
+            .member(from)
+            .connect((to, cluster::POOL_PORT).into())
+            .unwrap_or_else(|e| panic!("{from} cannot reach {to}: {e}"));
+    }
     let mut r = cl.router().await;
 
     // Placed on the named node, over the network: the image is in that node's pool only.

@@ -124,28 +124,6 @@ fn moved(method: &str, bytes: u64, took: Duration) -> Moved {
     }
 }
 
-/// Run `f` on a thread that has joined the network namespace at `ns` (setns(2) moves only
-/// the calling thread; sockets it makes stay in that namespace wherever they are used).
-fn in_netns<T: Send + 'static>(
-    ns: &Path,
-    f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
-) -> std::thread::JoinHandle<anyhow::Result<T>> {
-    let ns = ns.to_path_buf();
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(&ns).with_context(|| format!("open {}", ns.display()))?;
-        let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
-        // SAFETY: a plain syscall on an fd we own; it changes only this thread's namespace.
-        if unsafe { libc::setns(fd, libc::CLONE_NEWNET) } != 0 {
-            bail!(
-                "setns {}: {}",
-                ns.display(),
-                std::io::Error::last_os_error()
-            );
-        }
-        f()
-    })
-}
-
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
@@ -182,7 +160,7 @@ fn tls_floor(
     );
     let addr = (dst.ip, PORT);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let receiver = in_netns(&dst.ns_path(), move || {
+    let receiver = dst.spawn_in(move || -> anyhow::Result<_> {
         let listener = TcpListener::bind(addr)?;
         let _ = ready_tx.send(());
         let (tcp, _) = listener.accept()?;
@@ -205,7 +183,7 @@ fn tls_floor(
     let bytes = std::fs::metadata(payload)?.len();
     let payload = payload.to_path_buf();
     let started = Instant::now();
-    let sender = in_netns(&src.ns_path(), move || {
+    let sender = src.spawn_in(move || -> anyhow::Result<_> {
         let tcp = TcpStream::connect(addr)?;
         let name = ServerName::try_from("loopvol-node")?;
         let conn = rustls::ClientConnection::new(client, name)?;

@@ -11,8 +11,8 @@
 //! other; the subnet is still derived from the pid and counter, so logs tell them apart.
 //!
 //! Everything is deleted on drop, even after a panic: deleting a namespace deletes the veth
-//! ends inside it, and with them their peers. Only std and the `ip`/`nsenter` tools are used,
-//! so the benchmark harness includes this file too (`#[path]`).
+//! ends inside it, and with them their peers. Only std, libc and the `ip`/`nsenter` tools are
+//! used, so the benchmark harness includes this file too (`#[path]`).
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
@@ -44,6 +44,38 @@ impl Member {
             .arg("--")
             .arg(program);
         c
+    }
+
+    /// Run `f` on a thread of its own that has joined this member's network namespace
+    /// (setns(2) moves only the calling thread; a socket keeps the namespace it was made in,
+    /// wherever it is used afterwards).
+    pub fn spawn_in<T, E>(
+        &self,
+        f: impl FnOnce() -> Result<T, E> + Send + 'static,
+    ) -> std::thread::JoinHandle<Result<T, E>>
+    where
+        T: Send + 'static,
+        E: From<std::io::Error> + Send + 'static,
+    {
+        let ns = self.ns_path();
+        std::thread::spawn(move || {
+            let file = std::fs::File::open(&ns)?;
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
+            // SAFETY: a plain syscall on a descriptor we own; it changes only this thread.
+            if unsafe { libc::setns(fd, libc::CLONE_NEWNET) } != 0 {
+                return Err(std::io::Error::last_os_error().into());
+            }
+            f()
+        })
+    }
+
+    /// A TCP connection to `to` made from inside this member's namespace.
+    pub fn connect(&self, to: std::net::SocketAddr) -> std::io::Result<std::net::TcpStream> {
+        self.spawn_in(move || {
+            std::net::TcpStream::connect_timeout(&to, std::time::Duration::from_secs(5))
+        })
+        .join()
+        .expect("connect thread")
     }
 }
 
