@@ -4,7 +4,7 @@
 //! addresses of the test's own, and nothing reaches the outside: no interface, address, route
 //! or sysctl of the root namespace is touched, and no member has a route beyond its /24.
 //!
-//! Names are the test's own (`lv<pid>x<counter><member>`, the netns name; the interfaces are
+//! Names are the test's own (`lv<pid>x<counter><tag><member>`, the netns name; the interfaces are
 //! `eth0` in a member and `p<index>` in the switch, names that are private to their namespace,
 //! so IFNAMSIZ never bites and no two tests can collide). Because each network is sealed in its
 //! own namespaces, two tests that happened to pick the same subnet would not even see each
@@ -82,6 +82,7 @@ impl Member {
 /// A switch namespace with a bridge, and the members plugged into it.
 #[derive(Debug)]
 pub struct Lan {
+    prefix: String,
     switch: String,
     pub members: Vec<Member>,
     /// The /24 every member has an address in: `a.b.c.0/24`.
@@ -125,30 +126,33 @@ impl Lan {
     pub fn new(members: &[&str]) -> Result<Lan, String> {
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let pid = std::process::id();
-        let prefix = format!("lv{pid}x{n}");
         // 10.x.y.0/24 from the pid and counter, away from 10.0.x (the commonest real LAN).
         let h = pid
             .wrapping_mul(2654435761)
             .wrapping_add(n.wrapping_mul(40503));
         let subnet = [10, 1 + (h >> 8) as u8 % 254, h as u8];
-        let mut lan = Lan {
-            switch: format!("{prefix}sw"),
-            members: Vec::new(),
-            subnet,
-        };
-        // A leftover of a crashed run whose pid came round again would be ours by name: the
-        // process that made it is gone, so it is garbage (`ip netns add` refuses to reuse it).
-        if std::path::Path::new(&format!("/run/netns/{}", lan.switch)).exists() {
-            let _ = ip(&["netns", "del", &lan.switch]);
+        // The pid and counter make the names unique among the processes of this pid namespace;
+        // a random tag makes them unique across pid namespaces sharing /run/netns too. A name
+        // taken all the same is someone else's: never deleted, another one is tried.
+        let mut lan = None;
+        for _ in 0..8 {
+            let tag = random_tag();
+            let switch = format!("lv{pid}x{n}{tag}sw");
+            if ip(&["netns", "add", &switch]).is_ok() {
+                lan = Some(Lan {
+                    prefix: format!("lv{pid}x{n}{tag}"),
+                    switch,
+                    members: Vec::new(),
+                    subnet,
+                });
+                break;
+            }
         }
-        ip(&["netns", "add", &lan.switch])?;
+        let mut lan = lan.ok_or("no free network namespace name")?;
         ip(&["-n", &lan.switch, "link", "add", "br0", "type", "bridge"])?;
         ip(&["-n", &lan.switch, "link", "set", "br0", "up"])?;
         for (k, name) in members.iter().enumerate() {
-            let ns = format!("{prefix}{name}");
-            if std::path::Path::new(&format!("/run/netns/{ns}")).exists() {
-                let _ = ip(&["netns", "del", &ns]);
-            }
+            let ns = format!("{}{name}", lan.prefix);
             ip(&["netns", "add", &ns])?;
             let member = Member {
                 name: name.to_string(),
@@ -220,6 +224,19 @@ impl Lan {
             "an address of the test's network in the root namespace:\n{root}"
         );
     }
+}
+
+/// Four hex digits that differ between processes and calls (std's randomly keyed hasher).
+fn random_tag() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    format!("{:04x}", h.finish() as u16)
 }
 
 impl Drop for Lan {
