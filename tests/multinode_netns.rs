@@ -9,7 +9,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::cluster::{self, NetCluster};
+use common::cluster::{self, NetCluster, Victim};
 use common::*;
 use loopvol::csi::*;
 use rand::Rng;
@@ -138,7 +138,7 @@ async fn kill9_during_creates_leaves_every_pool_settled() {
     let mut names = Vec::new();
     let mut interrupted = 0;
     for round in 0..6usize {
-        let victim = round % 3; // 0: n1, 1: n2, 2: the router
+        let victim = [Victim::Node(1), Victim::Node(2), Victim::Router][round % 3];
         let mut r = cl.router().await;
         let batch: Vec<(String, String)> = (0..4)
             .map(|k| (format!("r{round}-{k}"), format!("n{}", 1 + k % 2)))
@@ -151,10 +151,7 @@ async fn kill9_during_creates_leaves_every_pool_settled() {
             calls.push(tokio::spawn(async move { r.create_volume(req).await }));
         }
         tokio::time::sleep(Duration::from_millis(rng.random_range(0..40))).await;
-        match victim {
-            0 | 1 => cl.kill9_node(victim + 1),
-            _ => cl.kill9_router(),
-        }
+        cl.kill9(victim);
         for c in calls {
             // Whatever each call answered (done, UNAVAILABLE, a broken connection) is fine:
             // the retries below must end in one volume per name.
@@ -162,10 +159,7 @@ async fn kill9_during_creates_leaves_every_pool_settled() {
                 interrupted += 1;
             }
         }
-        match victim {
-            0 | 1 => cl.restart_node(victim + 1).await,
-            _ => cl.restart_router().await,
-        }
+        cl.restart(victim).await;
         r = cl.router().await;
         for (name, node) in &batch {
             let mut req = on_node(name, node, 256 * MIB);

@@ -133,6 +133,14 @@ async fn unix_channel(path: &Path) -> Result<Channel, tonic::transport::Error> {
         .await
 }
 
+/// A process of the cluster a fault round kills.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Victim {
+    /// Node plugin `n<i>` (1-based).
+    Node(usize),
+    Router,
+}
+
 /// One node: its network identity, its directories as the host sees them, its plugin.
 pub struct ClusterNode {
     pub member: Member,
@@ -307,6 +315,22 @@ impl NetCluster {
 
     pub async fn router(&self) -> ControllerClient<Channel> {
         ControllerClient::new(unix_channel(&self.router.socket).await.unwrap())
+    }
+
+    /// kill -9 of `who`, for fault rounds that pick their victim.
+    pub fn kill9(&mut self, who: Victim) {
+        match who {
+            Victim::Node(i) => self.kill9_node(i),
+            Victim::Router => self.kill9_router(),
+        }
+    }
+
+    /// Restart `who` with its arguments and namespaces, once it answers.
+    pub async fn restart(&mut self, who: Victim) {
+        match who {
+            Victim::Node(i) => self.restart_node(i).await,
+            Victim::Router => self.restart_router().await,
+        }
     }
 
     pub fn kill9_node(&mut self, i: usize) {
