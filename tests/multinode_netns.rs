@@ -1,7 +1,7 @@
 //! Router mode across real network namespaces: node plugins each in a network namespace and a
 //! container (mount namespace) of their own, with their own pools, and a router in a network
 //! namespace of its own reaching them over TCP with mTLS on a private network
-//! (tests/common/cluster.rs). The scenarios of tests/multinode.rs that matter most when the
+//! (tests/common/netcluster.rs). The scenarios of tests/multinode.rs that matter most when the
 //! network is real: placement, the node side of a volume on its node, a node's outage, and
 //! kill -9 of each process in the middle of creates.
 
@@ -9,7 +9,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::cluster::{self, NetCluster, Victim};
+use common::netcluster::{self, NetCluster, Victim};
 use common::*;
 use loopvol::csi::*;
 use rand::Rng;
@@ -40,7 +40,7 @@ async fn volumes_are_placed_used_and_refused_across_namespaces() {
         let to = cl.lan.member(to).ip;
         cl.lan
             .member(from)
-            .connect((to, cluster::POOL_PORT).into())
+            .connect((to, netcluster::POOL_PORT).into())
             .unwrap_or_else(|e| panic!("{from} cannot reach {to}: {e}"));
     }
     let mut r = cl.router().await;

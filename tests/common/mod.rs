@@ -4,7 +4,7 @@
 
 #![allow(dead_code)]
 
-pub mod cluster;
+pub mod netcluster;
 pub mod container;
 pub mod netns;
 
