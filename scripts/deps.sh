@@ -3,8 +3,9 @@
 
 # The programs the node side runs (mkfs, fsck, grow, blkid), by Debian package.
 LOOPVOL_RUNTIME_PACKAGES=(e2fsprogs xfsprogs btrfs-progs util-linux mount)
-# The tests also drive fio (benchmarks, IO checks).
-LOOPVOL_TEST_PACKAGES=("${LOOPVOL_RUNTIME_PACKAGES[@]}" fio)
+# The tests also drive fio (benchmarks, IO checks), and the benchmark's cross-node floor
+# sends bytes with socat; network namespaces need ip (iproute2).
+LOOPVOL_TEST_PACKAGES=("${LOOPVOL_RUNTIME_PACKAGES[@]}" fio socat iproute2)
 
 # ensure_packages PKG...: apt-get install the ones that are missing (root only).
 ensure_packages() {

@@ -24,23 +24,8 @@ use loopvol::csi::controller_client::ControllerClient;
 use loopvol::csi::node_client::NodeClient;
 use loopvol::csi::*;
 use loopvol::datapath::loop_device;
-use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::mount::{umount2, MntFlags};
 use tonic::transport::Channel;
-
-/// What the container runtime does for the node plugin's container, as a shell script run by
-/// `unshare --mount --propagation unchanged`: bind the pool, rbind the kubelet directory (it
-/// stays in the host's peer group, so mounts propagate both ways), and hide the host's own
-/// view of the kubelet directory as a container would not have one (made private first, so
-/// that unmounting this namespace's copy cannot propagate to the host). Paths come in as
-/// positional arguments, never inside the script.
-const CONTAINER: &str = r#"set -e
-mount --bind "$1" "$3"
-mount --rbind "$2" "$4"
-mount --make-rprivate "$2"
-umount -R "$2"
-shift 4
-exec "$@"
-"#;
 
 /// One node: the host's pool and kubelet directories, and the driver "container" running now.
 struct Node {
@@ -63,16 +48,6 @@ struct Container {
     log: PathBuf,
 }
 
-fn bind(src: &Path, dst: &Path) {
-    mount(Some(src), dst, None::<&str>, MsFlags::MS_BIND, None::<&str>)
-        .unwrap_or_else(|e| panic!("bind {} on {}: {e}", src.display(), dst.display()));
-}
-
-fn propagation(path: &Path, flag: MsFlags) {
-    mount(None::<&str>, path, None::<&str>, flag, None::<&str>)
-        .unwrap_or_else(|e| panic!("set propagation of {}: {e}", path.display()));
-}
-
 impl Node {
     fn new() -> Node {
         let dir = tempfile::Builder::new()
@@ -93,12 +68,9 @@ impl Node {
             child: None,
             ns: None,
         };
-        // The fence: a private mount, so nothing below propagates out of the test.
-        bind(&node.root, &node.root);
-        propagation(&node.root, MsFlags::MS_PRIVATE);
-        // The host's kubelet directory is a shared mount, as Bidirectional propagation needs.
-        bind(&node.host_kubelet, &node.host_kubelet);
-        propagation(&node.host_kubelet, MsFlags::MS_SHARED);
+        // The fence: nothing below propagates out of the test; the host's kubelet directory
+        // is a shared mount, as Bidirectional propagation needs.
+        container::fence(&node.root, &[&node.host_kubelet]);
         node
     }
 
@@ -116,10 +88,9 @@ impl Node {
         std::fs::create_dir_all(&ns.pool).unwrap();
         std::fs::create_dir_all(&ns.kubelet).unwrap();
         let log = File::create(&ns.log).unwrap();
-        let child = Command::new("unshare")
-            .args(["--mount", "--propagation", "unchanged", "--", "sh", "-c"])
-            .arg(CONTAINER)
-            .arg("loopvol-container")
+        let unshare = container::unshare_args();
+        let child = Command::new(unshare[0])
+            .args(&unshare[1..])
             .arg(&self.host_pool)
             .arg(&self.host_kubelet)
             .arg(&ns.pool)

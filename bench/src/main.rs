@@ -4,6 +4,7 @@
 //! benchmarks.md: into target/bench, or with --record into docs/ (the recorded full run).
 
 mod attach;
+mod crossnode;
 mod csi_ops;
 mod datapath;
 mod driver;
@@ -34,7 +35,14 @@ use crate::plan::Plan;
 use crate::results::{Footprint, Meta, Results};
 use crate::workspace::Workspace;
 
-const SECTIONS: [&str; 5] = ["provisioning", "attach", "datapath", "scale", "iolimits"];
+const SECTIONS: [&str; 6] = [
+    "provisioning",
+    "attach",
+    "datapath",
+    "scale",
+    "iolimits",
+    "crossnode",
+];
 
 #[derive(Debug, Parser)]
 #[command(
@@ -57,7 +65,7 @@ struct Args {
     #[arg(long, default_value_os_t = std::env::temp_dir())]
     work_dir: PathBuf,
     /// Run only these sections (comma-separated): provisioning, attach, datapath, scale,
-    /// iolimits.
+    /// iolimits, crossnode.
     #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(SECTIONS))]
     only: Vec<String>,
     /// The loopvol binary; default: `loopvol` next to this binary.
@@ -285,6 +293,13 @@ async fn run(args: &Args, launch: &Launch, ws: &Workspace) -> anyhow::Result<Res
         match iolimits::run(&plan, ws, launch).await {
             Ok(l) => results.io_limits = Some(l),
             Err(e) => section_failed(&mut results, ws, "IO limits", e),
+        }
+    }
+    if wants("crossnode") {
+        eprintln!("cross-node: the same bytes between two network namespaces");
+        match crossnode::run(&plan, ws, launch) {
+            Ok(c) => results.cross_node = Some(c),
+            Err(e) => section_failed(&mut results, ws, "cross-node", e),
         }
     }
     // The scale section restarts the driver: the peak is the larger of the two processes'.

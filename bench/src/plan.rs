@@ -25,6 +25,9 @@ pub struct Plan {
     pub scale_concurrency: usize,
     pub start_repetitions: usize,
     pub restart_repetitions: usize,
+    /// Bytes sent across the namespaces' network by each cross-node floor.
+    #[serde(default)]
+    pub crossnode_bytes: u64,
 }
 
 impl Plan {
@@ -43,6 +46,7 @@ impl Plan {
             scale_concurrency: 32,
             start_repetitions: if quick { 3 } else { 7 },
             restart_repetitions: if quick { 1 } else { 3 },
+            crossnode_bytes: if quick { 64 * MIB } else { GIB },
         }
     }
 

@@ -127,6 +127,9 @@ pub fn render(r: &Results) -> String {
     if let Some(l) = &r.io_limits {
         io_limits_section(&mut md, l);
     }
+    if let Some(c) = &r.cross_node {
+        crate::crossnode::render(&mut md, c);
+    }
     if let Some(f) = &r.footprint {
         footprint_section(&mut md, f, r.scale.as_ref());
     }
@@ -779,7 +782,8 @@ fn footprint_section(md: &mut String, f: &Footprint, scale: Option<&Scale>) {
 
 const HOW_TO: &str = "## How to reproduce
 
-As root, on a machine with loop devices, `mkfs.ext4`, `mkfs.xfs`, `losetup`, `blkid` and `fio`:
+As root, on a machine with loop devices, `mkfs.ext4`, `mkfs.xfs`, `losetup`, `blkid` and `fio`
+(and `ip`, `nsenter` and `socat` for the cross-node floor):
 
 ```sh
 cargo build --release -p loopvol-driver -p bench
@@ -791,7 +795,7 @@ cargo run -p bench --release -- --quick  # smoke run into target/bench/: smaller
 Other flags: `--out-dir DIR` (where the two files go instead of target/bench/; not with
 `--record`, and `--record` not with `--quick`), `--work-dir DIR` (parent of the private
 temp dir, default the system temp dir: the pool's filesystem is that one's), `--only
-provisioning,attach,datapath,scale` (a subset, for iterating), `--loopvol PATH`,
+provisioning,attach,datapath,scale,iolimits,crossnode` (a subset, for iterating), `--loopvol PATH`,
 `--max-concurrent-ops N` (passed to the driver), `--render FILE.json` (regenerate the Markdown
 from a saved JSON without measuring; with `--record`, into docs/). Everything runs in a
 private temp dir; every mount and loop device it creates is removed at the end, also after an
@@ -816,7 +820,7 @@ error, a panic or Ctrl-C.
   client workers, calls beyond 16 queue inside the driver, while the floor runs all of its
   threads at once.
 - Nothing here is asserted by tests; the harness's unit tests cover only its percentile
-  math and its fio parsing.
+  math, its fio parsing and how its tables render.
 ";
 
 #[cfg(test)]

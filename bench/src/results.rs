@@ -17,6 +17,8 @@ pub struct Results {
     pub scale: Option<Scale>,
     #[serde(default)]
     pub io_limits: Option<IoLimits>,
+    #[serde(default)]
+    pub cross_node: Option<crate::crossnode::CrossNode>,
     pub footprint: Option<Footprint>,
     /// What could not be measured, or was measured differently than asked, and why.
     pub notes: Vec<String>,

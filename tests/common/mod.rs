@@ -4,6 +4,10 @@
 
 #![allow(dead_code)]
 
+pub mod netcluster;
+pub mod container;
+pub mod netns;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};

@@ -1,0 +1,351 @@
+//! Cross-node data movement: the raw floor of the path a cross-node restore takes (issue 24).
+//! Two network namespaces on one private bridge — the same network the multi-node tests build,
+//! from the same code (tests/common/netns.rs) — and the same N bytes of a file sent from one to
+//! the other by
+//! - a trivial mTLS sender and receiver on loopvol's TLS stack (rustls with the ring provider,
+//!   what tonic's `tls-ring` runs), with the node and router certificates `loopvol certs`
+//!   writes, the receiver requiring the client certificate as the pool API does;
+//! - `cat FILE | socat -u STDIN TCP:…` into `socat -u TCP-LISTEN:… STDOUT`: plain TCP.
+//!
+//! The file is read from the page cache (written just before), the receiver counts and drops
+//! the bytes: the figures are the network path's, not a disk's. The restore itself plugs in
+//! at [`measure_cross_node_restore`]; until it exists the section says "not measured yet".
+
+#[path = "../../tests/common/netns.rs"]
+#[allow(dead_code)]
+mod netns;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use serde::{Deserialize, Serialize};
+
+use crate::driver::Launch;
+use crate::plan::{Plan, MIB};
+use crate::workspace::Workspace;
+
+const PORT: u16 = 7444;
+const PIECE: usize = 1 << 20;
+
+/// One way of moving the bytes, measured.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Moved {
+    pub method: String,
+    pub bytes: u64,
+    pub seconds: f64,
+    pub mib_per_s: f64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct CrossNode {
+    pub bytes: u64,
+    pub floors: Vec<Moved>,
+    /// A floor that could not run here, and why.
+    pub missing: Vec<String>,
+    /// loopvol's cross-node restore of a volume holding `bytes` of data; `None` until it
+    /// exists (issue 24).
+    pub restore: Option<Moved>,
+}
+
+pub fn run(plan: &Plan, ws: &Workspace, launch: &Launch) -> anyhow::Result<CrossNode> {
+    let dir = ws.subdir("crossnode")?;
+    let lan = netns::Lan::new(&["src", "dst"]).map_err(anyhow::Error::msg)?;
+    let (src, dst) = (lan.member("src"), lan.member("dst"));
+    let certs = dir.join("certs");
+    crate::tools::run(
+        &launch.bin.to_string_lossy(),
+        ["certs".as_ref(), "--out".as_ref(), certs.as_os_str()],
+    )?;
+    let payload = dir.join("payload");
+    write_payload(&payload, plan.crossnode_bytes)?;
+    let mut out = CrossNode {
+        bytes: plan.crossnode_bytes,
+        ..Default::default()
+    };
+    out.floors.push(tls_floor(src, dst, &certs, &payload)?);
+    if Command::new("socat").arg("-V").output().is_ok() {
+        out.floors.push(socat_floor(src, dst, &payload)?);
+    } else {
+        out.missing
+            .push("cat | socat: socat is not installed (scripts/deps.sh installs it)".into());
+    }
+    out.restore = measure_cross_node_restore(plan, ws, launch)?;
+    std::fs::remove_file(&payload)?;
+    Ok(out)
+}
+
+/// THE HOOK: loopvol's own cross-node restore over the same kind of network — two node plugins
+/// in namespaces of their own, a volume with `plan.crossnode_bytes` of data on one, restored
+/// from its snapshot onto the other — plugs in here once issue 24's transfer engine exists.
+/// Until then there is nothing to measure, and no number is made up.
+fn measure_cross_node_restore(
+    _plan: &Plan,
+    _ws: &Workspace,
+    _launch: &Launch,
+) -> anyhow::Result<Option<Moved>> {
+    Ok(None)
+}
+
+/// Incompressible bytes (xorshift), so no layer can shrink them.
+fn write_payload(path: &Path, bytes: u64) -> anyhow::Result<()> {
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut buf = vec![0u8; PIECE];
+    let mut left = bytes;
+    while left > 0 {
+        for c in buf.chunks_exact_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            c.copy_from_slice(&x.to_le_bytes());
+        }
+        let n = left.min(PIECE as u64) as usize;
+        f.write_all(&buf[..n])?;
+        left -= n as u64;
+    }
+    f.into_inner()?.sync_all()?;
+    Ok(())
+}
+
+fn moved(method: &str, bytes: u64, took: Duration) -> Moved {
+    let seconds = took.as_secs_f64();
+    Moved {
+        method: method.into(),
+        bytes,
+        seconds,
+        mib_per_s: bytes as f64 / MIB as f64 / seconds,
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn tls_floor(
+    src: &netns::Member,
+    dst: &netns::Member,
+    certs: &Path,
+    payload: &Path,
+) -> anyhow::Result<Moved> {
+    let pem_certs = |f: &str| -> anyhow::Result<Vec<CertificateDer<'static>>> {
+        Ok(CertificateDer::pem_file_iter(certs.join(f))?.collect::<Result<_, _>>()?)
+    };
+    let key = |f: &str| PrivateKeyDer::from_pem_file(certs.join(f));
+    let mut roots = rustls::RootCertStore::empty();
+    for c in pem_certs("ca.crt")? {
+        roots.add(c)?;
+    }
+    let roots = Arc::new(roots);
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
+            .build()?;
+    let server = Arc::new(
+        rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(pem_certs("server.crt")?, key("server.key")?)?,
+    );
+    let client = Arc::new(
+        rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(pem_certs("client.crt")?, key("client.key")?)?,
+    );
+    let addr = (dst.ip, PORT);
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let receiver = dst.spawn_in(move || -> anyhow::Result<_> {
+        let listener = TcpListener::bind(addr)?;
+        let _ = ready_tx.send(());
+        let (tcp, _) = listener.accept()?;
+        let conn = rustls::ServerConnection::new(server)?;
+        let mut tls = rustls::StreamOwned::new(conn, tcp);
+        let mut buf = vec![0u8; PIECE];
+        let mut got = 0u64;
+        loop {
+            match tls.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => got += n as u64,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok((got, Instant::now()))
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(10))
+        .context("the TLS receiver did not listen")?;
+    let bytes = std::fs::metadata(payload)?.len();
+    let payload = payload.to_path_buf();
+    let started = Instant::now();
+    let sender = src.spawn_in(move || -> anyhow::Result<_> {
+        let tcp = TcpStream::connect(addr)?;
+        let name = ServerName::try_from("loopvol-node")?;
+        let conn = rustls::ClientConnection::new(client, name)?;
+        let mut tls = rustls::StreamOwned::new(conn, tcp);
+        let mut file = std::fs::File::open(&payload)?;
+        let mut buf = vec![0u8; PIECE];
+        loop {
+            let n = file.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            tls.write_all(&buf[..n])?;
+        }
+        tls.conn.send_close_notify();
+        tls.flush()?;
+        // Half-close and wait for the receiver to close: closing with the server's session
+        // tickets unread would reset the connection under the receiver's last reads.
+        tls.sock.shutdown(std::net::Shutdown::Write)?;
+        let mut rest = [0u8; 4096];
+        while matches!(tls.sock.read(&mut rest), Ok(n) if n > 0) {}
+        Ok(())
+    });
+    let sent = sender.join().expect("TLS sender thread");
+    let received = receiver.join().expect("TLS receiver thread");
+    let (got, done) = match (sent, received) {
+        (Ok(()), Ok(r)) => r,
+        (s, r) => bail!("mTLS floor: sender {:?}, receiver {:?}", s.err(), r.err()),
+    };
+    if got != bytes {
+        bail!("mTLS floor: {got} of {bytes} bytes arrived");
+    }
+    Ok(moved(
+        "mTLS (rustls, ring), 1 MiB writes",
+        got,
+        done - started,
+    ))
+}
+
+fn socat_floor(src: &netns::Member, dst: &netns::Member, payload: &Path) -> anyhow::Result<Moved> {
+    let bytes = std::fs::metadata(payload)?.len();
+    let mut receiver = dst
+        .command("socat")
+        .args([
+            "-u",
+            &format!("TCP-LISTEN:{PORT},bind={}", dst.ip),
+            "STDOUT",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("start socat (receiver)")?;
+    let mut received = receiver.stdout.take().unwrap();
+    let counter = std::thread::spawn(move || -> std::io::Result<u64> {
+        let mut buf = vec![0u8; PIECE];
+        let mut got = 0u64;
+        loop {
+            match received.read(&mut buf)? {
+                0 => return Ok(got),
+                n => got += n as u64,
+            }
+        }
+    });
+    // Listening once its namespace's TCP table says so.
+    let tcp = std::path::PathBuf::from(format!("/proc/{}/net/tcp", receiver.id()));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !netns::tcp_listeners(&tcp).contains(&(dst.ip, PORT)) {
+        if Instant::now() > deadline {
+            let _ = receiver.kill();
+            let _ = receiver.wait();
+            bail!("socat did not listen on {}:{PORT}", dst.ip);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let started = Instant::now();
+    let mut cat = src
+        .command("cat")
+        .arg(payload)
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("start cat")?;
+    let sender = src
+        .command("socat")
+        .args(["-u", "STDIN", &format!("TCP:{}:{PORT}", dst.ip)])
+        .stdin(Stdio::from(cat.stdout.take().unwrap()))
+        .status()
+        .context("run socat (sender)")?;
+    let got = counter.join().expect("socat counter thread")?;
+    let took = started.elapsed();
+    let _ = cat.wait();
+    let _ = receiver.wait();
+    if !sender.success() || got != bytes {
+        bail!("cat | socat: {got} of {bytes} bytes arrived (sender {sender})");
+    }
+    Ok(moved("cat | socat (TCP, no TLS)", got, took))
+}
+
+/// The section of benchmarks.md.
+pub fn render(md: &mut String, c: &CrossNode) {
+    use std::fmt::Write as _;
+    md.push_str("## Cross-node transfer\n\n");
+    let _ = writeln!(
+        md,
+        "The same {} MiB of incompressible data (a file in the page cache) sent between two \
+         network namespaces joined by veth pairs to a bridge, the network the multi-node tests \
+         run on: the raw floor of a cross-node restore (issue 24).\n",
+        c.bytes / MIB
+    );
+    md.push_str("| method | MiB | seconds | MiB/s |\n|---|---:|---:|---:|\n");
+    for m in &c.floors {
+        let _ = writeln!(
+            md,
+            "| floor: {} | {} | {:.2} | {:.0} |",
+            m.method.replace('|', "\\|"),
+            m.bytes / MIB,
+            m.seconds,
+            m.mib_per_s
+        );
+    }
+    match &c.restore {
+        Some(m) => {
+            let _ = writeln!(
+                md,
+                "| loopvol cross-node restore | {} | {:.2} | {:.0} |",
+                m.bytes / MIB,
+                m.seconds,
+                m.mib_per_s
+            );
+        }
+        None => md.push_str("| loopvol cross-node restore | – | – | not measured yet |\n"),
+    }
+    for m in &c.missing {
+        let _ = writeln!(md, "\nNot measured: {m}.");
+    }
+    md.push('\n');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_restore_row_says_not_measured_until_there_is_a_figure() {
+        let mut c = CrossNode {
+            bytes: 64 * MIB,
+            floors: vec![moved("cat | socat", 64 * MIB, Duration::from_millis(500))],
+            ..Default::default()
+        };
+        let mut md = String::new();
+        render(&mut md, &c);
+        assert!(md.contains("| loopvol cross-node restore | – | – | not measured yet |"));
+        // A method's own `|` does not split its table cell.
+        assert!(
+            md.contains("| floor: cat \\| socat | 64 | 0.50 | 128 |"),
+            "{md}"
+        );
+        c.restore = Some(moved("restore", 64 * MIB, Duration::from_secs(1)));
+        md.clear();
+        render(&mut md, &c);
+        assert!(
+            md.contains("| loopvol cross-node restore | 64 | 1.00 | 64 |"),
+            "{md}"
+        );
+        assert!(!md.contains("not measured"));
+    }
+}
