@@ -5,6 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::copy::CopyMethod;
+use crate::encryption::Encryption;
 use crate::io_limits::IoLimits;
 use crate::params::{Allocation, FsType};
 
@@ -48,6 +49,10 @@ pub struct VolumeRecord {
     /// Absent (false) in records written before it existed.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub block_only: bool,
+    /// Encrypted at rest (encryption.rs): the method and the salt the node derives the key
+    /// with. A copy of the content carries its source's. Absent: not encrypted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<Encryption>,
 }
 
 impl VolumeRecord {
@@ -80,4 +85,8 @@ pub struct SnapshotRecord {
     /// snapshot is deleted only with its group.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group_snapshot_id: Option<String>,
+    /// The source volume's encryption: the image holds its ciphertext, and a restore takes
+    /// this (and so the same key) even after the volume is deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<Encryption>,
 }

@@ -40,6 +40,8 @@ use crate::PoolError;
 pub mod group_snapshot;
 pub mod identity;
 #[cfg(test)]
+mod encryption_tests;
+#[cfg(test)]
 mod identity_tests;
 mod quiesce;
 pub mod rekey;
