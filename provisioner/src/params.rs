@@ -244,7 +244,10 @@ mod tests {
             (vec![("encryption", "")], None),
         ] {
             let e = VolumeParams::parse(params.clone(), cap).unwrap_err();
-            assert!(matches!(e, PoolError::InvalidArgument(_)), "{params:?}: {e}");
+            assert!(
+                matches!(e, PoolError::InvalidArgument(_)),
+                "{params:?}: {e}"
+            );
             assert!(e.to_string().contains("encryption"), "{e}");
         }
     }

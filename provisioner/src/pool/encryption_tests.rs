@@ -50,7 +50,10 @@ fn copies_carry_the_source_salt_and_blank_volumes_get_their_own() {
     let b = pool
         .create_volume(&req("b", Some(Method::Fscrypt), None))
         .unwrap();
-    let ea = a.encryption.clone().expect("blank encrypted volume has encryption");
+    let ea = a
+        .encryption
+        .clone()
+        .expect("blank encrypted volume has encryption");
     assert_eq!(ea.method, Method::Fscrypt);
     assert_ne!(ea.key_salt, b.encryption.unwrap().key_salt);
     // The salt is in the record on disk, and it is the only encryption state there.
@@ -77,7 +80,11 @@ fn copies_carry_the_source_salt_and_blank_volumes_get_their_own() {
     assert_eq!(snap.encryption.as_ref(), Some(&ea));
     assert!(pool.delete_volume(&a.id).unwrap());
     let restored = pool
-        .create_volume(&req("r", None, Some(ContentSource::Snapshot(snap.id.clone()))))
+        .create_volume(&req(
+            "r",
+            None,
+            Some(ContentSource::Snapshot(snap.id.clone())),
+        ))
         .unwrap();
     assert_eq!(restored.encryption.as_ref(), Some(&ea));
     // Idempotent retries of the copies answer the same record.
@@ -107,7 +114,11 @@ fn a_copy_into_another_pool_carries_the_salt() {
     let t = tempfile::tempdir().unwrap();
     let pools = Pools::new(["default", "other"].map(|n| open(t.path(), n))).unwrap();
     let a = pools
-        .create_volume("default", &req("a", Some(Method::Fscrypt), None), &no_quiesce)
+        .create_volume(
+            "default",
+            &req("a", Some(Method::Fscrypt), None),
+            &no_quiesce,
+        )
         .unwrap();
     let copy = pools
         .create_volume(

@@ -37,10 +37,10 @@ use crate::record::{ContentSource, SnapshotRecord, VolumeRecord, RECORD_FORMAT};
 use crate::size;
 use crate::PoolError;
 
-pub mod group_snapshot;
-pub mod identity;
 #[cfg(test)]
 mod encryption_tests;
+pub mod group_snapshot;
+pub mod identity;
 #[cfg(test)]
 mod identity_tests;
 mod quiesce;

@@ -392,7 +392,10 @@ pub(super) struct Source {
 /// (ciphertext stays ciphertext, under the same derived key); a plaintext source cannot become
 /// an encrypted volume by copying, so asking for that is refused. An encrypted volume is only
 /// ever a mounted ext4 filesystem: raw block access would hand the pod the ciphertext.
-fn encryption_of(req: &CreateRequest, source: Option<&Source>) -> Result<Option<Encryption>, PoolError> {
+fn encryption_of(
+    req: &CreateRequest,
+    source: Option<&Source>,
+) -> Result<Option<Encryption>, PoolError> {
     let asked = req.params.encryption;
     let encryption = match source {
         None => asked.map(Encryption::new).transpose()?,
