@@ -98,6 +98,22 @@ impl T {
     }
 }
 
+/// stdout of an admin command on the test's pool.
+fn loopvol_out(d: &Driver, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_loopvol"))
+        .args(args)
+        .arg("--pool-dir")
+        .arg(&d.pool)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Does the file hold `needle`? `grep -a -F`, as someone reading a stolen disk would.
 fn image_contains(image: &Path, needle: &str) -> bool {
     let st = Command::new("grep")
@@ -149,6 +165,21 @@ async fn contents_and_names_never_reach_the_image_and_the_key_leaves_with_unstag
             "{tag}: the pod reads what it wrote"
         );
     }
+    // The operator's view says which volumes are encrypted.
+    let table = loopvol_out(&t.d, &["volume", "list"]);
+    let col = table
+        .lines()
+        .next()
+        .unwrap()
+        .find("ENCRYPTION")
+        .expect(&table);
+    let row = |n: &str| table.lines().find(|l| l.contains(n)).unwrap()[col..].to_string();
+    assert!(row(&enc).starts_with("fscrypt "), "{table}");
+    assert!(row(&plain).starts_with("- "), "{table}");
+    let status = loopvol_out(&t.d, &["status"]);
+    assert!(status.contains("1 encrypted"), "{status}");
+    let inspect = loopvol_out(&t.d, &["volume", "inspect", &enc]);
+    assert!(inspect.contains("encryption   fscrypt"), "{inspect}");
     // The pod sees the encrypted directory, never the filesystem root (no lost+found).
     let seen: Vec<_> = std::fs::read_dir(t.target("enc"))
         .unwrap()

@@ -854,7 +854,9 @@ async fn an_encrypted_volume_keeps_working_across_a_plugin_restart() {
     n.node_stage_volume(stage_with(node.ns().kubelet.clone(), KEY))
         .await
         .unwrap();
-    publish(&mut n, &v, &node.ns().kubelet.clone()).await.unwrap();
+    publish(&mut n, &v, &node.ns().kubelet.clone())
+        .await
+        .unwrap();
     let host = node.host_kubelet.clone();
     let writer = Writer::start(v.target(&host).join("log"));
     writer.wait_for(20);
@@ -880,7 +882,11 @@ async fn an_encrypted_volume_keeps_working_across_a_plugin_restart() {
     assert_eq!(result, Ok(()), "the writer saw an error");
     let log = v.target(&host).join("log");
     for i in [0, blocks / 2, blocks - 1] {
-        assert_eq!(read_at(&log, i * BLOCK as u64, BLOCK), block(i), "block {i}");
+        assert_eq!(
+            read_at(&log, i * BLOCK as u64, BLOCK),
+            block(i),
+            "block {i}"
+        );
     }
     n.node_unpublish_volume(NodeUnpublishVolumeRequest {
         volume_id: v.id.clone(),
@@ -895,7 +901,8 @@ async fn an_encrypted_volume_keeps_working_across_a_plugin_restart() {
     .await
     .unwrap();
     assert!(
-        node.log().contains("encryption key removed from the filesystem"),
+        node.log()
+            .contains("encryption key removed from the filesystem"),
         "{}",
         node.log()
     );

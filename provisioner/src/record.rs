@@ -65,6 +65,11 @@ impl VolumeRecord {
             self.fs_type.to_string()
         }
     }
+
+    /// The encryption as people should see it: the method, or `-` for none.
+    pub fn encryption_label(&self) -> &'static str {
+        self.encryption.as_ref().map_or("-", |e| e.method.as_str())
+    }
 }
 
 /// A snapshot: an immutable copy of a volume's image at one instant, independent of the volume
