@@ -218,6 +218,23 @@ fn drop_cache(file: &Path) -> anyhow::Result<()> {
     // SAFETY: an advisory call on a descriptor we hold.
     let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
     anyhow::ensure!(rc == 0, "posix_fadvise {}: error {rc}", file.display());
+    // The premise of every read figure: nothing of the file is left in memory.
+    let resident = crate::tools::run(
+        "fincore",
+        [
+            "--bytes".as_ref(),
+            "--noheadings".as_ref(),
+            "--output".as_ref(),
+            "RES".as_ref(),
+            file.as_os_str(),
+        ],
+    )?;
+    let resident: u64 = resident.trim().parse().unwrap_or(u64::MAX);
+    anyhow::ensure!(
+        resident <= MIB,
+        "{} still has {resident} bytes in the page cache after dropping it",
+        file.display()
+    );
     Ok(())
 }
 

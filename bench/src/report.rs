@@ -838,7 +838,7 @@ cargo run -p bench --release -- --quick  # smoke run into target/bench/: smaller
 Other flags: `--out-dir DIR` (where the two files go instead of target/bench/; not with
 `--record`, and `--record` not with `--quick`), `--work-dir DIR` (parent of the private
 temp dir, default the system temp dir: the pool's filesystem is that one's), `--only
-provisioning,attach,datapath,scale` (a subset, for iterating), `--loopvol PATH`,
+provisioning,attach,datapath,encryption,scale` (a subset, for iterating), `--loopvol PATH`,
 `--max-concurrent-ops N` (passed to the driver), `--render FILE.json` (regenerate the Markdown
 from a saved JSON without measuring; with `--record`, into docs/). Everything runs in a
 private temp dir; every mount and loop device it creates is removed at the end, also after an
