@@ -1,12 +1,11 @@
 //! Encrypted volumes' records (encryption.rs): a blank volume gets a fresh salt, every copy of
-//! its content (clone, snapshot, group snapshot, restore, a copy into another pool) carries the
-//! source's, and requests that cannot be honoured are refused before anything is made.
+//! its content (clone, snapshot, group snapshot, restore) carries the source's (a copy into
+//! another pool: pools.rs), and requests that cannot be honoured are refused before anything is made.
 
 use super::*;
 use crate::encryption::Method;
 use crate::group_snapshot::GroupTestHooks;
 use crate::params::FsType;
-use crate::pools::Pools;
 use crate::size::MIB;
 
 fn open(dir: &Path, name: &str) -> Pool {
@@ -107,27 +106,6 @@ fn copies_carry_the_source_salt_and_blank_volumes_get_their_own() {
         let vol = pool.get(&m.source_volume_id).unwrap();
         assert_eq!(m.encryption, vol.encryption);
     }
-}
-
-#[test]
-fn a_copy_into_another_pool_carries_the_salt() {
-    let t = tempfile::tempdir().unwrap();
-    let pools = Pools::new(["default", "other"].map(|n| open(t.path(), n))).unwrap();
-    let a = pools
-        .create_volume(
-            "default",
-            &req("a", Some(Method::Fscrypt), None),
-            &no_quiesce,
-        )
-        .unwrap();
-    let copy = pools
-        .create_volume(
-            "other",
-            &req("a-copy", None, Some(ContentSource::Volume(a.id.clone()))),
-            &no_quiesce,
-        )
-        .unwrap();
-    assert_eq!(copy.encryption, a.encryption);
 }
 
 #[test]
