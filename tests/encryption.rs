@@ -393,6 +393,28 @@ async fn bad_secrets_and_impossible_requests_are_refused_with_nothing_mounted() 
         );
         t.nothing_staged(what);
     }
+    // ValidateVolumeCapabilities does not confirm raw block, nor an unencrypted class.
+    for (what, cap, params) in [
+        ("block", block_cap(Mode::SingleNodeWriter), HashMap::new()),
+        (
+            "no encryption",
+            rw_mount("ext4"),
+            HashMap::from([("allocation".to_string(), "thin".to_string())]),
+        ),
+    ] {
+        let v =
+            t.c.validate_volume_capabilities(ValidateVolumeCapabilitiesRequest {
+                volume_id: id.clone(),
+                volume_capabilities: vec![cap],
+                parameters: params,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(v.confirmed.is_none(), "{what}: {v:?}");
+        assert!(v.message.contains("encrypt"), "{what}: {}", v.message);
+    }
     // Raw block access to an encrypted volume at stage.
     let mut r = stage_req(&id, &t.staging("blk"), block_cap(Mode::SingleNodeWriter));
     r.secrets = secrets(KEY);
