@@ -482,3 +482,147 @@ async fn an_encrypted_volume_expands_and_keeps_its_data() {
     assert!(!image_contains(&t.d.image_of(&id), "after-growth"));
     t.d.assert_clean();
 }
+
+async fn raw_channel(d: &Driver) -> Channel {
+    tonic::transport::Endpoint::from_shared(format!("unix://{}", d.socket.display()))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+/// Ranges a SnapshotMetadata stream lists (allocated, or changed between two snapshots).
+async fn ranges<S>(
+    mut s: tonic::Streaming<S>,
+    of: impl Fn(&S) -> Vec<(i64, i64)>,
+) -> Vec<(i64, i64)> {
+    let mut out = Vec::new();
+    while let Some(msg) = s.message().await.unwrap() {
+        out.extend(of(&msg));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn group_snapshots_and_changed_blocks_work_on_encrypted_volumes() {
+    use loopvol::csi::group_controller_client::GroupControllerClient;
+    use loopvol::csi::snapshot_metadata_client::SnapshotMetadataClient;
+    if !root_or_skip("encrypted group snapshots") {
+        return;
+    }
+    let mut t = T::start().await;
+    let mut g = GroupControllerClient::new(raw_channel(&t.d).await);
+    let mut m = SnapshotMetadataClient::new(raw_channel(&t.d).await);
+    let a = create_volume_id(&mut t.c, encrypted("a", 64 * MIB)).await;
+    let b = create_volume_id(&mut t.c, encrypted("b", 64 * MIB)).await;
+    let data = pattern(2 * MIB as usize, 77);
+    for (id, tag) in [(&a, "a"), (&b, "b")] {
+        let pod = t.up(id, tag, KEY).await;
+        std::fs::write(pod.join("payload"), &data).unwrap();
+        std::fs::File::open(pod.join("payload"))
+            .unwrap()
+            .sync_all()
+            .unwrap();
+    }
+    // A group snapshot of two staged, published, encrypted volumes (frozen together).
+    let group = g
+        .create_volume_group_snapshot(CreateVolumeGroupSnapshotRequest {
+            name: "grp".into(),
+            source_volume_ids: vec![a.clone(), b.clone()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .group_snapshot
+        .unwrap();
+    let member = |src: &str| {
+        group
+            .snapshots
+            .iter()
+            .find(|s| s.source_volume_id == src)
+            .unwrap()
+            .snapshot_id
+            .clone()
+    };
+    // Changed-block tracking: the member's allocated ranges, then what a later write changed.
+    let allocated = m
+        .get_metadata_allocated(GetMetadataAllocatedRequest {
+            snapshot_id: member(&a),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let allocated = ranges(allocated, |msg| {
+        msg.block_metadata
+            .iter()
+            .map(|b| (b.byte_offset, b.size_bytes))
+            .collect()
+    })
+    .await;
+    assert!(
+        allocated.iter().map(|r| r.1).sum::<i64>() >= 2 * MIB,
+        "the payload's ciphertext is allocated: {allocated:?}"
+    );
+    std::fs::write(t.target("a").join("later"), pattern(MIB as usize, 78)).unwrap();
+    std::fs::File::open(t.target("a").join("later"))
+        .unwrap()
+        .sync_all()
+        .unwrap();
+    let after =
+        t.c.create_snapshot(CreateSnapshotRequest {
+            source_volume_id: a.clone(),
+            name: "after".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap()
+        .snapshot_id;
+    let delta = m
+        .get_metadata_delta(GetMetadataDeltaRequest {
+            base_snapshot_id: member(&a),
+            target_snapshot_id: after,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let delta = ranges(delta, |msg| {
+        msg.block_metadata
+            .iter()
+            .map(|b| (b.byte_offset, b.size_bytes))
+            .collect()
+    })
+    .await;
+    assert!(
+        delta.iter().map(|r| r.1).sum::<i64>() >= MIB,
+        "the later write shows as changed ranges: {delta:?}"
+    );
+    for (id, tag) in [(&a, "a"), (&b, "b")] {
+        t.down(id, tag).await;
+    }
+    // A member restores, under the same Secret, into a class without encryption.
+    let mut restore = create_req("from-group", 64 * MIB, rw_mount("ext4"));
+    restore.volume_content_source = Some(VolumeContentSource {
+        r#type: Some(volume_content_source::Type::Snapshot(
+            volume_content_source::SnapshotSource {
+                snapshot_id: member(&b),
+            },
+        )),
+    });
+    let restored = create_volume_id(&mut t.c, restore).await;
+    let e = t
+        .stage(&restored, "r", secrets(OTHER_KEY))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
+    let pod = t.up(&restored, "r", KEY).await;
+    assert!(std::fs::read(pod.join("payload")).unwrap() == data);
+    t.down(&restored, "r").await;
+    assert!(!image_contains(&t.d.image_of(&restored), "payload"));
+    t.d.assert_clean();
+}
