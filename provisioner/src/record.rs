@@ -66,6 +66,27 @@ impl VolumeRecord {
         }
     }
 
+    /// Why this volume cannot serve raw block access (`block`) or a class asking for encryption
+    /// `asked` (`None`: the class was not given), as far as its encryption goes.
+    pub fn encryption_mismatch(
+        &self,
+        block: bool,
+        asked: Option<Option<crate::encryption::Method>>,
+    ) -> Option<String> {
+        let has = self.encryption.as_ref().map(|e| e.method);
+        if has.is_some() && block {
+            return Some("volume is encrypted (fscrypt): mount access only, not raw block".into());
+        }
+        match asked {
+            Some(a) if a != has => Some(format!(
+                "volume has encryption {} but {} was asked for",
+                self.encryption_label(),
+                a.map_or("-", |m| m.as_str())
+            )),
+            _ => None,
+        }
+    }
+
     /// The encryption as people should see it: the method, or `-` for none.
     pub fn encryption_label(&self) -> &'static str {
         self.encryption.as_ref().map_or("-", |e| e.method.as_str())

@@ -298,20 +298,10 @@ impl Controller for ControllerService {
                     record.fs_type, p.fs_type
                 )));
             }
-            if record.encryption.is_some() && caps.iter().any(|c| matches!(c.access, Access::Block))
-            {
-                return Err(Error::InvalidArgument(
-                    "volume is encrypted (fscrypt): mount access only, not raw block".into(),
-                ));
-            }
-            if !req.parameters.is_empty()
-                && p.encryption != record.encryption.as_ref().map(|e| e.method)
-            {
-                return Err(Error::InvalidArgument(format!(
-                    "volume has encryption {} but {} was asked for",
-                    record.encryption_label(),
-                    p.encryption.map_or("-", |m| m.as_str())
-                )));
+            let block = caps.iter().any(|c| matches!(c.access, Access::Block));
+            let asked = (!req.parameters.is_empty()).then_some(p.encryption);
+            if let Some(why) = record.encryption_mismatch(block, asked) {
+                return Err(Error::InvalidArgument(why));
             }
             let pool = VolumeId::parse(Kind::Volume, &record.id).map(|v| v.pool_name().to_string());
             if !req.parameters.is_empty() && pool.as_deref() != Some(p.pool.as_str()) {
