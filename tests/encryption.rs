@@ -626,3 +626,31 @@ async fn group_snapshots_and_changed_blocks_work_on_encrypted_volumes() {
     assert!(!image_contains(&t.d.image_of(&restored), "payload"));
     t.d.assert_clean();
 }
+
+/// An unstage refused because the volume is still published changes nothing: the key stays,
+/// and the pod keeps reading and writing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_unstage_leaves_the_key_and_the_pod_alone() {
+    if !root_or_skip("encrypted refused unstage") {
+        return;
+    }
+    let mut t = T::start().await;
+    let id = create_volume_id(&mut t.c, encrypted("busy", 64 * MIB)).await;
+    let pod = t.up(&id, "busy", KEY).await;
+    std::fs::write(pod.join("before"), b"written before").unwrap();
+    let e =
+        t.n.node_unstage_volume(unstage_req(&id, &t.staging("busy")))
+            .await
+            .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
+    assert!(e.message().contains("still mounted"), "{}", e.message());
+    assert_eq!(key_status_at(&t.staging("busy")), KeyStatus::Present);
+    assert_eq!(
+        std::fs::read(pod.join("before")).unwrap(),
+        b"written before"
+    );
+    std::fs::write(pod.join("after"), b"written after").unwrap();
+    assert_eq!(std::fs::read(pod.join("after")).unwrap(), b"written after");
+    t.down(&id, "busy").await;
+    t.d.assert_clean();
+}

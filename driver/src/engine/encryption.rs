@@ -60,7 +60,7 @@ pub fn unlock(
             "volume {id}'s record has a malformed key_salt; its key cannot be derived"
         ))
     })?;
-    let root = open_dir_at(None, staging)?;
+    let root = open_dir_at(staging)?;
     let key = master.derive(&salt);
     let added = fscrypt::add_key(root.as_fd(), key.bytes()).map_err(|e| match e {
         Errno::EOPNOTSUPP | Errno::ENOTTY => Error::FailedPrecondition(format!(
@@ -77,20 +77,22 @@ pub fn unlock(
         forget(&root, &added);
         Error::FailedPrecondition(format!("volume {id}: {why}"))
     };
-    let data = match open_dir_at(Some(&root), Path::new(DATA_DIR)) {
+    let data = match open_data(&root) {
         Ok(d) => d,
-        Err(_) if read_only => {
+        Err(Errno::ENOENT) if read_only => {
             return Err(refuse(format!(
                 "{DATA_DIR}/ is missing and a read-only stage cannot make it"
             )))
         }
-        Err(_) => {
+        Err(Errno::ENOENT) => {
             match nix::sys::stat::mkdirat(&root, DATA_DIR, Mode::from_bits_truncate(0o755)) {
                 Ok(()) | Err(Errno::EEXIST) => {}
                 Err(e) => return Err(refuse(format!("cannot make {DATA_DIR}/: {e}"))),
             }
-            open_dir_at(Some(&root), Path::new(DATA_DIR))?
+            open_data(&root).map_err(|e| refuse(format!("cannot open {DATA_DIR}/: {e}")))?
         }
+        // A symlink (ELOOP) or a file (ENOTDIR) where the directory belongs: never followed.
+        Err(e) => return Err(refuse(format!("cannot open {DATA_DIR}/: {e}"))),
     };
     match fscrypt::policy_identifier(data.as_fd()) {
         Ok(Some(policy)) if policy == added => Ok(added),
@@ -125,8 +127,8 @@ pub fn unlock(
 /// Remove the volume's key from the filesystem mounted at `staging` (its identifier is read
 /// from the policy, so no Secret is needed). `None` when there was nothing to remove.
 pub fn lock(id: &str, staging: &Path) -> Result<Option<Removed>> {
-    let root = open_dir_at(None, staging)?;
-    let Ok(data) = open_dir_at(Some(&root), Path::new(DATA_DIR)) else {
+    let root = open_dir_at(staging)?;
+    let Ok(data) = open_data(&root) else {
         return Ok(None);
     };
     let Some(key) = fscrypt::policy_identifier(data.as_fd())
@@ -160,13 +162,20 @@ fn forget(root: &OwnedFd, key: &Identifier) {
     }
 }
 
-fn open_dir_at(at: Option<&OwnedFd>, path: &Path) -> Result<OwnedFd> {
-    let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
-    let r = match at {
-        Some(dir) => openat(dir, path, flags, Mode::empty()),
-        None => nix::fcntl::open(path, flags, Mode::empty()),
-    };
-    r.map_err(|e| Error::io(format!("open {}", path.display()), e))
+const DIR_FLAGS: OFlag = OFlag::O_RDONLY
+    .union(OFlag::O_DIRECTORY)
+    .union(OFlag::O_NOFOLLOW)
+    .union(OFlag::O_CLOEXEC);
+
+/// The staging mount's root (the staging path was confined by the edge and mounted by us).
+fn open_dir_at(path: &Path) -> Result<OwnedFd> {
+    nix::fcntl::open(path, DIR_FLAGS, Mode::empty())
+        .map_err(|e| Error::io(format!("open {}", path.display()), e))
+}
+
+/// `<root>/data`, never through a symlink (the filesystem's content is the tenant's).
+fn open_data(root: &OwnedFd) -> std::result::Result<OwnedFd, Errno> {
+    openat(root, DATA_DIR, DIR_FLAGS, Mode::empty())
 }
 
 fn is_empty(dir: &OwnedFd) -> bool {
