@@ -654,3 +654,38 @@ async fn a_refused_unstage_leaves_the_key_and_the_pod_alone() {
     t.down(&id, "busy").await;
     t.d.assert_clean();
 }
+
+/// A read-only stage of an encrypted volume (SINGLE_NODE_READER_ONLY) adds the key and reads
+/// the data; a read-only stage of one never staged (no data/ yet) is refused with nothing left.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_read_only_stage_opens_an_encrypted_volume() {
+    if !root_or_skip("encrypted read-only stage") {
+        return;
+    }
+    let mut t = T::start().await;
+    let ro = mount_cap("ext4", Mode::SingleNodeReaderOnly);
+    let blank = create_volume_id(&mut t.c, encrypted("blank", 64 * MIB)).await;
+    let mut r = stage_req(&blank, &t.staging("blank"), ro.clone());
+    r.secrets = secrets(KEY);
+    let e = t.n.node_stage_volume(r).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
+    t.nothing_staged("read-only stage of a blank volume");
+
+    let id = create_volume_id(&mut t.c, encrypted("ro", 64 * MIB)).await;
+    let pod = t.up(&id, "rw", KEY).await;
+    std::fs::write(pod.join("kept"), b"kept in ciphertext").unwrap();
+    t.down(&id, "rw").await;
+    let mut r = stage_req(&id, &t.staging("ro"), ro.clone());
+    r.secrets = secrets(KEY);
+    t.n.node_stage_volume(r).await.unwrap();
+    let mut p = publish_req(&id, &t.staging("ro"), &t.target("ro"), ro);
+    p.readonly = true;
+    t.n.node_publish_volume(p).await.unwrap();
+    assert_eq!(
+        std::fs::read(t.target("ro").join("kept")).unwrap(),
+        b"kept in ciphertext"
+    );
+    assert!(std::fs::write(t.target("ro").join("new"), b"x").is_err());
+    t.down(&id, "ro").await;
+    t.d.assert_clean();
+}
