@@ -789,3 +789,96 @@ fn a_device_attached_from_a_vanished_namespace_is_found_by_identity() {
     loopvol::datapath::loop_device::detach(&device).unwrap();
     assert!(loop_device::loops_backed_by(&image).is_empty());
 }
+
+/// An encrypted volume (issue 26) across a node plugin restart: its key lives with the mounted
+/// filesystem in the kernel, so the pod keeps reading and writing while no driver runs; the
+/// kubelet's stage through the new container adds the key again (harmless, and what brings it
+/// back when it went) and checks it, a wrong Secret is refused without disturbing the pod, and
+/// the unstage through the new container removes the key.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_encrypted_volume_keeps_working_across_a_plugin_restart() {
+    if !root_or_skip("encrypted volume across a restart") {
+        return;
+    }
+    const KEY: &str = "9e8d7c6b5a4938271605f4e3d2c1b0a99e8d7c6b5a4938271605f4e3d2c1b0a9";
+    let secrets = |k: &str| std::collections::HashMap::from([("key".to_string(), k.to_string())]);
+    let mut node = Node::new();
+    node.start("container-a").await;
+    let mut c = node.controller().await;
+    let mut n = node.node().await;
+    let mut req = create_req("enc", 64 * MIB, rw_mount("ext4"));
+    req.parameters
+        .insert("encryption".to_string(), "fscrypt".to_string());
+    let v = Vol {
+        tag: "enc",
+        id: create_volume_id(&mut c, req).await,
+        cap: rw_mount("ext4"),
+        block: false,
+    };
+    let stage_with = |kubelet: PathBuf, key: &str| NodeStageVolumeRequest {
+        volume_id: v.id.clone(),
+        staging_target_path: v.staging(&kubelet).to_string_lossy().into(),
+        volume_capability: Some(v.cap.clone()),
+        secrets: secrets(key),
+        ..Default::default()
+    };
+    n.node_stage_volume(stage_with(node.ns().kubelet.clone(), KEY))
+        .await
+        .unwrap();
+    publish(&mut n, &v, &node.ns().kubelet.clone())
+        .await
+        .unwrap();
+    let host = node.host_kubelet.clone();
+    let writer = Writer::start(v.target(&host).join("log"));
+    writer.wait_for(20);
+
+    node.kill9();
+    writer.wait_for(20);
+    node.start("container-b").await;
+    let mut n = node.node().await;
+    let kubelet_b = node.ns().kubelet.clone();
+    // A wrong Secret is refused and changes nothing for the pod.
+    let e = n
+        .node_stage_volume(stage_with(kubelet_b.clone(), &KEY.replace('9', "8")))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{}", e.message());
+    writer.wait_for(20);
+    n.node_stage_volume(stage_with(kubelet_b.clone(), KEY))
+        .await
+        .unwrap();
+    publish(&mut n, &v, &kubelet_b).await.unwrap();
+    writer.wait_for(20);
+    let (blocks, result) = writer.finish();
+    assert_eq!(result, Ok(()), "the writer saw an error");
+    let log = v.target(&host).join("log");
+    for i in [0, blocks / 2, blocks - 1] {
+        assert_eq!(
+            read_at(&log, i * BLOCK as u64, BLOCK),
+            block(i),
+            "block {i}"
+        );
+    }
+    n.node_unpublish_volume(NodeUnpublishVolumeRequest {
+        volume_id: v.id.clone(),
+        target_path: v.target(&kubelet_b).to_string_lossy().into(),
+    })
+    .await
+    .unwrap();
+    n.node_unstage_volume(NodeUnstageVolumeRequest {
+        volume_id: v.id.clone(),
+        staging_target_path: v.staging(&kubelet_b).to_string_lossy().into(),
+    })
+    .await
+    .unwrap();
+    assert!(
+        node.log()
+            .contains("encryption key removed from the filesystem"),
+        "{}",
+        node.log()
+    );
+    assert!(!node.log().contains(KEY), "the key is in the log");
+    let (mounts, loops) = node.leftovers();
+    assert!(mounts.is_empty(), "mounts left on the host: {mounts:?}");
+    assert!(loops.is_empty(), "loop devices left: {loops:?}");
+}

@@ -85,6 +85,18 @@ impl Csi {
         fs: FsType,
         allocation: Allocation,
     ) -> anyhow::Result<String> {
+        let params = HashMap::from([("allocation".to_string(), allocation.as_str().to_string())]);
+        self.create_with(name, bytes, fs, params).await
+    }
+
+    /// [`Csi::create`] with these StorageClass parameters.
+    pub async fn create_with(
+        &self,
+        name: &str,
+        bytes: u64,
+        fs: FsType,
+        parameters: HashMap<String, String>,
+    ) -> anyhow::Result<String> {
         let req = CreateVolumeRequest {
             name: name.to_string(),
             capacity_range: Some(CapacityRange {
@@ -92,10 +104,7 @@ impl Csi {
                 limit_bytes: 0,
             }),
             volume_capabilities: vec![mount_capability(fs)],
-            parameters: HashMap::from([(
-                "allocation".to_string(),
-                allocation.as_str().to_string(),
-            )]),
+            parameters,
             ..Default::default()
         };
         let vol = self
@@ -137,12 +146,24 @@ impl Csi {
     }
 
     pub async fn stage(&self, id: &str, staging: &Path, fs: FsType) -> anyhow::Result<()> {
+        self.stage_with(id, staging, fs, HashMap::new()).await
+    }
+
+    /// [`Csi::stage`] with the node-stage Secret's entries (an encrypted volume's key).
+    pub async fn stage_with(
+        &self,
+        id: &str,
+        staging: &Path,
+        fs: FsType,
+        secrets: HashMap<String, String>,
+    ) -> anyhow::Result<()> {
         self.node
             .clone()
             .node_stage_volume(NodeStageVolumeRequest {
                 volume_id: id.to_string(),
                 staging_target_path: path_str(staging),
                 volume_capability: Some(mount_capability(fs)),
+                secrets,
                 ..Default::default()
             })
             .await

@@ -8,6 +8,7 @@ mod crossnode;
 mod csi_ops;
 mod datapath;
 mod driver;
+mod encryption;
 mod fio;
 mod floor;
 mod footprint;
@@ -35,10 +36,11 @@ use crate::plan::Plan;
 use crate::results::{Footprint, Meta, Results};
 use crate::workspace::Workspace;
 
-const SECTIONS: [&str; 6] = [
+const SECTIONS: [&str; 7] = [
     "provisioning",
     "attach",
     "datapath",
+    "encryption",
     "scale",
     "iolimits",
     "crossnode",
@@ -64,8 +66,8 @@ struct Args {
     /// Parent of the private temp dir (its filesystem is the pool's).
     #[arg(long, default_value_os_t = std::env::temp_dir())]
     work_dir: PathBuf,
-    /// Run only these sections (comma-separated): provisioning, attach, datapath, scale,
-    /// iolimits, crossnode.
+    /// Run only these sections (comma-separated): provisioning, attach, datapath,
+    /// encryption, scale, iolimits, crossnode.
     #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(SECTIONS))]
     only: Vec<String>,
     /// The loopvol binary; default: `loopvol` next to this binary.
@@ -279,6 +281,13 @@ async fn run(args: &Args, launch: &Launch, ws: &Workspace) -> anyhow::Result<Res
         match datapath::run(&plan, ws, &csi).await {
             Ok(d) => results.data_path = Some(d),
             Err(e) => section_failed(&mut results, ws, "data path", e),
+        }
+    }
+    if wants("encryption") {
+        eprintln!("encryption: fio on an fscrypt volume and an unencrypted one");
+        match encryption::run(&plan, ws, &csi).await {
+            Ok(e) => results.encryption = Some(e),
+            Err(e) => section_failed(&mut results, ws, "encryption", e),
         }
     }
     if wants("scale") {

@@ -121,6 +121,9 @@ pub fn render(r: &Results) -> String {
     if let Some(d) = &r.data_path {
         data_path_section(&mut md, d);
     }
+    if let Some(e) = &r.encryption {
+        encryption_section(&mut md, e);
+    }
     if let Some(s) = &r.scale {
         scale_section(&mut md, s);
     }
@@ -646,6 +649,50 @@ fn io_limits_section(md: &mut String, l: &IoLimits) {
     md.push('\n');
 }
 
+fn encryption_section(md: &mut String, e: &crate::encryption::Encryption) {
+    md.push_str("## Encryption at rest (fscrypt)\n\n");
+    let _ = writeln!(
+        md,
+        "{}. Each job is one pass over a {} MiB file (writes end with an fsync; the file's page \
+         cache is dropped before each job), medians of {} runs, the two volumes taking turns. An \
+         fscrypt file cannot do direct I/O without inline encryption, which this kernel lacks, \
+         so its O_DIRECT goes through the page cache. CPU per GiB: fio's own (user + system) \
+         and the whole machine's busy time over the same interval (2 cores; the encryption runs \
+         in kernel workers, and anything else running at the time counts too).\n",
+        e.volume, e.file_mib, e.repetitions
+    );
+    let mut t = Table::new(&[
+        "fio job",
+        "unencrypted",
+        "fscrypt",
+        "fscrypt / unencrypted",
+        "fio CPU s/GiB (plain → fscrypt)",
+        "machine CPU s/GiB (plain → fscrypt)",
+    ]);
+    for row in &e.rows {
+        let random = row.job.contains("4k");
+        let unit = if random { "IOPS" } else { "MiB/s" };
+        let fig = |c: &crate::encryption::Cost| if random { c.iops } else { c.mib_s };
+        t.row(&[
+            row.job.clone(),
+            format!("{} {unit}", num(fig(&row.plain))),
+            format!("{} {unit}", num(fig(&row.encrypted))),
+            crate::stats::ratio(fig(&row.encrypted), fig(&row.plain))
+                .map_or("–".into(), |r| format!("{r:.2}×")),
+            format!(
+                "{:.2} → {:.2}",
+                row.plain.fio_cpu_s_per_gib, row.encrypted.fio_cpu_s_per_gib
+            ),
+            format!(
+                "{:.2} → {:.2}",
+                row.plain.machine_cpu_s_per_gib, row.encrypted.machine_cpu_s_per_gib
+            ),
+        ]);
+    }
+    md.push_str(&t.render());
+    md.push('\n');
+}
+
 /// Changed-block tracking needs two pool filesystems of its own and minutes per case, so a
 /// dedicated binary measures it and its figures live in their own file.
 const CBT: &str = "## Changed-block tracking\n\nMeasured by `bench/src/bin/cbt.rs`, not by this \
@@ -795,7 +842,7 @@ cargo run -p bench --release -- --quick  # smoke run into target/bench/: smaller
 Other flags: `--out-dir DIR` (where the two files go instead of target/bench/; not with
 `--record`, and `--record` not with `--quick`), `--work-dir DIR` (parent of the private
 temp dir, default the system temp dir: the pool's filesystem is that one's), `--only
-provisioning,attach,datapath,scale,iolimits,crossnode` (a subset, for iterating), `--loopvol PATH`,
+provisioning,attach,datapath,encryption,scale,iolimits,crossnode` (a subset, for iterating), `--loopvol PATH`,
 `--max-concurrent-ops N` (passed to the driver), `--render FILE.json` (regenerate the Markdown
 from a saved JSON without measuring; with `--record`, into docs/). Everything runs in a
 private temp dir; every mount and loop device it creates is removed at the end, also after an

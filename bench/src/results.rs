@@ -14,6 +14,9 @@ pub struct Results {
     pub provisioning: Option<Provisioning>,
     pub attach: Option<Attach>,
     pub data_path: Option<DataPath>,
+    /// Encrypted (fscrypt) against unencrypted volumes; absent in runs before it existed.
+    #[serde(default)]
+    pub encryption: Option<crate::encryption::Encryption>,
     pub scale: Option<Scale>,
     #[serde(default)]
     pub io_limits: Option<IoLimits>,

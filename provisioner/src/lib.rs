@@ -7,6 +7,7 @@ pub mod atomic;
 pub mod capacity;
 pub mod chunk_digest;
 pub mod copy;
+pub mod encryption;
 pub mod error;
 pub mod extents;
 pub mod ids;

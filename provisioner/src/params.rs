@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
 
+use crate::encryption::{self, PARAM_ENCRYPTION};
 use crate::ids::PoolName;
 use crate::io_limits::{IoLimits, IoLimitsChange};
 use crate::size::MIB;
@@ -111,6 +112,8 @@ pub struct VolumeParams {
     pub io_limits: IoLimits,
     /// The pool the StorageClass names ([`PARAM_POOL`]).
     pub pool: PoolName,
+    /// Encryption at rest asked by the StorageClass ([`PARAM_ENCRYPTION`]); ext4 only.
+    pub encryption: Option<encryption::Method>,
 }
 
 impl VolumeParams {
@@ -135,11 +138,13 @@ impl VolumeParams {
                         PoolError::InvalidArgument(format!("parameter {PARAM_POOL}: {e}"))
                     })?
                 }
+                PARAM_ENCRYPTION => out.encryption = Some(value.parse()?),
                 k if k.starts_with(SIDECAR_PREFIX) => {}
                 k => {
                     return Err(PoolError::InvalidArgument(format!(
                         "unknown StorageClass parameter {k:?}; loopvol accepts {PARAM_FS_TYPE}, \
-                         {PARAM_ALLOCATION}, {PARAM_POOL}, {} (and ignores keys under {SIDECAR_PREFIX})",
+                         {PARAM_ALLOCATION}, {PARAM_POOL}, {PARAM_ENCRYPTION}, {} (and ignores keys \
+                         under {SIDECAR_PREFIX})",
                         crate::io_limits::KEYS.join(", ")
                     )))
                 }
@@ -161,6 +166,15 @@ impl VolumeParams {
             }
         };
         out.io_limits = IoLimits::default().with(&limits);
+        if let Some(m) = out.encryption {
+            if out.fs_type != FsType::Ext4 {
+                return Err(PoolError::InvalidArgument(format!(
+                    "parameter {PARAM_ENCRYPTION}={m} needs ext4 (fscrypt is ext4's file \
+                     encryption); this volume asks for {}",
+                    out.fs_type
+                )));
+            }
+        }
         Ok(out)
     }
 }
@@ -216,5 +230,25 @@ mod tests {
         assert!(e.to_string().contains("parameter pool"), "{e}");
         let e = VolumeParams::parse([("fsType", "ext4")], Some("xfs")).unwrap_err();
         assert!(e.to_string().contains("contradicts"), "{e}");
+    }
+
+    #[test]
+    fn encryption_is_ext4_fscrypt_only() {
+        let p = VolumeParams::parse([("encryption", "fscrypt")], None).unwrap();
+        assert_eq!(p.encryption, Some(encryption::Method::Fscrypt));
+        assert_eq!(VolumeParams::parse([], None).unwrap().encryption, None);
+        for (params, cap) in [
+            (vec![("encryption", "fscrypt"), ("fsType", "xfs")], None),
+            (vec![("encryption", "fscrypt")], Some("btrfs")),
+            (vec![("encryption", "luks")], None),
+            (vec![("encryption", "")], None),
+        ] {
+            let e = VolumeParams::parse(params.clone(), cap).unwrap_err();
+            assert!(
+                matches!(e, PoolError::InvalidArgument(_)),
+                "{params:?}: {e}"
+            );
+            assert!(e.to_string().contains("encryption"), "{e}");
+        }
     }
 }

@@ -377,4 +377,26 @@ mod tests {
         .0;
         assert!(Pools::new([open(t.path(), "default"), other]).is_err());
     }
+
+    #[test]
+    fn a_copy_into_another_pool_carries_the_encryption_salt() {
+        let t = tempfile::tempdir().unwrap();
+        let pools = Pools::new(["default", "other"].map(|n| open(t.path(), n))).unwrap();
+        let mut enc = req("a");
+        enc.needs_filesystem = true;
+        enc.required_bytes = 16 << 20;
+        enc.params.encryption = Some(crate::encryption::Method::Fscrypt);
+        let a = pools.create_volume("default", &enc, &no_quiesce).unwrap();
+        let mut copy = req("a-copy");
+        copy.needs_filesystem = true;
+        copy.required_bytes = 16 << 20;
+        copy.source = Some(ContentSource::Volume(a.id.clone()));
+        let copy = pools.create_volume("other", &copy, &no_quiesce).unwrap();
+        assert!(a.encryption.is_some());
+        assert_eq!(copy.encryption, a.encryption);
+        assert_eq!(
+            pools.for_id(Kind::Volume, &copy.id).unwrap().name(),
+            "other"
+        );
+    }
 }

@@ -5,6 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::copy::CopyMethod;
+use crate::encryption::Encryption;
 use crate::io_limits::IoLimits;
 use crate::params::{Allocation, FsType};
 
@@ -48,6 +49,10 @@ pub struct VolumeRecord {
     /// Absent (false) in records written before it existed.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub block_only: bool,
+    /// Encrypted at rest (encryption.rs): the method and the salt the node derives the key
+    /// with. A copy of the content carries its source's. Absent: not encrypted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<Encryption>,
 }
 
 impl VolumeRecord {
@@ -59,6 +64,32 @@ impl VolumeRecord {
         } else {
             self.fs_type.to_string()
         }
+    }
+
+    /// Why this volume cannot serve raw block access (`block`) or a class asking for encryption
+    /// `asked` (`None`: the class was not given), as far as its encryption goes.
+    pub fn encryption_mismatch(
+        &self,
+        block: bool,
+        asked: Option<Option<crate::encryption::Method>>,
+    ) -> Option<String> {
+        let has = self.encryption.as_ref().map(|e| e.method);
+        if has.is_some() && block {
+            return Some("volume is encrypted (fscrypt): mount access only, not raw block".into());
+        }
+        match asked {
+            Some(a) if a != has => Some(format!(
+                "volume has encryption {} but {} was asked for",
+                self.encryption_label(),
+                a.map_or("-", |m| m.as_str())
+            )),
+            _ => None,
+        }
+    }
+
+    /// The encryption as people should see it: the method, or `-` for none.
+    pub fn encryption_label(&self) -> &'static str {
+        self.encryption.as_ref().map_or("-", |e| e.method.as_str())
     }
 }
 
@@ -80,4 +111,8 @@ pub struct SnapshotRecord {
     /// snapshot is deleted only with its group.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group_snapshot_id: Option<String>,
+    /// The source volume's encryption: the image holds its ciphertext, and a restore takes
+    /// this (and so the same key) even after the volume is deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<Encryption>,
 }

@@ -140,6 +140,7 @@ impl Pool {
                 .unwrap_or(0),
             method,
             group_snapshot_id: None,
+            encryption: volume.encryption.clone(),
         };
         if let Err(e) = atomic::write_file(&self.snapshot_record_path(&id.hex), &to_json(&record)) {
             let _ = atomic::remove_file(&dest);

@@ -298,6 +298,11 @@ impl Controller for ControllerService {
                     record.fs_type, p.fs_type
                 )));
             }
+            let block = caps.iter().any(|c| matches!(c.access, Access::Block));
+            let asked = (!req.parameters.is_empty()).then_some(p.encryption);
+            if let Some(why) = record.encryption_mismatch(block, asked) {
+                return Err(Error::InvalidArgument(why));
+            }
             let pool = VolumeId::parse(Kind::Volume, &record.id).map(|v| v.pool_name().to_string());
             if !req.parameters.is_empty() && pool.as_deref() != Some(p.pool.as_str()) {
                 return Err(Error::InvalidArgument(format!(

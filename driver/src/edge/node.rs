@@ -48,9 +48,17 @@ impl Node for NodeService {
         let id = required("volume_id", &req.volume_id)?.to_string();
         let staging = self.confined("staging_target_path", &req.staging_target_path)?;
         let cap = capability_of(req.volume_capability.as_ref())?;
+        let mut secrets = req.secrets;
+        // Taken out into a buffer wiped on drop; the rest of the Secret is dropped unread.
+        let key = secrets
+            .remove(engine::encryption::SECRET_ENTRY)
+            .map(zeroize::Zeroizing::new);
+        for v in secrets.values_mut() {
+            zeroize::Zeroize::zeroize(v);
+        }
         self.driver
             .blocking(move |d| {
-                engine::stage(d, &id, &staging, &cap)?;
+                engine::stage(d, &id, &staging, &cap, &key)?;
                 // Pods still holding rules for this volume (a re-stage after its device went
                 // away) get them moved to the device it has now.
                 io_throttle::reapply(d, &id, || engine::attached_device(d, &id)).map(drop)

@@ -4,6 +4,7 @@
 //! filesystems only through [`crate::fs`].
 
 pub mod access;
+pub mod encryption;
 mod expand;
 pub mod health;
 pub mod io_throttle;

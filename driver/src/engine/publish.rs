@@ -78,7 +78,9 @@ pub fn publish(
             })?;
             let at = crate::engine::targets::prepare_dir(d, &vol.hex, target)?;
             let (bits, _) = mount_options::split_flags(flags);
-            crate::engine::paths::bind_dir(&d.paths, staging, &at, read_only, bits)
+            // An encrypted volume's pod sees only the directory under its policy.
+            let source = super::encryption::pod_dir(staging, vol.record.encryption.as_ref());
+            crate::engine::paths::bind_dir(&d.paths, &source, &at, read_only, bits)
                 .inspect_err(|_| crate::engine::targets::undo(d, &vol.hex, &at))?;
         }
         (Access::Block, StagedAccess::Block) => {

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use super::access::{Access, Checked};
+use super::encryption::{self, SecretKey};
 use super::steps::Steps;
 use super::volume::*;
 use super::Engine;
@@ -14,7 +15,9 @@ use crate::fs::mount::{self, MountView};
 use crate::fs::mount_options;
 use crate::node_state::{self, Staged, StagedAccess};
 
-pub fn stage(d: &Engine, id: &str, staging: &Path, cap: &Checked) -> Result<()> {
+/// `key` is the node-stage Secret's key entry; only an encrypted volume uses it (and refuses
+/// to stage without a well-formed one, before anything is attached).
+pub fn stage(d: &Engine, id: &str, staging: &Path, cap: &Checked, key: &SecretKey) -> Result<()> {
     let mut steps = Steps::start();
     let vol = volume(d, id)?;
     let _g = hold(&vol)?;
@@ -24,6 +27,16 @@ pub fn stage(d: &Engine, id: &str, staging: &Path, cap: &Checked) -> Result<()> 
             vol.image.display()
         )));
     }
+    let master = match &vol.record.encryption {
+        None => None,
+        Some(_) if matches!(cap.access, Access::Block) => {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {id} is encrypted (fscrypt): it can only be staged as a mounted \
+                 filesystem, not for raw block access"
+            )))
+        }
+        Some(enc) => Some((enc, encryption::master_key(id, key)?)),
+    };
     let want = Staged {
         volume_id: id.to_string(),
         staging_path: staging.to_path_buf(),
@@ -59,6 +72,11 @@ pub fn stage(d: &Engine, id: &str, staging: &Path, cap: &Checked) -> Result<()> 
                             want.access,
                             if want.read_only { ", read-only" } else { "" },
                         )));
+                    }
+                    if let Some((enc, master)) = &master {
+                        // Staged already (a retry, or a kubelet after a plugin restart): the
+                        // key is added again if it went, and must be the policy's.
+                        encryption::unlock(id, staging, enc, master, want.read_only)?;
                     }
                     return rehome(&vol, &mut prev, staging, &l);
                 }
@@ -96,6 +114,7 @@ pub fn stage(d: &Engine, id: &str, staging: &Path, cap: &Checked) -> Result<()> 
         },
     )?;
     steps.mark("attach");
+    let mounted_before = master.is_some() && mount::mount_at(staging)?.is_some();
     let result = match MountSpec::of(&want) {
         None => Ok(()),
         Some(spec) => mount_staging(
@@ -103,10 +122,28 @@ pub fn stage(d: &Engine, id: &str, staging: &Path, cap: &Checked) -> Result<()> 
             &att.device,
             staging,
             &spec,
-            never_written && att.created,
+            Blank {
+                never_written: never_written && att.created,
+                encrypt: master.is_some(),
+            },
             &mut steps,
         ),
     };
+    // An encrypted volume is staged only once its key opens it; a refusal takes back the
+    // staging mount this call made, so nothing is left mounted for the pod.
+    let result = result.and_then(|()| match &master {
+        None => Ok(()),
+        Some((enc, m)) => {
+            let unlocked = encryption::unlock(id, staging, enc, m, want.read_only);
+            if unlocked.is_err() && !mounted_before {
+                if let Err(e) = mount::unmount(staging) {
+                    tracing::error!(error = %e, "could not unmount after a refused key");
+                }
+            }
+            steps.mark("unlock");
+            unlocked.map(drop)
+        }
+    });
     if let Err(e) = result {
         if att.created {
             if let Err(de) = d.data_path.detach(&att.device) {
@@ -150,12 +187,20 @@ impl<'a> MountSpec<'a> {
     }
 }
 
+/// What a stage knows about a volume it may have to format.
+struct Blank {
+    /// Its backing file has no allocated block: blank without asking blkid.
+    never_written: bool,
+    /// Formatted with the `encrypt` feature (an fscrypt volume).
+    encrypt: bool,
+}
+
 fn mount_staging(
     paths: &crate::engine::paths::Confinement,
     device: &Path,
     staging: &Path,
     spec: &MountSpec,
-    never_written: bool,
+    blank: Blank,
     steps: &mut Steps,
 ) -> Result<()> {
     let (fs, read_only) = (spec.fs, spec.read_only);
@@ -178,7 +223,7 @@ fn mount_staging(
             "filesystem already mounted elsewhere; mounting it at the staging path too");
     } else {
         steps.mark("probe");
-        prepare_filesystem(device, fs, read_only, never_written)?;
+        prepare_filesystem(device, fs, read_only, &blank)?;
         steps.mark("format");
     }
     mount_there(paths, device, staging, spec)?;
@@ -238,11 +283,11 @@ fn prepare_filesystem(
     device: &Path,
     fs: provisioner::FsType,
     read_only: bool,
-    never_written: bool,
+    blank: &Blank,
 ) -> Result<()> {
     // A backing file with no allocated block has never been written: it is blank without
     // asking blkid (the common first stage of a thin volume, one exec saved).
-    let found = if never_written {
+    let found = if blank.never_written {
         None
     } else {
         format::probe(device)?
@@ -255,7 +300,7 @@ fn prepare_filesystem(
         }
         None => {
             let started = std::time::Instant::now();
-            format::mkfs(device, fs)?;
+            format::mkfs_with(device, fs, blank.encrypt)?;
             crate::metrics::observe_mkfs(fs, started.elapsed());
             tracing::info!(fs = %fs, ms = started.elapsed().as_millis() as u64, "filesystem created");
         }

@@ -83,6 +83,10 @@ pub fn unstage(d: &Engine, id: &str, staging: &Path) -> Result<()> {
                 m.source
             )));
         }
+        if vol.record.encryption.is_some() {
+            lock_before_unmount(id, staging, &loops, &mounts, m)?;
+            steps.mark("lock");
+        }
         mount::unmount(staging)?;
     }
     steps.mark("unmount");
@@ -143,6 +147,29 @@ pub fn unstage(d: &Engine, id: &str, staging: &Path) -> Result<()> {
     steps.mark("record");
     tracing::info!(volume_id = id, staging = %staging.display(), ms = %steps, "volume unstaged");
     Ok(())
+}
+
+/// Remove an encrypted volume's key while its staging mount still gives a way to name the
+/// filesystem (design §3: nothing stays readable in the kernel). Taking the key changes what
+/// every other mount of the filesystem shows, so it is done only once the mount table shows
+/// none (the refusal then changes nothing); mounts hidden in another mount namespace are
+/// found by the claimed-device check after the unmount, as for any volume, and a stage adds
+/// the key back.
+fn lock_before_unmount(
+    id: &str,
+    staging: &Path,
+    loops: &[crate::datapath::Attachment],
+    mounts: &MountView,
+    staged: &mount::MountEntry,
+) -> Result<()> {
+    let all = mounts.all()?;
+    for l in loops {
+        let elsewhere = other_mounts_of(all, l, Some(staged));
+        if !elsewhere.is_empty() {
+            return Err(still_mounted(id, &elsewhere, staging));
+        }
+    }
+    super::encryption::lock(id, staging).map(drop)
 }
 
 fn still_mounted(id: &str, at: &[PathBuf], staging: &Path) -> Error {

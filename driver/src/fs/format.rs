@@ -190,10 +190,24 @@ pub fn probe(device: &Path) -> Result<Option<String>> {
 
 /// Make a filesystem on a device the caller has just probed blank.
 pub fn mkfs(device: &Path, fs: FsType) -> Result<()> {
+    mkfs_with(device, fs, false)
+}
+
+/// [`mkfs`], with ext4's `encrypt` feature when `encrypt` (an fscrypt volume: policies can be
+/// set on its directories). Only ext4 has it here; asking for it on another is refused.
+pub fn mkfs_with(device: &Path, fs: FsType, encrypt: bool) -> Result<()> {
     let program = mkfs_program(fs);
     let tool = tool_version(program)?;
     let kernel = kernel::running();
     let mut args = mkfs_args(fs, tool, kernel);
+    if encrypt {
+        if fs != FsType::Ext4 {
+            return Err(Error::FailedPrecondition(format!(
+                "file encryption needs ext4, not {fs}"
+            )));
+        }
+        args.extend(["-O".to_string(), "encrypt".to_string()]);
+    }
     args.push(device.to_string_lossy().into_owned());
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
     tracing::info!(device = %device.display(), fs = %fs, tool = %tool, kernel = %kernel, args = ?argv, "making filesystem");

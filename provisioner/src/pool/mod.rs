@@ -37,6 +37,8 @@ use crate::record::{ContentSource, SnapshotRecord, VolumeRecord, RECORD_FORMAT};
 use crate::size;
 use crate::PoolError;
 
+#[cfg(test)]
+mod encryption_tests;
 pub mod group_snapshot;
 pub mod identity;
 #[cfg(test)]

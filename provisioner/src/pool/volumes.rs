@@ -2,6 +2,7 @@
 //! volumes.
 
 use super::*;
+use crate::encryption::{Encryption, PARAM_ENCRYPTION};
 
 impl Pool {
     /// Create a volume, or return the existing one if `req` is compatible with it (CSI name
@@ -63,6 +64,7 @@ impl Pool {
             }
             minimum = minimum.max(src.size_bytes);
         }
+        let encryption = encryption_of(req, source.as_ref())?;
         // With no size named, a copy is as big as its source (not the 1 GiB default).
         let required = match (&source, req.required_bytes) {
             (Some(src), 0) => src.size_bytes as i64,
@@ -80,6 +82,7 @@ impl Pool {
             source: req.source.clone(),
             io_limits: params.io_limits,
             block_only: !req.needs_filesystem,
+            encryption,
         };
         match &source {
             None => self.build_image(
@@ -137,6 +140,7 @@ impl Pool {
                     image: self.snapshot_image_path(&hex),
                     size_bytes: snap.size_bytes,
                     fs_type: snap.fs_type,
+                    encryption: snap.encryption,
                     lock_key: Some(snapshot_lock_key(&hex)),
                     volume: None,
                 })
@@ -150,6 +154,7 @@ impl Pool {
                     image: self.image_path(&hex),
                     size_bytes: vol.size_bytes,
                     fs_type: vol.fs_type,
+                    encryption: vol.encryption.clone(),
                     lock_key: Some(hex),
                     volume: Some(vol),
                 })
@@ -380,9 +385,43 @@ pub(super) struct Source {
     image: PathBuf,
     size_bytes: u64,
     fs_type: crate::params::FsType,
+    encryption: Option<Encryption>,
     lock_key: Option<String>,
     /// Set when the source is a live volume (it may need quiescing).
     volume: Option<VolumeRecord>,
+}
+
+/// A new volume's encryption. Blank: what the StorageClass asks, with a fresh salt. A copy:
+/// its source's, whatever the StorageClass says, because the bytes copied are the source's
+/// (ciphertext stays ciphertext, under the same derived key); a plaintext source cannot become
+/// an encrypted volume by copying, so asking for that is refused. An encrypted volume is only
+/// ever a mounted ext4 filesystem: raw block access would hand the pod the ciphertext.
+fn encryption_of(
+    req: &CreateRequest,
+    source: Option<&Source>,
+) -> Result<Option<Encryption>, PoolError> {
+    let asked = req.params.encryption;
+    let encryption = match source {
+        None => asked.map(Encryption::new).transpose()?,
+        Some(src) => {
+            if let (Some(m), None) = (asked, &src.encryption) {
+                return Err(PoolError::InvalidArgument(format!(
+                    "{PARAM_ENCRYPTION}={m} asks for an encrypted volume, but its source is \
+                     not encrypted and a copy cannot encrypt existing data; create a blank \
+                     encrypted volume and copy the files into it"
+                )));
+            }
+            src.encryption.clone()
+        }
+    };
+    if encryption.is_some() && !req.needs_filesystem {
+        return Err(PoolError::InvalidArgument(
+            "an encrypted volume (fscrypt) is a mounted ext4 filesystem only; raw block access \
+             is not supported"
+                .into(),
+        ));
+    }
+    Ok(encryption)
 }
 
 pub(super) fn check_compatible(
@@ -421,6 +460,20 @@ pub(super) fn check_compatible(
         return conflict(match &existing.source {
             Some(s) => format!("content source {s}"),
             None => "no content source (a blank volume)".to_string(),
+        });
+    }
+    // A copy is encrypted as its source is (see `encryption_of`), whatever was asked; a blank
+    // volume as asked.
+    let wrong_encryption = match (&existing.encryption, req.params.encryption) {
+        (Some(e), Some(m)) => e.method != m,
+        (None, Some(_)) => true,
+        (Some(_), None) => req.source.is_none(),
+        (None, None) => false,
+    };
+    if wrong_encryption {
+        return conflict(match &existing.encryption {
+            Some(e) => format!("encryption {}", e.method),
+            None => "no encryption".to_string(),
         });
     }
     if existing.io_limits != req.params.io_limits {

@@ -328,11 +328,47 @@ fn storage_class_parameters_and_sizes_are_checked() {
             "manifests/examples/statefulset.yaml StatefulSet/loopvol-web: volumeClaimTemplate data: \
              requests 100Mi but xfs volumes (StorageClass loopvol-xfs-thick) must be at least 300Mi",
             "manifests/storageclasses.yaml StorageClass/loopvol: unknown parameter alocation: loopvol \
-             refuses it at CreateVolume; it accepts fsType, allocation, pool and the IO limits \
-             readIOPS, writeIOPS, readBPS, writeBPS (keys under csi.storage.k8s.io/ are for the sidecars)",
+             refuses it at CreateVolume; it accepts fsType, allocation, pool, encryption and the IO \
+             limits readIOPS, writeIOPS, readBPS, writeBPS (keys under csi.storage.k8s.io/ are for \
+             the sidecars)",
             "manifests/storageclasses.yaml StorageClass/loopvol-xfs-thick: parameter pool: pool name \
              \"Fast\" must be 1-16 characters of [a-z0-9-], starting and ending with a letter or digit",
         ],
+    );
+}
+
+#[test]
+fn encrypted_classes_need_ext4_a_known_method_and_a_node_stage_secret() {
+    const EXAMPLE: &str = "manifests/examples/encrypted-volume.yaml";
+    let findings = findings_after(&[
+        (
+            EXAMPLE,
+            "  csi.storage.k8s.io/fstype: ext4",
+            "  csi.storage.k8s.io/fstype: xfs",
+        ),
+        (EXAMPLE, "  encryption: fscrypt", "  encryption: luks"),
+        (
+            EXAMPLE,
+            "  csi.storage.k8s.io/node-stage-secret-namespace: kube-system\n",
+            "",
+        ),
+    ]);
+    let class = format!("{EXAMPLE} StorageClass/loopvol-encrypted");
+    let want = [
+            format!(
+                "{class}: parameter encryption needs csi.storage.k8s.io/node-stage-secret-namespace: \
+                 the key comes from the node-stage Secret, and every NodeStageVolume without one is \
+                 refused"
+            ),
+            format!("{class}: parameter encryption needs ext4, and this class makes xfs"),
+            format!(
+                "{class}: parameter encryption: \"luks\" is not a supported method; loopvol supports \
+                 \"fscrypt\" (ext4 filesystem volumes)"
+            ),
+    ];
+    assert_exactly(
+        &findings,
+        &want.iter().map(String::as_str).collect::<Vec<_>>(),
     );
 }
 

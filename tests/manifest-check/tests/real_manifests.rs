@@ -103,9 +103,9 @@ fn real_manifests_contain_the_whole_install() {
         (
             "PersistentVolumeClaim",
             count::<PersistentVolumeClaim>(&inv, Origin::Example),
-            6,
+            7,
         ),
-        ("Pod", count::<Pod>(&inv, Origin::Example), 4),
+        ("Pod", count::<Pod>(&inv, Origin::Example), 5),
         (
             "VolumeGroupSnapshot",
             count::<VolumeGroupSnapshot>(&inv, Origin::Example),

@@ -112,7 +112,16 @@ fn volume_list_in(dir: &Path, output: ListOutput) -> anyhow::Result<()> {
         return Ok(());
     }
     let wide = output == ListOutput::Wide;
-    let mut header = vec!["ID", "NAME", "POOL", "SIZE", "FS", "ALLOCATION", "STATE"];
+    let mut header = vec![
+        "ID",
+        "NAME",
+        "POOL",
+        "SIZE",
+        "FS",
+        "ALLOCATION",
+        "ENCRYPTION",
+        "STATE",
+    ];
     if wide {
         header.extend(["ON DISK", "CREATED", "SOURCE"]);
     }
@@ -127,6 +136,7 @@ fn volume_list_in(dir: &Path, output: ListOutput) -> anyhow::Result<()> {
                 bytes(r.size_bytes),
                 r.fs_label(),
                 r.allocation.as_str().to_string(),
+                r.encryption_label().to_string(),
                 v.state.clone(),
             ];
             if wide {

@@ -41,6 +41,8 @@ pub struct Status {
     pub filesystem: String,
     pub capacity: CapacityView,
     pub volumes: usize,
+    /// Of them, encrypted at rest (fscrypt).
+    pub encrypted_volumes: usize,
     pub snapshots: usize,
     /// Bytes the volumes' images occupy on disk.
     pub allocated_bytes: u64,
@@ -78,6 +80,8 @@ pub struct StagedView {
     /// `ext4`, `xfs`, `btrfs` or `block`.
     pub access: String,
     pub read_only: bool,
+    /// The volume is encrypted at rest: its pods see the encrypted `data/` directory.
+    pub encrypted: bool,
     /// The loop device backing the volume now, if any.
     pub device: Option<PathBuf>,
     /// Where the volume's filesystem is mounted, as this process sees it (the staging path and
@@ -215,6 +219,11 @@ pub fn collect(pool_dir: &Path, overcommit_ratio: f64) -> anyhow::Result<Status>
             headroom_bytes: cap.headroom(),
         },
         volumes: l.volumes.len(),
+        encrypted_volumes: l
+            .volumes
+            .iter()
+            .filter(|v| v.record.encryption.is_some())
+            .count(),
         snapshots: l.snapshots.len(),
         allocated_bytes: l.volumes.iter().filter_map(|v| v.allocated_bytes()).sum(),
         staged: node_state::all(&pool.join("node"))
@@ -289,6 +298,7 @@ pub(crate) fn staged_view(l: &Listing, node_dir: &Path, hex: &str, s: Staged) ->
             StagedAccess::Block => "block".into(),
         },
         read_only: s.read_only,
+        encrypted: l.volume(hex).is_some_and(|v| v.record.encryption.is_some()),
         device: lo.map(|li| li.device),
         mounted_at,
         state,
@@ -336,9 +346,10 @@ fn print_table(s: &Status) {
         bytes(c.headroom_bytes)
     );
     println!(
-        "volumes      {} ({} allocated)",
+        "volumes      {} ({} allocated; {} encrypted)",
         s.volumes,
-        bytes(s.allocated_bytes)
+        bytes(s.allocated_bytes),
+        s.encrypted_volumes
     );
     println!("snapshots    {}", s.snapshots);
     for p in &s.unreadable_records {
@@ -349,15 +360,16 @@ fn print_table(s: &Status) {
         println!("staged       none");
     } else {
         println!(
-            "{:<48} {:<6} {:<3} {:<12} {:<36} STAGING PATH",
-            "STAGED VOLUME", "ACCESS", "RO", "DEVICE", "STATE"
+            "{:<48} {:<6} {:<3} {:<9} {:<12} {:<36} STAGING PATH",
+            "STAGED VOLUME", "ACCESS", "RO", "ENCRYPTED", "DEVICE", "STATE"
         );
         for v in &s.staged {
             println!(
-                "{:<48} {:<6} {:<3} {:<12} {:<36} {}",
+                "{:<48} {:<6} {:<3} {:<9} {:<12} {:<36} {}",
                 v.volume_id,
                 v.access,
                 yes_no(v.read_only),
+                yes_no(v.encrypted),
                 v.device
                     .as_deref()
                     .map_or("-".into(), |d| d.display().to_string()),

@@ -103,6 +103,7 @@ fn print_table(i: &Inspection) {
     );
     println!("filesystem   {}", r.fs_label());
     println!("allocation   {}", r.allocation.as_str());
+    println!("encryption   {}", r.encryption_label());
     println!("io limits    {}", r.io_limits.describe());
     println!("created      {}", super::output::rfc3339(r.created_unix));
     if let Some(src) = &r.source {

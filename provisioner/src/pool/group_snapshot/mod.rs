@@ -483,6 +483,7 @@ fn member_record(
         created_unix_nanos,
         method,
         group_snapshot_id: Some(group_id.to_string()),
+        encryption: m.volume.encryption.clone(),
     }
 }
 

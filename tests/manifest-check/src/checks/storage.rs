@@ -14,6 +14,7 @@ use k8s_openapi::api::storage::v1::{StorageClass, VolumeAttributesClass};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use provisioner::io_limits::{self, IoLimitsChange};
 
+use provisioner::encryption::{Method, PARAM_ENCRYPTION};
 use provisioner::params::{Allocation, FsType, PARAM_ALLOCATION, PARAM_FS_TYPE, PARAM_POOL};
 
 const SIDECAR_PREFIX: &str = "csi.storage.k8s.io/";
@@ -108,6 +109,11 @@ fn storage_class(sc: &StorageClass) -> Vec<String> {
                     out.push(format!("parameter {PARAM_POOL}: {e}"));
                 }
             }
+            PARAM_ENCRYPTION => {
+                if let Err(e) = value.parse::<Method>() {
+                    out.push(e.to_string());
+                }
+            }
             PARAM_FS_TYPE | SIDECAR_FS_TYPE | PARAM_ALLOCATION => {}
             k if k.starts_with(SIDECAR_PREFIX) => {}
             k if io_limits::KEYS.contains(&k) => {
@@ -117,13 +123,16 @@ fn storage_class(sc: &StorageClass) -> Vec<String> {
             }
             k => out.push(format!(
                 "unknown parameter {k}: loopvol refuses it at CreateVolume; it accepts {PARAM_FS_TYPE}, \
-                 {PARAM_ALLOCATION}, {PARAM_POOL} and the IO limits {} (keys under {SIDECAR_PREFIX} are for the \
-                 sidecars)",
+                 {PARAM_ALLOCATION}, {PARAM_POOL}, {PARAM_ENCRYPTION} and the IO limits {} (keys under \
+                 {SIDECAR_PREFIX} are for the sidecars)",
                 io_limits::KEYS.join(", ")
             )),
         }
     }
     let params = sc.parameters.as_ref();
+    if params.is_some_and(|p| p.contains_key(PARAM_ENCRYPTION)) {
+        out.extend(encryption_needs(sc));
+    }
     let ours = params.and_then(|p| p.get(PARAM_FS_TYPE));
     let sidecars = params.and_then(|p| p.get(SIDECAR_FS_TYPE));
     if let (Some(a), Some(b)) = (ours, sidecars) {
@@ -147,6 +156,31 @@ fn storage_class(sc: &StorageClass) -> Vec<String> {
         .flat_map(|t| t.match_label_expressions.iter().flatten())
         .map(|e| e.key.as_str());
     out.extend(keys.filter(|k| *k != TOPOLOGY_KEY).map(wrong_topology_key));
+    out
+}
+
+/// An encrypted class: ext4 (fscrypt is ext4's), and a node-stage Secret named, without which
+/// every stage is refused (the key reaches NodeStageVolume only that way).
+fn encryption_needs(sc: &StorageClass) -> Vec<String> {
+    let mut out = Vec::new();
+    let fs = class_fs_type(sc);
+    if fs != "ext4" {
+        out.push(format!(
+            "parameter {PARAM_ENCRYPTION} needs ext4, and this class makes {fs}"
+        ));
+    }
+    let params = sc.parameters.as_ref();
+    for key in [
+        "csi.storage.k8s.io/node-stage-secret-name",
+        "csi.storage.k8s.io/node-stage-secret-namespace",
+    ] {
+        if !params.is_some_and(|p| p.contains_key(key)) {
+            out.push(format!(
+                "parameter {PARAM_ENCRYPTION} needs {key}: the key comes from the node-stage \
+                 Secret, and every NodeStageVolume without one is refused"
+            ));
+        }
+    }
     out
 }
 
