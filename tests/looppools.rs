@@ -275,6 +275,26 @@ async fn looppools_are_created_updated_and_marked_missing() {
         0
     );
 
+    // An encrypted volume is counted as such (the operator's view of issue 26).
+    let sealed = create_volume_id(
+        &mut c,
+        req(
+            "sealed-in-ext",
+            32 * MIB,
+            &[("pool", "ext"), ("encryption", "fscrypt")],
+            mount_cap(
+                "ext4",
+                volume_capability::access_mode::Mode::SingleNodeWriter,
+            ),
+        ),
+    )
+    .await;
+    let ext = t
+        .wait_status("ext", Duration::from_secs(5), |s| u(&s["volumes"]) == 1)
+        .await;
+    assert_eq!(u(&ext["encryptedVolumes"]), 1);
+    assert_eq!(u(&xfs["encryptedVolumes"]), 0);
+
     // Restart without the xfs pool: its object is marked Missing, not deleted, and keeps the
     // figures it had; the pools still served stay Healthy.
     t.d.stop();
@@ -304,12 +324,14 @@ async fn looppools_are_created_updated_and_marked_missing() {
     t.d.spawn().await;
     t.wait_status("xfs", Duration::from_secs(10), healthy).await;
     let mut c = t.d.controller().await;
-    c.delete_volume(DeleteVolumeRequest {
-        volume_id: vol,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    for volume_id in [vol, sealed] {
+        c.delete_volume(DeleteVolumeRequest {
+            volume_id,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
 }
 
 /// With the API server failing (500, connections dropped, 409) CSI answers as fast as ever;

@@ -35,6 +35,8 @@ pub struct PoolSample {
     /// Physical: the blocks its volume and snapshot images take on the filesystem.
     pub allocated_bytes: u64,
     pub volumes: u64,
+    /// Of `volumes`, those encrypted at rest (`encryption: fscrypt`).
+    pub encrypted_volumes: u64,
     pub snapshots: u64,
     /// Staging records in `<pool>/node/`; `None` when this process does not serve Node.
     pub staged_volumes: Option<u64>,
@@ -248,6 +250,11 @@ fn pool_registry(samples: &[PoolSample]) -> Registry {
         &|s| Some(s.allocated_bytes),
     );
     family("pool_volumes", "Volumes in the pool", &|s| Some(s.volumes));
+    family(
+        "pool_encrypted_volumes",
+        "Volumes in the pool encrypted at rest (fscrypt)",
+        &|s| Some(s.encrypted_volumes),
+    );
     family("pool_snapshots", "Snapshots in the pool", &|s| {
         Some(s.snapshots)
     });
@@ -329,6 +336,7 @@ mod tests {
             available_bytes: 60,
             reserved_bytes: 10,
             volumes: 2,
+            encrypted_volumes: 1,
             snapshots: 1,
             staged_volumes: Some(1),
             loop_devices: 1,
@@ -370,6 +378,7 @@ mod tests {
         assert!(text.contains("loopvol_pool_provisioned_bytes{pool=\"fast\"} 30\n"));
         assert!(text.contains("loopvol_pool_allocated_bytes{pool=\"fast\"} 20\n"));
         assert!(text.contains("loopvol_node_staged_volumes{pool=\"default\"} 1\n"));
+        assert!(text.contains("loopvol_pool_encrypted_volumes{pool=\"default\"} 1\n"));
         assert!(!text.contains("loopvol_node_staged_volumes{pool=\"fast\"}"));
         assert!(
             text.contains(

@@ -24,7 +24,7 @@ pub fn measure_with_capacity(
     pool: &Pool,
     serves_node: bool,
 ) -> Result<(PoolSample, Capacity), provisioner::PoolError> {
-    let (capacity, volumes, snapshots, io_limits, sizes) = if pool.is_writer() {
+    let (capacity, volumes, snapshots, io_limits, sizes, encrypted) = if pool.is_writer() {
         let (vols, _) = pool.list_page(None, 0);
         let (snaps, _) = pool.list_snapshots(None, None, 0);
         let hex = |kind, id: &str| VolumeId::parse(kind, id).map(|v| v.hex).unwrap_or_default();
@@ -36,12 +36,14 @@ pub fn measure_with_capacity(
             .map(|b| b.unwrap_or(0))
             .sum();
         let provisioned = vols.iter().map(|r| r.size_bytes).sum();
+        let encrypted = vols.iter().filter(|r| r.encryption.is_some()).count() as u64;
         (
             pool.capacity()?,
             vols.len() as u64,
             snaps.len() as u64,
             pool.io_limited(),
             (provisioned, allocated),
+            encrypted,
         )
     } else {
         let l = listing::read_records(pool.dir())?;
@@ -57,12 +59,16 @@ pub fn measure_with_capacity(
             .map(|b| b.unwrap_or(0))
             .sum();
         let provisioned = l.volumes.iter().map(|v| v.record.size_bytes).sum();
+        let encrypted = (l.volumes.iter())
+            .filter(|v| v.record.encryption.is_some())
+            .count() as u64;
         (
             cap,
             l.volumes.len() as u64,
             l.snapshots.len() as u64,
             limited,
             (provisioned, allocated),
+            encrypted,
         )
     };
     let sample = PoolSample {
@@ -73,6 +79,7 @@ pub fn measure_with_capacity(
         available_bytes: capacity.available_bytes,
         reserved_bytes: capacity.reserved_bytes,
         volumes,
+        encrypted_volumes: encrypted,
         snapshots,
         staged_volumes: serves_node.then(|| staged_count(&pool.node_state_dir())),
         loop_devices: crate::datapath::default_path().list_under(pool.dir()).len() as u64,

@@ -88,6 +88,8 @@ pub struct LoopPoolStatus {
     pub capacity: String,
     pub free: String,
     pub volumes: u64,
+    /// Of `volumes`, those encrypted at rest (`encryption: fscrypt`).
+    pub encrypted_volumes: u64,
     pub snapshots: u64,
     /// `Healthy`, `Full`, `ReadOnly` or `Missing`: the worst true condition.
     pub health: String,
@@ -219,6 +221,7 @@ pub fn status(
         capacity: crate::shared::units::bytes(s.capacity_bytes),
         free: crate::shared::units::bytes(s.available_bytes),
         volumes: s.volumes,
+        encrypted_volumes: s.encrypted_volumes,
         snapshots: s.snapshots,
         health: if figures.read_only {
             READ_ONLY

@@ -27,6 +27,7 @@ fn figures(available: u64, headroom: u64, read_only: bool) -> Figures {
             provisioned_bytes: 5 << 30,
             allocated_bytes: 2 << 30,
             volumes: 4,
+            encrypted_volumes: 1,
             snapshots: 1,
             staged_volumes: Some(2),
             loop_devices: 2,
