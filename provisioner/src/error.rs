@@ -25,6 +25,10 @@ pub enum PoolError {
     /// Another operation holds the object; the caller should retry.
     #[error("{0}")]
     Aborted(String),
+    /// Something this pool depends on cannot be reached now (a transfer's source node); the
+    /// caller retries.
+    #[error("{0}")]
+    Unavailable(String),
     #[error("{0} is locked: another loopvol process serves this pool in the same role")]
     PoolLocked(PathBuf),
     /// A hook the caller installed (the driver's quiesce) failed: its own error, kept whole

@@ -50,6 +50,7 @@ mod tests;
 mod volumes;
 
 use quiesce::no_quiesce;
+pub(crate) use volumes::{check_compatible, fallocate_all, plan_copy};
 pub(crate) use quiesce::{copy_quiesced, snapshot_lock_key, transfer_quiesced};
 pub use quiesce::{Quiesce, Quiesced};
 use repair::{clear_tmp, load_dir};
@@ -118,7 +119,7 @@ pub struct Pool {
     pub(crate) snapshots: RwLock<BTreeMap<String, SnapshotRecord>>,
     pub(crate) locks: KeyedLocks,
     /// Serialises "check capacity, then allocate" so two creates cannot both take the last bytes.
-    alloc: Mutex<()>,
+    pub(crate) alloc: Mutex<()>,
     reserved_cache: Mutex<Option<(Instant, u64)>>,
     /// Whether the pool's filesystem can reflink, once probed.
     reflink: std::sync::OnceLock<bool>,
@@ -126,6 +127,8 @@ pub struct Pool {
     max_bytes: Option<u64>,
     pub(crate) writer: bool,
     in_use: crate::InUse,
+    /// Transfers filling volumes of this pool from another node (transfer/sink.rs).
+    pub(crate) transfers: Mutex<crate::transfer::sink::Table>,
     _locks: Vec<Flock<File>>,
 }
 
@@ -161,15 +164,16 @@ impl Pool {
         // nothing.
         identity::check_owner(&dir, &opts.node_id)?;
         let mut repairs = Vec::new();
-        let (volumes, snapshots) = if opts.writer {
+        let (volumes, snapshots, transfers) = if opts.writer {
             clear_tmp(&dir, &mut repairs)?;
             let v: BTreeMap<String, VolumeRecord> =
                 load_dir(&dir.join("volumes"), &opts.in_use, &mut repairs)?;
             let s: BTreeMap<String, SnapshotRecord> =
                 load_dir(&dir.join("snapshots"), &opts.in_use, &mut repairs)?;
-            (v, s)
+            let t = crate::transfer::sink::load(&dir, &v, &mut repairs)?;
+            (v, s, t)
         } else {
-            (BTreeMap::new(), BTreeMap::new())
+            (BTreeMap::new(), BTreeMap::new(), Default::default())
         };
         let pool = Pool {
             dir,
@@ -185,6 +189,7 @@ impl Pool {
             max_bytes: None,
             writer: opts.writer,
             in_use: opts.in_use,
+            transfers: Mutex::new(transfers),
             _locks: locks,
         };
         if pool.writer {
@@ -285,6 +290,14 @@ impl Pool {
             .unwrap_or_else(|e| e.into_inner())
             .get(hex)
             .cloned()
+    }
+
+    /// Make a committed record visible (a transfer's commit).
+    pub(crate) fn insert_volume(&self, hex: &str, record: VolumeRecord) {
+        self.volumes
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(hex.to_string(), record);
     }
 
     pub(crate) fn require_writer(&self) -> Result<(), PoolError> {

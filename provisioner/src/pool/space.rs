@@ -22,7 +22,8 @@ impl Pool {
                 .values()
                 .map(|r| r.size_bytes)
                 .sum();
-            c.cap_left_bytes = Some(max.saturating_sub(provisioned));
+            let pending = self.transfer_reserved_bytes().1;
+            c.cap_left_bytes = Some(max.saturating_sub(provisioned + pending));
         }
         Ok(c)
     }
@@ -38,7 +39,9 @@ impl Pool {
             }
         }
         let vols = self.volumes.read().unwrap_or_else(|e| e.into_inner());
-        let total = vols
+        // A volume being filled by a transfer is promised in full (less what it holds).
+        let total = self.transfer_reserved_bytes().0
+            + vols
             .iter()
             .filter(|(_, r)| r.allocation == Allocation::Thin)
             .map(|(hex, r)| {
@@ -47,7 +50,7 @@ impl Pool {
                     .unwrap_or(0);
                 r.size_bytes.saturating_sub(used)
             })
-            .sum();
+            .sum::<u64>();
         *cache = Some((Instant::now(), total));
         total
     }
@@ -64,7 +67,7 @@ impl Pool {
         }
     }
 
-    pub(super) fn invalidate_reserved(&self) {
+    pub(crate) fn invalidate_reserved(&self) {
         *self
             .reserved_cache
             .lock()
