@@ -50,11 +50,11 @@ mod tests;
 mod volumes;
 
 use quiesce::no_quiesce;
-pub(crate) use volumes::{check_compatible, fallocate_all, plan_copy};
 pub(crate) use quiesce::{copy_quiesced, snapshot_lock_key, transfer_quiesced};
 pub use quiesce::{Quiesce, Quiesced};
 use repair::{clear_tmp, load_dir};
 pub(crate) use space::space_error;
+pub(crate) use volumes::{check_compatible, fallocate_all, plan_copy};
 
 /// How long a computed reservation total may be reused. Creates adjust it in place, so the
 /// cache only hides data written into thin volumes during that window.

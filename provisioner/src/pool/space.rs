@@ -42,15 +42,15 @@ impl Pool {
         // A volume being filled by a transfer is promised in full (less what it holds).
         let total = self.transfer_reserved_bytes().0
             + vols
-            .iter()
-            .filter(|(_, r)| r.allocation == Allocation::Thin)
-            .map(|(hex, r)| {
-                let used = fs::metadata(self.image_path(hex))
-                    .map(|m| m.blocks() * 512)
-                    .unwrap_or(0);
-                r.size_bytes.saturating_sub(used)
-            })
-            .sum::<u64>();
+                .iter()
+                .filter(|(_, r)| r.allocation == Allocation::Thin)
+                .map(|(hex, r)| {
+                    let used = fs::metadata(self.image_path(hex))
+                        .map(|m| m.blocks() * 512)
+                        .unwrap_or(0);
+                    r.size_bytes.saturating_sub(used)
+                })
+                .sum::<u64>();
         *cache = Some((Instant::now(), total));
         total
     }

@@ -160,5 +160,8 @@ pub fn new_id() -> String {
 
 /// Whether `id` can be a transfer ID from [`new_id`] (it names files).
 pub fn valid_id(id: &str) -> bool {
-    id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    id.len() == 16
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
 }

@@ -65,7 +65,10 @@ mod tests {
             r.take(1 << 20);
         }
         let t = start.elapsed();
-        assert!(t >= Duration::from_millis(900) && t < Duration::from_secs(3), "{t:?}");
+        assert!(
+            t >= Duration::from_millis(900) && t < Duration::from_secs(3),
+            "{t:?}"
+        );
         let u = RateLimit::unlimited();
         let start = Instant::now();
         u.take(1 << 40);

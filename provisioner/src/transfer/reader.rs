@@ -36,7 +36,10 @@ pub fn read_image(
             let mut data = vec![0u8; n];
             file.read_exact_at(&mut data, off).map_err(|e| {
                 if e.kind() == io::ErrorKind::UnexpectedEof {
-                    io::Error::new(io::ErrorKind::UnexpectedEof, "source shrank during transfer")
+                    io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "source shrank during transfer",
+                    )
                 } else {
                     e
                 }
@@ -79,7 +82,11 @@ mod tests {
         assert!(bytes >= 6 << 20 && bytes < 16 << 20, "{bytes}");
         for (off, n) in &seen {
             assert!(*n <= CHUNK);
-            assert_eq!(off / CHUNK, (off + n - 1) / CHUNK, "chunk crosses a boundary");
+            assert_eq!(
+                off / CHUNK,
+                (off + n - 1) / CHUNK,
+                "chunk crosses a boundary"
+            );
         }
     }
 }

@@ -107,7 +107,9 @@ fn transfers_dir(pool_dir: &Path) -> PathBuf {
 }
 
 fn temp_image(pool_dir: &Path, hex: &str, transfer_id: &str) -> PathBuf {
-    pool_dir.join("tmp").join(format!("{hex}-{transfer_id}.img"))
+    pool_dir
+        .join("tmp")
+        .join(format!("{hex}-{transfer_id}.img"))
 }
 
 fn hex_of(r: &TransferRecord) -> String {
@@ -137,7 +139,10 @@ pub(crate) fn load(
     {
         let name = e.file_name().to_string_lossy().into_owned();
         let path = e.path();
-        let Some(hex) = name.strip_suffix(".json").filter(|s| crate::ids::is_hex_id(s)) else {
+        let Some(hex) = name
+            .strip_suffix(".json")
+            .filter(|s| crate::ids::is_hex_id(s))
+        else {
             if atomic::is_temp_name(&name) {
                 let _ = fs::remove_file(&path);
             }
@@ -161,7 +166,10 @@ pub(crate) fn load(
             None => {
                 let q = dir.join(format!("{name}.corrupt"));
                 fs::rename(&path, &q).ctx(|| format!("quarantine {}", path.display()))?;
-                repairs.push(format!("unreadable transfer record moved to {}", q.display()));
+                repairs.push(format!(
+                    "unreadable transfer record moved to {}",
+                    q.display()
+                ));
             }
         }
     }

@@ -69,7 +69,8 @@ impl Pool {
                 let _held = self.lock_volume(&vid.hex);
                 let vol = self.get(id)?;
                 let from_path = self.image_path(&vid.hex);
-                let from = File::open(&from_path).ctx(|| format!("open {}", from_path.display()))?;
+                let from =
+                    File::open(&from_path).ctx(|| format!("open {}", from_path.display()))?;
                 let tmp = self.dir.join("tmp").join(format!("xfer-{transfer_id}.img"));
                 let guard = TempFile(Some(tmp.clone()));
                 let dst = File::options()
@@ -91,7 +92,10 @@ impl Pool {
                 (dst, vol.size_bytes, vol.fs_type, guard.keep())
             }
         };
-        let image_bytes = file.metadata().ctx(|| "stat the source image".into())?.len();
+        let image_bytes = file
+            .metadata()
+            .ctx(|| "stat the source image".into())?
+            .len();
         let (ranges, data_bytes) =
             reader::data_of(&file, image_bytes).ctx(|| "map the source image".into())?;
         Ok(SourceImage {

@@ -44,7 +44,10 @@ impl<'a> Writer<'a> {
     pub fn chunk(&mut self, c: &Chunk) -> Result<(), TransferError> {
         let len = c.data.len() as u64;
         let end = c.offset.checked_add(len);
-        if len == 0 || len > CHUNK || c.offset < self.next || end.is_none_or(|e| e > self.image_bytes)
+        if len == 0
+            || len > CHUNK
+            || c.offset < self.next
+            || end.is_none_or(|e| e > self.image_bytes)
         {
             return Err(TransferError::Corrupt(format!(
                 "chunk of {len} bytes at offset {} is out of order or outside the {}-byte image",
@@ -89,7 +92,9 @@ impl<'a> Writer<'a> {
                 mine.chunks, mine.data_bytes, t.chunks, t.data_bytes
             )));
         }
-        self.file.sync_all().ctx(|| "fsync the transferred image".into())?;
+        self.file
+            .sync_all()
+            .ctx(|| "fsync the transferred image".into())?;
         Ok(mine.data_bytes)
     }
 }
