@@ -22,6 +22,16 @@ fn snapshot_image(cl: &Cluster, node: u8, snap_id: &str) -> std::path::PathBuf {
     cl.pool(node).join("snapshots").join(format!("{hex}.img"))
 }
 
+/// `loopvol ARGS`'s standard output (it must succeed).
+fn loopvol_out(args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_loopvol"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "loopvol {args:?}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 fn block_req(name: &str, bytes: i64) -> CreateVolumeRequest {
     create_req(
         name,
@@ -198,7 +208,7 @@ async fn long_copies_are_joined_cancelled_and_refused_cleanly() {
         with_topology(block_req("big", 1024 * MIB), &["n3"], &["n3"]),
     )
     .await;
-    write_spread(&cl.image(3, &blk), 32, 4 << 20, 5);
+    write_spread(&cl.image(3, &blk), 48, 4 << 20, 5);
     let want = sha256_file(&cl.image(3, &blk));
     let snap = r
         .create_snapshot(CreateSnapshotRequest {
@@ -233,6 +243,15 @@ async fn long_copies_are_joined_cancelled_and_refused_cleanly() {
         ALL,
     );
     assert_eq!(code_of(r.create_volume(other).await), Code::AlreadyExists);
+    // The operator sees it being filled.
+    let pool1 = s(&cl.pool(1));
+    let list = loopvol_out(&["volume", "list", "--pool-dir", &pool1]);
+    assert!(list.contains("slow") && list.contains("filling "), "{list}");
+    let status = loopvol_out(&["status", "--pool-dir", &pool1]);
+    assert!(
+        status.contains("FILLING VOLUME") && status.contains("filling "),
+        "{status}"
+    );
     let (v, aborted) = create_until_ready(&mut r, &req, WAIT).await.unwrap();
     assert!(!aborted.is_empty() || v.volume_id.ends_with("@n1"));
     assert_eq!(sha256_file(&cl.image(1, &v.volume_id)), want);
@@ -267,6 +286,27 @@ async fn long_copies_are_joined_cancelled_and_refused_cleanly() {
         !cl.image(1, &id).exists(),
         "a cancelled copy became a volume"
     );
+    assert!(
+        leftovers(&cl.pool(1)).is_empty(),
+        "{:?}",
+        leftovers(&cl.pool(1))
+    );
+
+    // kill -9 of the target mid-copy: at its next start the copy resumes from scratch, and
+    // the CO's retry gets the complete volume; nothing is left behind.
+    let resumed = with_topology(
+        from_snapshot(block_req("resumed", 1024 * MIB), &snap.snapshot_id),
+        &["n1"],
+        ALL,
+    );
+    let e = r.create_volume(resumed.clone()).await.unwrap_err();
+    assert_eq!(e.code(), Code::Aborted, "{e:?}");
+    let mut cl = cl;
+    cl.nodes[0].kill9();
+    assert!(cl.pool(1).join("transfers").read_dir().unwrap().count() == 1);
+    cl.nodes[0].spawn();
+    let (v, _) = create_until_ready(&mut r, &resumed, WAIT).await.unwrap();
+    assert_eq!(sha256_file(&cl.image(1, &v.volume_id)), want);
     assert!(
         leftovers(&cl.pool(1)).is_empty(),
         "{:?}",
@@ -325,14 +365,9 @@ async fn long_copies_are_joined_cancelled_and_refused_cleanly() {
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
-    assert_eq!(
-        vols.len(),
-        2,
-        "only the slow clone's image and record: {vols:?}"
-    );
+    assert_eq!(vols.len(), 4, "only the two finished copies: {vols:?}");
 
     // The source's node is down: UNAVAILABLE (the sidecar retries), never NOT_FOUND.
-    let mut cl = cl;
     cl.nodes[1].stop();
     let gone = with_topology(
         from_volume(block_req("gone", 64 * MIB), &bad_src),

@@ -42,6 +42,9 @@ pub struct TransferRecord {
     /// The source node's pool API (`https://host:port`), to resume from.
     pub endpoint: String,
     pub started_unix: u64,
+    /// Bytes the source sends (its data ranges), for progress.
+    #[serde(default)]
+    pub data_bytes: u64,
 }
 
 /// A running job: its progress, and the flag DeleteVolume raises.
@@ -100,6 +103,25 @@ pub struct Filling {
     pub record: TransferRecord,
     /// Bytes the temp image holds so far.
     pub allocated_bytes: u64,
+}
+
+impl Filling {
+    /// How far the copy got, from the temp image's allocation (zero blocks are not written,
+    /// so it can lag what was received; it never says 100 before the commit).
+    pub fn percent(&self) -> u64 {
+        match self.record.data_bytes {
+            0 => 0,
+            d => (self.allocated_bytes * 100 / d).min(99),
+        }
+    }
+
+    /// What the volume still holds in reserve (its size less what the temp image took).
+    pub fn reserved_bytes(&self) -> u64 {
+        self.record
+            .volume
+            .size_bytes
+            .saturating_sub(self.allocated_bytes)
+    }
 }
 
 fn transfers_dir(pool_dir: &Path) -> PathBuf {
@@ -237,6 +259,7 @@ impl Pool {
                 }
                 p.transfer_id = transfer_id.to_string();
                 p.endpoint = endpoint.to_string();
+                p.data_bytes = header.data_bytes;
                 p
             }
             None => {
@@ -258,6 +281,7 @@ impl Pool {
                     },
                     endpoint: endpoint.to_string(),
                     started_unix: unix_now(),
+                    data_bytes: header.data_bytes,
                 }
             }
         };
