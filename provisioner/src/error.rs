@@ -68,3 +68,13 @@ impl<T> IoContext<T> for nix::Result<T> {
         self.map_err(|e| PoolError::io(context(), io::Error::from(e)))
     }
 }
+
+/// Running out of space while writing is the pool's RESOURCE_EXHAUSTED, not an I/O failure.
+pub(crate) fn space_error(what: &str, e: io::Error) -> PoolError {
+    match e.raw_os_error() {
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) => {
+            PoolError::ResourceExhausted(format!("not enough free space in the pool to {what}"))
+        }
+        _ => PoolError::io(what, e),
+    }
+}

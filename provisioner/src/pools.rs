@@ -160,7 +160,7 @@ impl Pools {
         &self,
         pool: &str,
         req: &CreateRequest,
-    ) -> Result<(Arc<Pool>, crate::transfer::sink::TransferState), PoolError> {
+    ) -> Result<(Arc<Pool>, crate::pool::transfers::TransferState), PoolError> {
         ids::validate_name(&req.name)?;
         let target = self.requested(pool)?;
         let hex = VolumeId::from_name(Kind::Volume, &req.name, self.node_id()).hex;
@@ -175,7 +175,7 @@ impl Pools {
         source: &ContentSource,
         transfer_id: &str,
         quiesce: Quiesce<'_>,
-    ) -> Result<crate::transfer::source::SourceImage, PoolError> {
+    ) -> Result<crate::pool::SourceImage, PoolError> {
         let pool = match source {
             ContentSource::Snapshot(id) => self.for_id(Kind::Snapshot, id)?,
             ContentSource::Volume(id) => self.for_id(Kind::Volume, id)?,

@@ -47,13 +47,16 @@ mod repair;
 mod space;
 #[cfg(test)]
 mod tests;
+mod transfer_source;
+pub mod transfers;
 mod volumes;
 
+pub(crate) use crate::error::space_error;
 use quiesce::no_quiesce;
 pub(crate) use quiesce::{copy_quiesced, snapshot_lock_key, transfer_quiesced};
 pub use quiesce::{Quiesce, Quiesced};
 use repair::{clear_tmp, load_dir};
-pub(crate) use space::space_error;
+pub use transfer_source::SourceImage;
 pub(crate) use volumes::{check_compatible, fallocate_all, plan_copy};
 
 /// How long a computed reservation total may be reused. Creates adjust it in place, so the
@@ -128,7 +131,7 @@ pub struct Pool {
     pub(crate) writer: bool,
     in_use: crate::InUse,
     /// Transfers filling volumes of this pool from another node (transfer/sink.rs).
-    pub(crate) transfers: Mutex<crate::transfer::sink::Table>,
+    pub(crate) transfers: Mutex<transfers::Table>,
     _locks: Vec<Flock<File>>,
 }
 
@@ -170,7 +173,7 @@ impl Pool {
                 load_dir(&dir.join("volumes"), &opts.in_use, &mut repairs)?;
             let s: BTreeMap<String, SnapshotRecord> =
                 load_dir(&dir.join("snapshots"), &opts.in_use, &mut repairs)?;
-            let t = crate::transfer::sink::load(&dir, &v, &mut repairs)?;
+            let t = transfers::load(&dir, &v, &mut repairs)?;
             (v, s, t)
         } else {
             (BTreeMap::new(), BTreeMap::new(), Default::default())

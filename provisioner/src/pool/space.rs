@@ -126,13 +126,3 @@ impl Pool {
             .map(|m| m.blocks() * 512)
     }
 }
-
-/// Running out of space while writing is the pool's RESOURCE_EXHAUSTED, not an I/O failure.
-pub(crate) fn space_error(what: &str, e: std::io::Error) -> PoolError {
-    match e.raw_os_error() {
-        Some(libc::ENOSPC) | Some(libc::EDQUOT) => {
-            PoolError::ResourceExhausted(format!("not enough free space in the pool to {what}"))
-        }
-        _ => PoolError::io(what, e),
-    }
-}

@@ -13,7 +13,7 @@
 //! Between two pools of one node the reader runs on a thread and feeds the writer through a
 //! bounded channel ([`local`]); between nodes the driver carries the same frames over gRPC
 //! (`loopvol.transfer.v1.Transfer/Read`) and runs the writer as a background job of the sink
-//! pool ([`sink`]). This crate stays free of gRPC: the driver adapts its stream to a
+//! pool (`pool/transfers.rs`; the source side is `pool/transfer_source.rs`). This crate stays free of gRPC: the driver adapts its stream to a
 //! [`FrameSource`].
 
 use sha2::{Digest, Sha256};
@@ -23,8 +23,6 @@ use crate::params::FsType;
 pub mod local;
 pub mod rate;
 pub mod reader;
-pub mod sink;
-pub mod source;
 pub mod writer;
 
 pub use local::Method;

@@ -10,7 +10,6 @@ use sha2::{Digest, Sha256};
 
 use super::{Chunk, Header, ImageDigest, Trailer, TransferError, BLOCK, CHUNK};
 use crate::error::IoContext;
-use crate::pool::space_error;
 
 pub struct Writer<'a> {
     file: &'a File,
@@ -70,7 +69,7 @@ impl<'a> Writer<'a> {
             if block.iter().any(|&b| b != 0) {
                 self.file
                     .write_all_at(block, abs)
-                    .map_err(|e| space_error("write the transferred data", e))?;
+                    .map_err(|e| crate::error::space_error("write the transferred data", e))?;
             }
             at += n;
         }

@@ -8,9 +8,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use provisioner::pool::transfers::{Job, TransferRecord, TransferState};
 use provisioner::pool::CreateRequest;
 use provisioner::record::ContentSource;
-use provisioner::transfer::sink::{Job, TransferRecord, TransferState};
 use provisioner::transfer::{self, Header};
 use provisioner::{Pool, VolumeParams, VolumeRecord};
 use tonic::Streaming;

@@ -97,7 +97,7 @@ pub fn volume_list(pool: &PoolArgs, output: ListOutput) -> anyhow::Result<()> {
 
 fn volume_list_in(dir: &Path, output: ListOutput) -> anyhow::Result<()> {
     let listing = provisioner::listing::read_records(dir)?;
-    let filling = provisioner::transfer::sink::filling(dir);
+    let filling = provisioner::pool::transfers::filling(dir);
     let items: Vec<ListedVolume> = listing
         .volumes
         .iter()

@@ -69,7 +69,7 @@ pub struct FillingView {
 }
 
 /// The state column of a volume being filled: `filling 45 % (460.0 MiB of 1.0 GiB)`.
-pub(crate) fn filling_state(f: &provisioner::transfer::sink::Filling) -> String {
+pub(crate) fn filling_state(f: &provisioner::pool::transfers::Filling) -> String {
     format!(
         "filling {} % ({} of {})",
         f.percent(),
@@ -78,7 +78,7 @@ pub(crate) fn filling_state(f: &provisioner::transfer::sink::Filling) -> String 
     )
 }
 
-fn filling_view(f: &provisioner::transfer::sink::Filling) -> FillingView {
+fn filling_view(f: &provisioner::pool::transfers::Filling) -> FillingView {
     let v = &f.record.volume;
     FillingView {
         volume_id: v.id.clone(),
@@ -239,7 +239,7 @@ pub fn collect(pool_dir: &Path, overcommit_ratio: f64) -> anyhow::Result<Status>
     }
     let pool = mount::canonical(pool_dir);
     let l = listing::read_records(&pool)?;
-    let filling = provisioner::transfer::sink::filling(&pool);
+    let filling = provisioner::pool::transfers::filling(&pool);
     // A volume being filled is promised in full, as the driver counts it.
     let reserved = l.reserved_bytes() + filling.iter().map(|f| f.reserved_bytes()).sum::<u64>();
     let cap = Capacity::measure(&pool, reserved, overcommit_ratio)?;

@@ -13,12 +13,12 @@ use std::fs::File;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 
-use super::{reader, Header};
 use crate::error::IoContext;
 use crate::extents::Range;
 use crate::ids::{Kind, VolumeId};
 use crate::pool::{copy_quiesced, snapshot_lock_key, Quiesce};
 use crate::record::ContentSource;
+use crate::transfer::{reader, Header};
 use crate::{Pool, PoolError};
 
 /// An image open for streaming, with its header and data ranges.
@@ -46,7 +46,7 @@ impl Pool {
         transfer_id: &str,
         quiesce: Quiesce<'_>,
     ) -> Result<SourceImage, PoolError> {
-        if !super::valid_id(transfer_id) {
+        if !crate::transfer::valid_id(transfer_id) {
             return Err(PoolError::InvalidArgument(format!(
                 "{transfer_id:?} is not a transfer ID"
             )));

@@ -24,12 +24,12 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::{Frame, FrameSource, Header, RateLimit, TransferError, Writer};
 use crate::atomic;
 use crate::error::IoContext;
 use crate::ids::Kind;
 use crate::pool::{check_compatible, fallocate_all, plan_copy, to_json, unix_now, FULL_BYTES};
 use crate::record::{VolumeRecord, RECORD_FORMAT};
+use crate::transfer::{Frame, FrameSource, Header, RateLimit, TransferError, Writer};
 use crate::{CreateRequest, Pool, PoolError};
 
 /// A transfer's durable record.
