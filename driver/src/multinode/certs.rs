@@ -163,6 +163,21 @@ pub fn write(dir: &Path, namespace: &str) -> anyhow::Result<()> {
 mod tests {
     use super::*;
 
+    /// Nodes pull restore and clone data from each other: the node certificate must be
+    /// usable by a client as well as a server (a TLS server checks the clientAuth usage).
+    #[test]
+    fn the_node_certificate_serves_and_calls() {
+        let b = generate("loopvol-system").unwrap();
+        let usage = |pem: &str| {
+            let (_, pem) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
+            let cert = pem.parse_x509().unwrap();
+            let eku = cert.extended_key_usage().unwrap().unwrap().value.clone();
+            (eku.server_auth, eku.client_auth)
+        };
+        assert_eq!(usage(&b.server_crt), (true, true));
+        assert_eq!(usage(&b.client_crt), (false, true));
+    }
+
     #[test]
     fn bundle_is_pem_and_secret_carries_every_file() {
         let b = generate("loopvol-system").unwrap();

@@ -170,3 +170,27 @@ impl Transfer for TransferService {
         )))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    /// The router's endpoint parameter is taken only from a pool API peer, and never left
+    /// for the StorageClass parser.
+    #[test]
+    fn the_endpoint_parameter_is_reserved_for_the_pool_api() {
+        let with = |v: &str| HashMap::from([(SOURCE_ENDPOINT_PARAM.to_string(), v.to_string())]);
+        let mut p = with("https://10.0.0.3:9820");
+        assert_eq!(
+            take_endpoint(&mut p, true).unwrap().as_deref(),
+            Some("https://10.0.0.3:9820")
+        );
+        assert!(p.is_empty());
+        let e = take_endpoint(&mut with("https://10.0.0.3:9820"), false).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        let e = take_endpoint(&mut with("http://10.0.0.3:9820"), true).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert_eq!(take_endpoint(&mut HashMap::new(), false).unwrap(), None);
+    }
+}

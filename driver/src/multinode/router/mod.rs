@@ -111,14 +111,7 @@ impl Router {
                 None => None,
             });
         if let Some(src) = source_node {
-            let target = preferred
-                .iter()
-                .find(|p| requisite.is_empty() || requisite.contains(p))
-                .or_else(|| requisite.contains(&src).then_some(&src))
-                .or(requisite.first())
-                .unwrap_or(&src)
-                .clone();
-            return Ok((target, Some(src)));
+            return Ok((target_for_copy(&preferred, &requisite, &src), Some(src)));
         }
         let wanted: Vec<&String> = preferred.iter().chain(requisite.iter()).collect();
         if !wanted.is_empty() {
@@ -224,6 +217,17 @@ impl Router {
         }
         Ok((out, String::new()))
     }
+}
+
+/// Where a restore or clone of a source on node `src` goes (see [`Router::place`]).
+fn target_for_copy(preferred: &[String], requisite: &[String], src: &String) -> String {
+    preferred
+        .iter()
+        .find(|p| requisite.is_empty() || requisite.contains(p))
+        .or_else(|| requisite.contains(src).then_some(src))
+        .or(requisite.first())
+        .unwrap_or(src)
+        .clone()
 }
 
 fn parse_token(token: &str) -> Result<(Option<String>, String)> {
@@ -358,6 +362,24 @@ mod tests {
         assert!(Status::from(dir.client("n1").unwrap_err())
             .message()
             .contains("no loopvol node plugin"));
+    }
+
+    /// csi-provisioner's two shapes: WaitForFirstConsumer without --strict-topology sends
+    /// preferred = [picked, …] and requisite = every node; with it, both = [picked].
+    #[test]
+    fn a_copy_goes_where_the_co_asks_not_where_its_source_is() {
+        let v = |xs: &[&str]| xs.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        let src = "n3".to_string();
+        let all = v(&["n1", "n2", "n3"]);
+        assert_eq!(target_for_copy(&v(&["n1", "n3", "n2"]), &all, &src), "n1");
+        assert_eq!(target_for_copy(&v(&["n2"]), &v(&["n2"]), &src), "n2");
+        // No preference: the source's node if allowed (no copy), else the first allowed.
+        assert_eq!(target_for_copy(&[], &all, &src), "n3");
+        assert_eq!(target_for_copy(&[], &v(&["n2", "n1"]), &src), "n2");
+        // A preference the requisite excludes is skipped.
+        assert_eq!(target_for_copy(&v(&["n9", "n1"]), &v(&["n1", "n3"]), &src), "n1");
+        assert_eq!(target_for_copy(&v(&["n1"]), &[], &src), "n1");
+        assert_eq!(target_for_copy(&[], &[], &src), "n3");
     }
 
     #[test]
