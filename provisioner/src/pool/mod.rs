@@ -48,6 +48,8 @@ mod space;
 #[cfg(test)]
 mod tests;
 mod transfer_source;
+#[cfg(test)]
+mod transfer_tests;
 pub mod transfers;
 mod volumes;
 

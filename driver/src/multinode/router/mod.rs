@@ -377,7 +377,10 @@ mod tests {
         assert_eq!(target_for_copy(&[], &all, &src), "n3");
         assert_eq!(target_for_copy(&[], &v(&["n2", "n1"]), &src), "n2");
         // A preference the requisite excludes is skipped.
-        assert_eq!(target_for_copy(&v(&["n9", "n1"]), &v(&["n1", "n3"]), &src), "n1");
+        assert_eq!(
+            target_for_copy(&v(&["n9", "n1"]), &v(&["n1", "n3"]), &src),
+            "n1"
+        );
         assert_eq!(target_for_copy(&v(&["n1"]), &[], &src), "n1");
         assert_eq!(target_for_copy(&[], &[], &src), "n3");
     }
