@@ -133,8 +133,7 @@ pub fn bytes_received_in_log(log: &Path, volume_id: &str) -> Option<u64> {
     let text = std::fs::read_to_string(log).ok()?;
     let line = text
         .lines()
-        .filter(|l| l.contains("transfer finished") && l.contains(volume_id))
-        .last()?;
+        .rfind(|l| l.contains("transfer finished") && l.contains(volume_id))?;
     let at = line.find("bytes_received")? + "bytes_received".len();
     let digits: String = line[at..]
         .chars()

@@ -80,7 +80,7 @@ fn a_transfer_reserves_commits_resumes_fails_and_cancels_cleanly() {
     let (header, frames) = stream(&a, &source);
     // The temporary snapshot of the volume went with its stream.
     assert!(leftovers(&da).is_empty(), "{:?}", leftovers(&da));
-    assert!(header.data_bytes >= 3 << 20 && header.data_bytes < 8 << 20);
+    assert!((3 << 20..8 << 20).contains(&header.data_bytes));
 
     // Admitted: the whole size is reserved, the record is on disk.
     let b = open(&db, "node-b");

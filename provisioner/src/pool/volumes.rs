@@ -55,7 +55,7 @@ impl Pool {
         };
         let params = crate::params::VolumeParams {
             fs_type,
-            ..req.params.clone()
+            ..req.params
         };
         let record = VolumeRecord {
             format: RECORD_FORMAT,

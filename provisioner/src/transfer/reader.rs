@@ -79,7 +79,7 @@ mod tests {
         .unwrap();
         assert_eq!(trailer.data_bytes, bytes);
         assert_eq!(trailer.chunks as usize, seen.len());
-        assert!(bytes >= 6 << 20 && bytes < 16 << 20, "{bytes}");
+        assert!((6 << 20..16 << 20).contains(&bytes), "{bytes}");
         for (off, n) in &seen {
             assert!(*n <= CHUNK);
             assert_eq!(
