@@ -45,7 +45,13 @@ async fn restore_and_clone_across_nodes_are_byte_identical_and_thin() {
     if !root_or_skip("transfer") {
         return;
     }
-    let cl = Cluster::start();
+    // n1 serves /metrics, to count what it receives.
+    let metrics = format!("127.0.0.2:{}", free_port("127.0.0.2"));
+    let m = metrics.clone();
+    let cl = Cluster::start_with(&|i| match i {
+        1 => vec!["--metrics-address".into(), m.clone()],
+        _ => Vec::new(),
+    });
     let mut r = cl.router().await;
 
     // An ext4 volume on n3 with files in it, and a snapshot of it.
@@ -144,7 +150,14 @@ async fn restore_and_clone_across_nodes_are_byte_identical_and_thin() {
         &["n1"],
         ALL,
     );
+    let before = metric(&metrics, "loopvol_transfer_bytes_total").unwrap();
     let (b, _) = create_until_ready(&mut r, &clone_blk, WAIT).await.unwrap();
+    let counted = metric(&metrics, "loopvol_transfer_bytes_total").unwrap() - before;
+    assert!(
+        counted >= written as f64 && counted <= written as f64 * 1.1,
+        "the metric counted {counted} bytes for {written} written"
+    );
+    assert_eq!(metric(&metrics, "loopvol_transfers_in_flight"), Some(0.0));
     assert!(b.volume_id.ends_with("@n1"), "{}", b.volume_id);
     let img = cl.image(1, &b.volume_id);
     assert_eq!(sha256_file(&img), want_blk, "block clone bytes");

@@ -143,6 +143,28 @@ pub fn bytes_received_in_log(log: &Path, volume_id: &str) -> Option<u64> {
     digits.parse().ok()
 }
 
+/// One sample of `/metrics` served on `addr` (`--metrics-address`): the value of the series
+/// `name` (no labels), if present.
+pub fn metric(addr: &str, name: &str) -> Option<f64> {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(addr).ok()?;
+    c.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .ok()?;
+    let mut text = String::new();
+    c.read_to_string(&mut text).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// A free TCP port on `ip` (for a process to bind next).
+pub fn free_port(ip: &str) -> u16 {
+    std::net::TcpListener::bind((ip, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// The volume ID an ABORTED "copying: …" message names.
 pub fn volume_in_message(msg: &str) -> Option<String> {
     let at = msg.find("volume vol-")? + "volume ".len();

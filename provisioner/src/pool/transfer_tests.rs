@@ -98,6 +98,17 @@ fn a_transfer_reserves_commits_resumes_fails_and_cancels_cleanly() {
         b.transfer_state(&r).unwrap(),
         TransferState::Running(_)
     ));
+    // The name cannot be created locally beside it (a request without the source's endpoint).
+    let mut local = r.clone();
+    local.source = None;
+    assert!(matches!(
+        b.create_volume(&local),
+        Err(PoolError::AlreadyExists(_))
+    ));
+    assert!(matches!(
+        b.create_volume_from(&r, &no_quiesce, &a),
+        Err(PoolError::Aborted(_))
+    ));
     // Same name, other source: ALREADY_EXISTS.
     let other = req("copy", ContentSource::Snapshot("snap-x@node-a".into()));
     assert!(matches!(

@@ -485,6 +485,11 @@ impl Pool {
         Ok(failed || job.is_some() || pending.is_some())
     }
 
+    /// The transfer filling volume `hex`, if one is pending or running.
+    pub(crate) fn pending_transfer(&self, hex: &str) -> Option<TransferRecord> {
+        self.table().pending.get(hex).cloned()
+    }
+
     /// Transfers with a record and no job (pending after a restart): the driver resumes them.
     pub fn pending_transfers(&self) -> Vec<TransferRecord> {
         let t = self.table();

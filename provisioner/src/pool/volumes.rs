@@ -36,6 +36,14 @@ impl Pool {
         if let Some(existing) = self.get_hex(&id.hex) {
             return check_compatible(&existing, req);
         }
+        // A copy from another node is filling this name: never a second image beside it.
+        if let Some(filling) = self.pending_transfer(&id.hex) {
+            check_compatible(&filling.volume, req)?;
+            return Err(PoolError::Aborted(format!(
+                "volume {id} is being filled by a copy from {}; retry",
+                filling.endpoint
+            )));
+        }
         let source = req
             .source
             .as_ref()
