@@ -394,3 +394,41 @@ async fn long_copies_are_joined_cancelled_and_refused_cleanly() {
         leftovers(&cl.pool(1))
     );
 }
+
+/// Not a check, a measurement (run with `--ignored --nocapture`): a clone across nodes of a
+/// volume with 1 GiB of data, without a rate cap, on this machine's loopback; the rate the
+/// target's log line reports.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore]
+async fn measure_cross_node_clone_of_1_gib() {
+    if !root_or_skip("transfer") {
+        return;
+    }
+    let cl = Cluster::start_with(&|_| vec!["--transfer-rate-limit".into(), "0".into()]);
+    let mut r = cl.router().await;
+    let src = create_volume_id(
+        &mut r,
+        with_topology(block_req("m-src", 2048 * MIB), &["n3"], &["n3"]),
+    )
+    .await;
+    let written = write_spread(&cl.image(3, &src), 256, 4 << 20, 3);
+    let req = with_topology(
+        from_volume(block_req("m-dst", 2048 * MIB), &src),
+        &["n1"],
+        ALL,
+    );
+    let started = std::time::Instant::now();
+    let (v, _) = create_until_ready(&mut r, &req, Duration::from_secs(600))
+        .await
+        .unwrap();
+    let secs = started.elapsed().as_secs_f64();
+    let log = std::fs::read_to_string(&cl.nodes[0].log).unwrap();
+    let line = log
+        .lines()
+        .rfind(|l| l.contains("transfer finished") && l.contains(&v.volume_id))
+        .unwrap();
+    println!(
+        "{written} bytes of data: {secs:.2} s end to end ({:.0} MiB/s); {line}",
+        written as f64 / secs / (1 << 20) as f64
+    );
+}
