@@ -326,6 +326,50 @@ async fn long_copies_are_joined_cancelled_and_refused_cleanly() {
         leftovers(&cl.pool(1))
     );
 
+    // kill -9 of the source mid-stream: the copy fails as UNAVAILABLE (never NOT_FOUND) and
+    // keeps nothing; the source's temporary snapshot is gone after its restart, and the CO's
+    // retry then completes the volume.
+    let from_vol = with_topology(
+        from_volume(block_req("src-killed", 1024 * MIB), &blk),
+        &["n1"],
+        ALL,
+    );
+    let e = r.create_volume(from_vol.clone()).await.unwrap_err();
+    assert_eq!(e.code(), Code::Aborted, "{e:?}");
+    cl.nodes[2].kill9();
+    let mut codes = Vec::new();
+    for _ in 0..100 {
+        let c = code_of(r.create_volume(from_vol.clone()).await);
+        codes.push(c);
+        if c != Code::Aborted {
+            break;
+        }
+    }
+    assert_eq!(codes.last(), Some(&Code::Unavailable), "{codes:?}");
+    assert!(
+        leftovers(&cl.pool(1)).is_empty(),
+        "{:?}",
+        leftovers(&cl.pool(1))
+    );
+    cl.nodes[2].spawn();
+    assert!(
+        leftovers(&cl.pool(3)).is_empty(),
+        "{:?}",
+        leftovers(&cl.pool(3))
+    );
+    let (v, _) = create_until_ready(&mut r, &from_vol, WAIT).await.unwrap();
+    assert_eq!(sha256_file(&cl.image(1, &v.volume_id)), want);
+    assert!(
+        leftovers(&cl.pool(1)).is_empty(),
+        "{:?}",
+        leftovers(&cl.pool(1))
+    );
+    assert!(
+        leftovers(&cl.pool(3)).is_empty(),
+        "{:?}",
+        leftovers(&cl.pool(3))
+    );
+
     // A target that cannot hold it: RESOURCE_EXHAUSTED before any byte moves.
     let big = with_topology(
         from_snapshot(block_req("too-big", 1024 * MIB), &snap.snapshot_id),
@@ -378,7 +422,7 @@ async fn long_copies_are_joined_cancelled_and_refused_cleanly() {
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
-    assert_eq!(vols.len(), 4, "only the two finished copies: {vols:?}");
+    assert_eq!(vols.len(), 6, "only the three finished copies: {vols:?}");
 
     // The source's node is down: UNAVAILABLE (the sidecar retries), never NOT_FOUND.
     cl.nodes[1].stop();
