@@ -188,6 +188,20 @@ async fn restore_and_clone_across_nodes_are_byte_identical_and_thin() {
         allocated(&img)
     );
 
+    // The transfer service is on the pool API only, never on a CSI socket.
+    let ch = tonic::transport::Endpoint::from_shared(format!("unix://{}", s(&cl.nodes[0].socket)))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let read = loopvol::transfer_api::transfer_client::TransferClient::new(ch)
+        .read(loopvol::transfer_api::ReadRequest {
+            source_id: snap.snapshot_id.clone(),
+            transfer_id: "0123456789abcdef".into(),
+        })
+        .await;
+    assert_eq!(code_of(read), Code::Unimplemented);
+
     // A StorageClass cannot set the router's reserved parameter.
     let mut forged = create_req("forged", 16 * MIB, rw_mount(""));
     forged.parameters.insert(
