@@ -95,6 +95,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn transfer_rates_are_quantities_or_zero() {
+        assert_eq!(parse_rate("256Mi"), Ok(256 << 20));
+        assert_eq!(parse_rate("100Mi/s"), Ok(100 << 20));
+        assert_eq!(parse_rate("1G"), Ok(1_000_000_000));
+        assert_eq!(parse_rate("0"), Ok(0));
+        assert!(parse_rate("fast").is_err());
+        assert!(parse_rate("10MB").is_err());
+    }
+
+    #[test]
     fn sizes() {
         assert_eq!(parse_size("10Gi").unwrap(), 10 << 30);
         assert_eq!(parse_size("512Mi").unwrap(), 512 << 20);
