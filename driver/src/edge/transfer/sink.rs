@@ -181,13 +181,21 @@ pub fn resume_pending(driver: &Arc<Driver>) {
                     let tls = driver.transfer.client_tls.as_ref();
                     let opened = client::open(&r.endpoint, tls, source_id(&source), &tid).await?;
                     let header = opened.header.clone();
-                    let (p, ep, req) = (pool.clone(), r.endpoint.clone(), request_of(&r));
+                    let (p, ep, req, id) = (
+                        pool.clone(),
+                        r.endpoint.clone(),
+                        request_of(&r),
+                        tid.clone(),
+                    );
                     let job = driver
-                        .blocking(move |_| Ok(p.begin_transfer(&req, &header, &ep, &tid)?))
+                        .blocking(move |_| Ok(p.begin_transfer(&req, &header, &ep, &id)?))
                         .await?;
-                    tracing::info!(volume_id = %r.volume.id, transfer_id = %job.record.transfer_id,
-                        "pending transfer resumed from scratch");
-                    spawn(&driver, pool.clone(), job, opened.header, opened.stream);
+                    // A CO retry may have taken the record over first: its job runs, not ours.
+                    if job.record.transfer_id == tid {
+                        tracing::info!(volume_id = %r.volume.id, transfer_id = %tid,
+                            "pending transfer resumed from scratch");
+                        spawn(&driver, pool.clone(), job, opened.header, opened.stream);
+                    }
                     Ok::<(), Error>(())
                 };
                 if let Err(e) = resumed.await {
