@@ -632,3 +632,98 @@ async fn measure_cross_node_clone_of_1_gib() {
         written as f64 / secs / (1 << 20) as f64
     );
 }
+
+/// An encrypted volume's snapshot restored on another node is still ciphertext under the
+/// source's salt: the same Secret opens it there and another is refused (the transfer header
+/// carries the salt into the new record).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_encrypted_volume_restored_on_another_node_opens_with_its_secret_only() {
+    if !root_or_skip("transfer") {
+        return;
+    }
+    const KEY: &str = "a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f90";
+    const OTHER: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+    let secrets = |k: &str| std::collections::HashMap::from([("key".to_string(), k.to_string())]);
+    let cl = Cluster::start();
+    let mut r = cl.router().await;
+    let mut req = with_topology(
+        create_req("sealed", 64 * MIB, rw_mount("ext4")),
+        &["n3"],
+        &["n3"],
+    );
+    req.parameters.insert("encryption".into(), "fscrypt".into());
+    let src = create_volume_id(&mut r, req).await;
+
+    // Written on n3 through the pod's (encrypted) directory.
+    let mut n3 = cl.node_client(3).await;
+    let (staging3, pod3) = (cl.stage_dir(3).join("staging"), cl.stage_dir(3).join("pod"));
+    let mut stage = stage_req(&src, &staging3, rw_mount("ext4"));
+    stage.secrets = secrets(KEY);
+    n3.node_stage_volume(stage).await.unwrap();
+    n3.node_publish_volume(publish_req(&src, &staging3, &pod3, rw_mount("ext4")))
+        .await
+        .unwrap();
+    let data = pattern(1 << 20, 9);
+    std::fs::write(pod3.join("ledger-across-nodes"), &data).unwrap();
+    n3.node_unpublish_volume(unpublish_req(&src, &pod3))
+        .await
+        .unwrap();
+    n3.node_unstage_volume(unstage_req(&src, &staging3))
+        .await
+        .unwrap();
+    let snap = r
+        .create_snapshot(CreateSnapshotRequest {
+            source_volume_id: src.clone(),
+            name: "sealed-snap".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+
+    // Restored on n1 from a class that does not name encryption: it stays encrypted.
+    let restore = with_topology(
+        from_snapshot(
+            create_req("sealed-on-n1", 64 * MIB, rw_mount("")),
+            &snap.snapshot_id,
+        ),
+        &["n1"],
+        &["n1"],
+    );
+    let (v, _) = create_until_ready(&mut r, &restore, WAIT).await.unwrap();
+    assert!(v.volume_id.ends_with("@n1"), "{}", v.volume_id);
+    let list = loopvol_out(&["volume", "list", "--pool-dir", &s(&cl.pool(1))]);
+    let line = list.lines().find(|l| l.contains("sealed-on-n1"));
+    assert!(
+        line.is_some_and(|l| l.contains("fscrypt")),
+        "not recorded as encrypted: {list}"
+    );
+
+    let mut n1 = cl.node_client(1).await;
+    let (staging1, pod1) = (cl.stage_dir(1).join("staging"), cl.stage_dir(1).join("pod"));
+    let mut wrong = stage_req(&v.volume_id, &staging1, rw_mount("ext4"));
+    wrong.secrets = secrets(OTHER);
+    let e = n1.node_stage_volume(wrong).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    let mut right = stage_req(&v.volume_id, &staging1, rw_mount("ext4"));
+    right.secrets = secrets(KEY);
+    n1.node_stage_volume(right).await.unwrap();
+    n1.node_publish_volume(publish_req(
+        &v.volume_id,
+        &staging1,
+        &pod1,
+        rw_mount("ext4"),
+    ))
+    .await
+    .unwrap();
+    let read = std::fs::read(pod1.join("ledger-across-nodes"));
+    n1.node_unpublish_volume(unpublish_req(&v.volume_id, &pod1))
+        .await
+        .unwrap();
+    n1.node_unstage_volume(unstage_req(&v.volume_id, &staging1))
+        .await
+        .unwrap();
+    assert!(read.unwrap() == data, "the restored file differs");
+}
