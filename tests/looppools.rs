@@ -256,8 +256,23 @@ async fn looppools_are_created_updated_and_marked_missing() {
         ),
     )
     .await;
+    // And a snapshot of it: physical figures count snapshot images too, everywhere.
+    let snap = c
+        .create_snapshot(CreateSnapshotRequest {
+            source_volume_id: vol.clone(),
+            name: "in-xfs-snap".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap()
+        .snapshot_id;
     let xfs = t
-        .wait_status("xfs", Duration::from_secs(5), |s| u(&s["volumes"]) == 1)
+        .wait_status("xfs", Duration::from_secs(5), |s| {
+            u(&s["volumes"]) == 1 && u(&s["snapshots"]) == 1
+        })
         .await;
     eprintln!(
         "LoopPool updated {:?} after CreateVolume",
@@ -266,7 +281,7 @@ async fn looppools_are_created_updated_and_marked_missing() {
     let on_node = t.status();
     assert_eq!(
         u(&xfs["allocatedBytes"]),
-        u(&on_node["xfs"]["allocated_bytes"])
+        u(&on_node["xfs"]["allocated_bytes"]) + u(&on_node["xfs"]["snapshot_allocated_bytes"])
     );
     assert!(u(&xfs["allocatedBytes"]) >= 32 << 20);
     assert_eq!(u(&xfs["provisionedBytes"]), 32 << 20);
@@ -324,6 +339,12 @@ async fn looppools_are_created_updated_and_marked_missing() {
     t.d.spawn().await;
     t.wait_status("xfs", Duration::from_secs(10), healthy).await;
     let mut c = t.d.controller().await;
+    c.delete_snapshot(DeleteSnapshotRequest {
+        snapshot_id: snap,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     for volume_id in [vol, sealed] {
         c.delete_volume(DeleteVolumeRequest {
             volume_id,

@@ -46,6 +46,9 @@ pub struct Status {
     pub snapshots: usize,
     /// Bytes the volumes' images occupy on disk.
     pub allocated_bytes: u64,
+    /// Bytes the snapshots' images occupy on disk: with `allocated_bytes`, the pool's physical
+    /// use that the `loopvol_pool_allocated_bytes` gauge and the LoopPool status report.
+    pub snapshot_allocated_bytes: u64,
     pub staged: Vec<StagedView>,
     pub loop_devices: Vec<LoopView>,
     /// Record files that do not parse; the driver quarantines them at its next start.
@@ -269,6 +272,7 @@ pub fn collect(pool_dir: &Path, overcommit_ratio: f64) -> anyhow::Result<Status>
             .count(),
         snapshots: l.snapshots.len(),
         allocated_bytes: l.volumes.iter().filter_map(|v| v.allocated_bytes()).sum(),
+        snapshot_allocated_bytes: l.snapshots.iter().filter_map(|s| s.allocated_bytes()).sum(),
         staged: node_state::all(&pool.join("node"))
             .into_iter()
             .map(|(hex, s)| staged_view(&l, &pool.join("node"), &hex, s))
@@ -395,7 +399,11 @@ fn print_table(s: &Status) {
         bytes(s.allocated_bytes),
         s.encrypted_volumes
     );
-    println!("snapshots    {}", s.snapshots);
+    println!(
+        "snapshots    {} ({} allocated)",
+        s.snapshots,
+        bytes(s.snapshot_allocated_bytes)
+    );
     for p in &s.unreadable_records {
         println!("unreadable   {}", p.display());
     }
