@@ -618,6 +618,8 @@ case "$mode" in
   rw) mount --rbind "$host" "$at" ;;
   ro) mount --rbind "$host" "$at"; mount -o remount,bind,ro "$at" ;;
 esac
+# Other tests' volumes copied in from the host are not this container's (container.rs).
+drop_foreign_loop_mounts "$LOOPVOL_TEST_ROOT"
 exec "$@"
 "#;
 
@@ -662,7 +664,11 @@ impl PluginContainer {
         let log = root.join("driver.log");
         let child = Command::new("unshare")
             .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
-            .arg(PLUGIN_CONTAINER)
+            .arg(format!(
+                "{}{PLUGIN_CONTAINER}",
+                common::container::DROP_FOREIGN_LOOP_MOUNTS
+            ))
+            .env("LOOPVOL_TEST_ROOT", &root)
             .arg("loopvol-container")
             .arg(&host_dir)
             .arg(&blkio)

@@ -89,7 +89,7 @@ impl Node {
         std::fs::create_dir_all(&ns.kubelet).unwrap();
         let log = File::create(&ns.log).unwrap();
         let unshare = container::unshare_args();
-        let child = Command::new(unshare[0])
+        let child = Command::new(&unshare[0])
             .args(&unshare[1..])
             .arg(&self.host_pool)
             .arg(&self.host_kubelet)
