@@ -27,7 +27,7 @@ const DRIVER_LAYERS: &[&[&str]] = &[
     &["fs"],
     &["datapath", "node_state"],
     &["shared"],
-    &["csi", "error"],
+    &["csi", "error", "transfer_api"],
     &["metrics"],
 ];
 

@@ -4,228 +4,15 @@
 mod common;
 
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
+use common::cluster::*;
 use common::*;
 use loopvol::csi::controller_client::ControllerClient;
 use loopvol::csi::*;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::Code;
-
-/// A loopvol process killed (and waited for) on drop.
-struct Proc {
-    child: Option<Child>,
-    args: Vec<String>,
-    env: Vec<(String, String)>,
-    socket: PathBuf,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn start(args: Vec<String>, socket: PathBuf, log: PathBuf) -> Proc {
-        Self::start_with_env(args, Vec::new(), socket, log)
-    }
-
-    fn start_with_env(
-        args: Vec<String>,
-        env: Vec<(String, String)>,
-        socket: PathBuf,
-        log: PathBuf,
-    ) -> Proc {
-        let mut p = Proc {
-            child: None,
-            args,
-            env,
-            socket,
-            log,
-        };
-        p.spawn();
-        p
-    }
-
-    fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        self.child = Some(
-            Command::new(env!("CARGO_BIN_EXE_loopvol"))
-                .args(&self.args)
-                .env_remove("KUBERNETES_SERVICE_HOST")
-                .env_remove("KUBERNETES_SERVICE_PORT")
-                .envs(self.env.iter().map(|(k, v)| (k, v)))
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .unwrap(),
-        );
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
-            if let Some(s) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!(
-                    "loopvol exited ({s}): {}",
-                    std::fs::read_to_string(&self.log).unwrap_or_default()
-                );
-            }
-            assert!(Instant::now() < deadline, "loopvol did not come up");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(c.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// `loopvol serve --mode node` for node `name`: its socket, its pools under `dir` (the default
-/// one and `fast`), and the pool API on `listen` with the certificates in `certs`.
-fn node_args(name: &str, sock: &Path, dir: &Path, listen: &str, certs: &Path) -> Vec<String> {
-    vec![
-        "serve".into(),
-        "--mode".into(),
-        "node".into(),
-        "--node-id".into(),
-        name.into(),
-        "--endpoint".into(),
-        format!("unix://{}", s(sock)),
-        "--pool-dir".into(),
-        s(&dir.join(format!("{name}/pool"))),
-        "--pool".into(),
-        format!("fast={}", s(&dir.join(format!("{name}/fast")))),
-        "--pool-listen".into(),
-        listen.into(),
-        "--tls-cert".into(),
-        s(&certs.join("server.crt")),
-        "--tls-key".into(),
-        s(&certs.join("server.key")),
-        "--tls-ca".into(),
-        s(&certs.join("ca.crt")),
-    ]
-}
-
-fn s(p: &Path) -> String {
-    p.to_string_lossy().into_owned()
-}
-
-struct Cluster {
-    dir: tempfile::TempDir,
-    nodes: Vec<Proc>,
-    ports: Vec<u16>,
-    _router: Proc,
-    router_socket: PathBuf,
-}
-
-impl Cluster {
-    fn start() -> Cluster {
-        let dir = tempfile::Builder::new()
-            .prefix("loopvol-multi-")
-            .tempdir()
-            .unwrap();
-        for out in ["certs", "rogue"] {
-            write_certs(&dir.path().join(out));
-        }
-        let certs = dir.path().join("certs");
-        let mut nodes = Vec::new();
-        let mut ports = Vec::new();
-        let mut endpoints = Vec::new();
-        for i in 1..=3u8 {
-            let ip = format!("127.0.0.{}", i + 1);
-            let port = std::net::TcpListener::bind((ip.as_str(), 0))
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
-            let sock = dir.path().join(format!("n{i}.sock"));
-            let args = node_args(
-                &format!("n{i}"),
-                &sock,
-                dir.path(),
-                &format!("{ip}:{port}"),
-                &certs,
-            );
-            nodes.push(Proc::start(
-                args,
-                sock,
-                dir.path().join(format!("n{i}.log")),
-            ));
-            ports.push(port);
-            endpoints.push(format!("n{i}=https://{ip}:{port}"));
-        }
-        let router_socket = dir.path().join("router.sock");
-        let args = vec![
-            "serve".into(),
-            "--mode".into(),
-            "controller".into(),
-            "--node-id".into(),
-            "router".into(),
-            "--endpoint".into(),
-            format!("unix://{}", s(&router_socket)),
-            "--node-endpoints".into(),
-            endpoints.join(","),
-            "--tls-cert".into(),
-            s(&certs.join("client.crt")),
-            "--tls-key".into(),
-            s(&certs.join("client.key")),
-            "--tls-ca".into(),
-            s(&certs.join("ca.crt")),
-        ];
-        let router = Proc::start(args, router_socket.clone(), dir.path().join("router.log"));
-        Cluster {
-            dir,
-            nodes,
-            ports,
-            _router: router,
-            router_socket,
-        }
-    }
-
-    async fn router(&self) -> ControllerClient<Channel> {
-        let ch = Endpoint::from_shared(format!("unix://{}", s(&self.router_socket)))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        ControllerClient::new(ch)
-    }
-
-    fn pool(&self, node: u8) -> PathBuf {
-        self.dir.path().join(format!("n{node}/pool"))
-    }
-
-    fn image(&self, node: u8, id: &str) -> PathBuf {
-        let hex = id.split_once('-').unwrap().1.split_once('@').unwrap().0;
-        self.pool(node).join("volumes").join(format!("{hex}.img"))
-    }
-}
-
-fn on_node(name: &str, node: u8) -> CreateVolumeRequest {
-    let mut r = create_req(name, 16 * MIB, rw_mount("ext4"));
-    let t = loopvol::edge::controller::topology(&format!("n{node}"));
-    r.accessibility_requirements = Some(TopologyRequirement {
-        requisite: vec![t.clone()],
-        preferred: vec![t],
-    });
-    r
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn router_places_routes_paginates_and_survives_a_node_outage() {
@@ -307,19 +94,20 @@ async fn router_places_routes_paginates_and_survives_a_node_outage() {
             .count(),
         2
     );
-    // A restore goes to the snapshot's node; a requisite excluding it is refused.
-    let mut restore = on_node("restore", 1);
-    restore.volume_content_source = Some(VolumeContentSource {
-        r#type: Some(volume_content_source::Type::Snapshot(
-            volume_content_source::SnapshotSource {
-                snapshot_id: snap.snapshot_id.clone(),
-            },
-        )),
-    });
-    assert_eq!(
-        code_of(r.create_volume(restore.clone()).await),
-        Code::ResourceExhausted
+    // A restore goes where the topology asks (n1 pulls the data from n3); without topology
+    // it stays on the snapshot's node.
+    let restore = common::transfer::from_snapshot(on_node("restore", 1), &snap.snapshot_id);
+    let (elsewhere, _) =
+        common::transfer::create_until_ready(&mut r, &restore, Duration::from_secs(60))
+            .await
+            .unwrap();
+    assert!(
+        elsewhere.volume_id.ends_with("@n1"),
+        "{}",
+        elsewhere.volume_id
     );
+    let mut restore = restore;
+    restore.name = "restore-here".into();
     restore.accessibility_requirements = None;
     let restored = r
         .create_volume(restore)

@@ -233,6 +233,16 @@ pub struct ServeArgs {
     /// Test hook: keep each freeze this many milliseconds before copying.
     #[arg(long, hide = true, default_value_t = 0)]
     pub test_freeze_hold_ms: u64,
+    /// The most this node receives per second for restores and clones from other nodes, all
+    /// transfers together (a quantity, e.g. 100Mi; 0 = no limit), so a copy cannot starve
+    /// the pods' IO.
+    #[arg(long, value_name = "BYTES/s", default_value = "256Mi",
+          value_parser = crate::shared::units::parse_rate)]
+    pub transfer_rate_limit: u64,
+    /// Test-only fault injection: the source flips a byte of this transfer chunk (0-based)
+    /// after digesting it, so tests can see a corrupt transfer refused.
+    #[arg(long, hide = true)]
+    pub test_corrupt_transfer_chunk: Option<u64>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -106,7 +106,7 @@ impl Error {
                 PoolError::ResourceExhausted(_) => Code::ResourceExhausted,
                 PoolError::FailedPrecondition(_) => Code::FailedPrecondition,
                 PoolError::Aborted(_) => Code::Aborted,
-                PoolError::PoolLocked(_) => Code::Unavailable,
+                PoolError::PoolLocked(_) | PoolError::Unavailable(_) => Code::Unavailable,
                 PoolError::Hook(h) => h
                     .downcast_ref::<Error>()
                     .map_or(Code::Internal, Error::code),

@@ -24,6 +24,7 @@ pub mod ops;
 pub mod server;
 pub mod shared;
 pub mod state;
+pub mod transfer_api;
 
 /// The topology key every loopvol volume and node is labelled with.
 pub const TOPOLOGY_KEY: &str = "topology.loopvol.csi.dev/node";

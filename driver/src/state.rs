@@ -19,7 +19,33 @@ pub struct Driver {
     pub max_volumes_per_node: i64,
     /// The optional capabilities this process advertises.
     pub advertised: Advertised,
+    /// How this node pulls data from other nodes (restores and clones across nodes).
+    pub transfer: TransferSettings,
     ops: Semaphore,
+}
+
+/// The node's side of transfers between nodes.
+pub struct TransferSettings {
+    /// This node's identity towards other nodes' pool APIs; `None` without pool API
+    /// certificates (a transfer is then refused).
+    pub client_tls: Option<tonic::transport::ClientTlsConfig>,
+    /// `--transfer-rate-limit`, shared by every job of the node.
+    pub limit: Arc<provisioner::transfer::RateLimit>,
+    /// Test-only fault injection (`--test-corrupt-transfer-chunk`): the chunk (0-based) whose
+    /// first byte the source flips after digesting it.
+    pub corrupt_chunk: Option<u64>,
+}
+
+impl Default for TransferSettings {
+    fn default() -> Self {
+        TransferSettings {
+            client_tls: None,
+            limit: Arc::new(provisioner::transfer::RateLimit::new(
+                crate::shared::units::DEFAULT_TRANSFER_RATE,
+            )),
+            corrupt_chunk: None,
+        }
+    }
 }
 
 impl std::ops::Deref for Driver {
@@ -44,8 +70,15 @@ impl Driver {
             mode,
             max_volumes_per_node,
             advertised,
+            transfer: TransferSettings::default(),
             ops: Semaphore::new(max_concurrent_ops),
         }
+    }
+
+    /// How this node pulls from other nodes.
+    pub fn with_transfer(mut self, transfer: TransferSettings) -> Self {
+        self.transfer = transfer;
+        self
     }
 
     /// Run blocking work (file allocation, mkfs, mount) off the async runtime, at most

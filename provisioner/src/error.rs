@@ -25,6 +25,10 @@ pub enum PoolError {
     /// Another operation holds the object; the caller should retry.
     #[error("{0}")]
     Aborted(String),
+    /// Something this pool depends on cannot be reached now (a transfer's source node); the
+    /// caller retries.
+    #[error("{0}")]
+    Unavailable(String),
     #[error("{0} is locked: another loopvol process serves this pool in the same role")]
     PoolLocked(PathBuf),
     /// A hook the caller installed (the driver's quiesce) failed: its own error, kept whole
@@ -62,5 +66,15 @@ impl<T> IoContext<T> for io::Result<T> {
 impl<T> IoContext<T> for nix::Result<T> {
     fn ctx(self, context: impl FnOnce() -> String) -> Result<T, PoolError> {
         self.map_err(|e| PoolError::io(context(), io::Error::from(e)))
+    }
+}
+
+/// Running out of space while writing is the pool's RESOURCE_EXHAUSTED, not an I/O failure.
+pub(crate) fn space_error(what: &str, e: io::Error) -> PoolError {
+    match e.raw_os_error() {
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) => {
+            PoolError::ResourceExhausted(format!("not enough free space in the pool to {what}"))
+        }
+        _ => PoolError::io(what, e),
     }
 }

@@ -154,6 +154,35 @@ impl Pools {
         target.create_volume_from(req, quiesce, source_pool)
     }
 
+    /// The pool a CreateVolume with a content source on another node goes to, and what it
+    /// finds there (transfer/sink.rs). A name lives in one pool, as for [`Pools::create_volume`].
+    pub fn transfer_state(
+        &self,
+        pool: &str,
+        req: &CreateRequest,
+    ) -> Result<(Arc<Pool>, crate::pool::transfers::TransferState), PoolError> {
+        ids::validate_name(&req.name)?;
+        let target = self.requested(pool)?;
+        let hex = VolumeId::from_name(Kind::Volume, &req.name, self.node_id()).hex;
+        let _name = self.names.lock(&hex);
+        self.refuse_elsewhere(target, &req.name, &hex, |p| p.has_volume(&hex), "volume")?;
+        Ok((target.clone(), target.transfer_state(req)?))
+    }
+
+    /// Open a snapshot or volume of this node for streaming to another node.
+    pub fn transfer_source(
+        &self,
+        source: &ContentSource,
+        transfer_id: &str,
+        quiesce: Quiesce<'_>,
+    ) -> Result<crate::pool::SourceImage, PoolError> {
+        let pool = match source {
+            ContentSource::Snapshot(id) => self.for_id(Kind::Snapshot, id)?,
+            ContentSource::Volume(id) => self.for_id(Kind::Volume, id)?,
+        };
+        pool.transfer_source(source, transfer_id, quiesce)
+    }
+
     /// Snapshot a volume into its own pool (snapshots live with their source).
     pub fn create_snapshot(
         &self,

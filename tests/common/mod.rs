@@ -21,6 +21,9 @@ use loopvol::csi::volume_capability::{
 use loopvol::csi::*;
 use tonic::transport::Channel;
 
+pub mod cluster;
+pub mod transfer;
+
 pub const NODE: &str = "test-node";
 
 /// Tests that need root skip when not root, unless the environment demands them (CI).

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use provisioner::ids::Kind;
 use provisioner::params::VolumeParams;
 use provisioner::pool::{CreateRequest, Quiesced};
+use provisioner::record::SnapshotRecord;
 use provisioner::record::VolumeRecord;
-use provisioner::record::{ContentSource, SnapshotRecord};
 use provisioner::size::MAX_SIZE;
 use provisioner::{PoolError, VolumeId};
 use tonic::{Request, Response, Status};
@@ -16,6 +16,8 @@ use crate::csi::controller_server::Controller;
 use crate::csi::controller_service_capability::{Rpc, Type as CapType};
 use crate::csi::*;
 use crate::edge::capability::{self, Access};
+use crate::edge::content_source::{content_source, source_of};
+use crate::edge::transfer;
 use crate::engine;
 use crate::engine::health;
 use crate::engine::io_throttle;
@@ -28,11 +30,21 @@ use provisioner::IoLimitsChange;
 
 pub struct ControllerService {
     driver: Arc<Driver>,
+    /// Serving the pool API (mTLS peers only): the router's reserved parameters are accepted.
+    peer: bool,
 }
 
 impl ControllerService {
     pub fn new(driver: Arc<Driver>) -> Self {
-        Self { driver }
+        Self {
+            driver,
+            peer: false,
+        }
+    }
+
+    /// The service on the pool API, where only the router and other nodes call.
+    pub fn for_pool_api(driver: Arc<Driver>) -> Self {
+        Self { driver, peer: true }
     }
 }
 
@@ -67,39 +79,6 @@ fn to_volume(r: &VolumeRecord) -> Volume {
     }
 }
 
-fn content_source(s: &ContentSource) -> VolumeContentSource {
-    use volume_content_source::{SnapshotSource, Type, VolumeSource};
-    VolumeContentSource {
-        r#type: Some(match s {
-            ContentSource::Snapshot(id) => Type::Snapshot(SnapshotSource {
-                snapshot_id: id.clone(),
-            }),
-            ContentSource::Volume(id) => Type::Volume(VolumeSource {
-                volume_id: id.clone(),
-            }),
-        }),
-    }
-}
-
-fn source_of(s: &VolumeContentSource) -> Result<ContentSource> {
-    use volume_content_source::Type;
-    match &s.r#type {
-        Some(Type::Snapshot(snap)) => Ok(ContentSource::Snapshot(
-            required(
-                "volume_content_source.snapshot.snapshot_id",
-                &snap.snapshot_id,
-            )?
-            .to_string(),
-        )),
-        Some(Type::Volume(v)) => Ok(ContentSource::Volume(
-            required("volume_content_source.volume.volume_id", &v.volume_id)?.to_string(),
-        )),
-        None => Err(Error::InvalidArgument(
-            "volume_content_source names neither a snapshot nor a volume".into(),
-        )),
-    }
-}
-
 pub fn to_snapshot(s: &SnapshotRecord) -> Snapshot {
     Snapshot {
         size_bytes: s.size_bytes as i64,
@@ -118,7 +97,7 @@ pub fn to_snapshot(s: &SnapshotRecord) -> Snapshot {
 }
 
 /// The pool's quiesce hook: freeze a live source volume's filesystem while it is copied.
-fn quiesce(d: &Driver, r: &VolumeRecord) -> Result<Box<dyn Quiesced>, PoolError> {
+pub(crate) fn quiesce(d: &Driver, r: &VolumeRecord) -> Result<Box<dyn Quiesced>, PoolError> {
     match engine::quiesce(d, r).map_err(crate::error::to_pool_error)? {
         Some(frozen) => Ok(Box::new(frozen)),
         None => Ok(Box::new(())),
@@ -180,8 +159,9 @@ impl Controller for ControllerService {
         &self,
         req: Request<CreateVolumeRequest>,
     ) -> Result<Response<CreateVolumeResponse>, Status> {
-        let req = req.into_inner();
+        let mut req = req.into_inner();
         provisioner::validate_name(&req.name).map_err(Error::from)?;
+        let endpoint = transfer::take_endpoint(&mut req.parameters, self.peer)?;
         let caps = capability::check_all(&req.volume_capabilities)?;
         let mut params = params_of(&req.parameters, &caps)?;
         // VolumeAttributesClass parameters at creation: IO limits only, and they override the
@@ -227,13 +207,17 @@ impl Controller for ControllerService {
             needs_filesystem,
             source,
         };
-        let record = self
-            .driver
-            .blocking(move |d| {
-                let quiesce = |r: &VolumeRecord| quiesce(d, r);
-                Ok(d.pools.create_volume(pool.as_str(), &create, &quiesce)?)
-            })
-            .await?;
+        let record = match endpoint {
+            // The source is on another node: a transfer fills the volume (edge/transfer/).
+            Some(ep) => transfer::sink::create(&self.driver, pool.to_string(), create, ep).await?,
+            None => {
+                let local = move |d: &Driver| {
+                    let quiesce = |r: &VolumeRecord| quiesce(d, r);
+                    Ok(d.pools.create_volume(pool.as_str(), &create, &quiesce)?)
+                };
+                self.driver.blocking(local).await?
+            }
+        };
         tracing::Span::current().record("volume_id", record.id.as_str());
         Ok(Response::new(CreateVolumeResponse {
             volume: Some(to_volume(&record)),

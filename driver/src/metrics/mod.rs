@@ -87,6 +87,8 @@ struct Metrics {
     errors: Family<CodeLabels, Counter>,
     stage_duration: HistogramFamily<FsLabels>,
     mkfs_duration: HistogramFamily<FsLabels>,
+    transfer_bytes: Counter,
+    transfers_in_flight: Gauge,
 }
 
 impl Metrics {
@@ -126,8 +128,23 @@ impl Metrics {
             "Time to make a filesystem on a blank volume, by filesystem",
             mkfs_duration.clone(),
         );
+        let transfer_bytes = Counter::default();
+        let transfers_in_flight = Gauge::default();
+        registry.register(
+            "transfer_bytes",
+            "Image data received by this node's transfers from other nodes (restores and clones \
+             across nodes; holes never travel)",
+            transfer_bytes.clone(),
+        );
+        registry.register(
+            "transfers_in_flight",
+            "Transfers this node is receiving now",
+            transfers_in_flight.clone(),
+        );
         Metrics {
             registry,
+            transfer_bytes,
+            transfers_in_flight,
             rpc_requests,
             rpc_duration,
             errors,
@@ -183,6 +200,21 @@ pub fn observe_mkfs(fs: provisioner::FsType, elapsed: Duration) {
             fs_type: fs.as_str(),
         })
         .observe(elapsed.as_secs_f64());
+}
+
+/// `n` bytes of a transfer received and written.
+pub fn count_transfer_bytes(n: u64) {
+    get().transfer_bytes.inc_by(n);
+}
+
+/// A transfer job started receiving.
+pub fn transfer_started() {
+    get().transfers_in_flight.inc();
+}
+
+/// A transfer job ended, either way.
+pub fn transfer_finished() {
+    get().transfers_in_flight.dec();
 }
 
 /// The whole exposition in OpenMetrics text: the event metrics, then the gauges of every pool

@@ -1,6 +1,7 @@
 //! `loopvol certs --out DIR`: the certificates for the router ↔ node-pool mTLS link.
-//! One CA signs one server certificate (DNS name `loopvol-node`, shared by every node: the router
-//! connects by pod IP and verifies that name) and one client certificate (the router's identity).
+//! One CA signs one node certificate (DNS name `loopvol-node`, shared by every node: the router
+//! connects by pod IP and verifies that name; it is a client certificate too, so that a node
+//! can pull restore and clone data from another node's pool API) and one client certificate (the router's identity).
 //! It also signs the server certificate of the external-snapshot-metadata sidecar's Service,
 //! which backup clients verify with the CA in the SnapshotMetadataService object.
 
@@ -47,13 +48,13 @@ pub fn generate(namespace: &str) -> anyhow::Result<Bundle> {
 
     let leaf = |cn: &str,
                 sans: Vec<String>,
-                usage: ExtendedKeyUsagePurpose|
+                usage: Vec<ExtendedKeyUsagePurpose>|
      -> anyhow::Result<(String, String)> {
         let mut p = CertificateParams::new(sans)?;
         p.distinguished_name.push(DnType::CommonName, cn);
         p.not_before = now - time::Duration::hours(1);
         p.not_after = now + time::Duration::days(crate::multinode::cert_bootstrap::LEAF_DAYS);
-        p.extended_key_usages = vec![usage];
+        p.extended_key_usages = usage;
         p.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
             KeyUsagePurpose::KeyEncipherment,
@@ -65,12 +66,16 @@ pub fn generate(namespace: &str) -> anyhow::Result<Bundle> {
     let (server_crt, server_key) = leaf(
         NODE_SERVER_NAME,
         vec![NODE_SERVER_NAME.to_string()],
-        ExtendedKeyUsagePurpose::ServerAuth,
+        // Client too: a node pulls restore and clone data from another node's pool API.
+        vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ],
     )?;
     let (client_crt, client_key) = leaf(
         "loopvol-router",
         vec![],
-        ExtendedKeyUsagePurpose::ClientAuth,
+        vec![ExtendedKeyUsagePurpose::ClientAuth],
     )?;
     let svc = SNAPSHOT_METADATA_SERVICE;
     let (snapshot_metadata_crt, snapshot_metadata_key) = leaf(
@@ -80,7 +85,7 @@ pub fn generate(namespace: &str) -> anyhow::Result<Bundle> {
             format!("{svc}.{namespace}"),
             format!("{svc}.{namespace}.svc"),
         ],
-        ExtendedKeyUsagePurpose::ServerAuth,
+        vec![ExtendedKeyUsagePurpose::ServerAuth],
     )?;
     Ok(Bundle {
         ca_crt: ca.pem(),
@@ -157,6 +162,21 @@ pub fn write(dir: &Path, namespace: &str) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Nodes pull restore and clone data from each other: the node certificate must be
+    /// usable by a client as well as a server (a TLS server checks the clientAuth usage).
+    #[test]
+    fn the_node_certificate_serves_and_calls() {
+        let b = generate("loopvol-system").unwrap();
+        let usage = |pem: &str| {
+            let (_, pem) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
+            let cert = pem.parse_x509().unwrap();
+            let eku = cert.extended_key_usage().unwrap().unwrap().value.clone();
+            (eku.server_auth, eku.client_auth)
+        };
+        assert_eq!(usage(&b.server_crt), (true, true));
+        assert_eq!(usage(&b.client_crt), (false, true));
+    }
 
     #[test]
     fn bundle_is_pem_and_secret_carries_every_file() {

@@ -29,8 +29,10 @@ use crate::edge::group_controller::GroupControllerService;
 use crate::edge::identity::IdentityService;
 use crate::edge::node::NodeService;
 use crate::edge::snapshot_metadata::SnapshotMetadataService;
+use crate::edge::transfer::TransferService;
 use crate::engine::Engine;
 use crate::state::Driver;
+use crate::transfer_api::transfer_server::TransferServer;
 use shutdown::Stop;
 
 /// Bind the socket: mode 0600, replacing a stale socket file only if nothing answers on it.
@@ -225,14 +227,27 @@ async fn serve_pool(args: &ServeArgs, stop: &Stop) -> anyhow::Result<()> {
         freeze,
         data_path: crate::datapath::default_path(),
     };
-    let driver = Arc::new(Driver::new(
-        engine,
-        args.driver_name.clone(),
-        args.mode,
-        args.max_volumes_per_node,
-        Advertised::new(&args.advertise_capabilities),
-        args.max_concurrent_ops,
-    ));
+    let transfer = crate::state::TransferSettings {
+        client_tls: match args.multi.tls() {
+            Some(t) if pool_api.is_some() => Some(t.client()?),
+            _ => None,
+        },
+        limit: Arc::new(provisioner::transfer::RateLimit::new(
+            args.transfer_rate_limit,
+        )),
+        corrupt_chunk: args.test_corrupt_transfer_chunk,
+    };
+    let driver = Arc::new(
+        Driver::new(
+            engine,
+            args.driver_name.clone(),
+            args.mode,
+            args.max_volumes_per_node,
+            Advertised::new(&args.advertise_capabilities),
+            args.max_concurrent_ops,
+        )
+        .with_transfer(transfer),
+    );
     if matches!(args.mode, Mode::Node | Mode::All) {
         // The attachment index is the node's, not a pool's: it lives with the default pool.
         driver
@@ -262,7 +277,7 @@ async fn serve_pool(args: &ServeArgs, stop: &Stop) -> anyhow::Result<()> {
             let server = tonic::transport::Server::builder()
                 .tls_config(tls)?
                 .add_service(identity(true))
-                .add_service(ControllerServer::new(ControllerService::new(
+                .add_service(ControllerServer::new(ControllerService::for_pool_api(
                     driver.clone(),
                 )))
                 .add_service(GroupControllerServer::new(GroupControllerService::new(
@@ -271,10 +286,17 @@ async fn serve_pool(args: &ServeArgs, stop: &Stop) -> anyhow::Result<()> {
                 .add_service(SnapshotMetadataServer::new(SnapshotMetadataService::new(
                     driver.clone(),
                 )))
+                // Other nodes pull restore and clone data here (never on the CSI socket).
+                .add_service(
+                    TransferServer::new(TransferService::new(driver.clone()))
+                        .max_encoding_message_size(8 << 20),
+                )
                 .serve_with_incoming_shutdown(
                     tokio_stream::wrappers::TcpListenerStream::new(listener),
                     stop.signal(),
                 );
+            // Transfers a killed process left: resumed from scratch, or dropped.
+            crate::edge::transfer::sink::resume_pending(&driver);
             let stop = stop.clone();
             Some(tokio::spawn(async move {
                 stop.bounded("pool API", server).await

@@ -27,6 +27,23 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     parse_bytes(s, provisioner::size::MAX_SIZE, "loopvol's largest volume")
 }
 
+/// `--transfer-rate-limit`'s default: 256 MiB/s, about a third of what one SATA SSD or a
+/// 10 GbE link carries, so a copy leaves the pods most of the node's IO (design §2).
+pub const DEFAULT_TRANSFER_RATE: u64 = 256 << 20;
+
+/// A rate in bytes per second (`--transfer-rate-limit`): a quantity (`256Mi`, `1G`), or 0 for
+/// no limit.
+pub fn parse_rate(s: &str) -> Result<u64, String> {
+    if s.trim() == "0" {
+        return Ok(0);
+    }
+    parse_bytes(
+        s.trim_end_matches("/s"),
+        i64::MAX as u64,
+        "the largest rate",
+    )
+}
+
 /// A pool-wide byte count (`--max-pool-bytes`): a quantity as [`parse_size`] reads it, up to
 /// what a CSI message can carry.
 pub fn parse_pool_bytes(s: &str) -> Result<u64, String> {
@@ -76,6 +93,16 @@ pub fn parse_overcommit_ratio(s: &str) -> Result<f64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn transfer_rates_are_quantities_or_zero() {
+        assert_eq!(parse_rate("256Mi"), Ok(256 << 20));
+        assert_eq!(parse_rate("100Mi/s"), Ok(100 << 20));
+        assert_eq!(parse_rate("1G"), Ok(1_000_000_000));
+        assert_eq!(parse_rate("0"), Ok(0));
+        assert!(parse_rate("fast").is_err());
+        assert!(parse_rate("10MB").is_err());
+    }
 
     #[test]
     fn sizes() {

@@ -47,13 +47,19 @@ mod repair;
 mod space;
 #[cfg(test)]
 mod tests;
+mod transfer_source;
+#[cfg(test)]
+mod transfer_tests;
+pub mod transfers;
 mod volumes;
 
+pub(crate) use crate::error::space_error;
 use quiesce::no_quiesce;
 pub(crate) use quiesce::{copy_quiesced, snapshot_lock_key, transfer_quiesced};
 pub use quiesce::{Quiesce, Quiesced};
 use repair::{clear_tmp, load_dir};
-pub(crate) use space::space_error;
+pub use transfer_source::SourceImage;
+pub(crate) use volumes::{check_compatible, fallocate_all, plan_copy};
 
 /// How long a computed reservation total may be reused. Creates adjust it in place, so the
 /// cache only hides data written into thin volumes during that window.
@@ -118,7 +124,7 @@ pub struct Pool {
     pub(crate) snapshots: RwLock<BTreeMap<String, SnapshotRecord>>,
     pub(crate) locks: KeyedLocks,
     /// Serialises "check capacity, then allocate" so two creates cannot both take the last bytes.
-    alloc: Mutex<()>,
+    pub(crate) alloc: Mutex<()>,
     reserved_cache: Mutex<Option<(Instant, u64)>>,
     /// Whether the pool's filesystem can reflink, once probed.
     reflink: std::sync::OnceLock<bool>,
@@ -130,6 +136,8 @@ pub struct Pool {
     /// whoever reports on the pool (the LoopPool publisher) polls it, an atomic load, instead
     /// of being called from the request path.
     changes: std::sync::atomic::AtomicU64,
+    /// Transfers filling volumes of this pool from another node (transfer/sink.rs).
+    pub(crate) transfers: Mutex<transfers::Table>,
     _locks: Vec<Flock<File>>,
 }
 
@@ -165,15 +173,16 @@ impl Pool {
         // nothing.
         identity::check_owner(&dir, &opts.node_id)?;
         let mut repairs = Vec::new();
-        let (volumes, snapshots) = if opts.writer {
+        let (volumes, snapshots, transfers) = if opts.writer {
             clear_tmp(&dir, &mut repairs)?;
             let v: BTreeMap<String, VolumeRecord> =
                 load_dir(&dir.join("volumes"), &opts.in_use, &mut repairs)?;
             let s: BTreeMap<String, SnapshotRecord> =
                 load_dir(&dir.join("snapshots"), &opts.in_use, &mut repairs)?;
-            (v, s)
+            let t = transfers::load(&dir, &v, &mut repairs)?;
+            (v, s, t)
         } else {
-            (BTreeMap::new(), BTreeMap::new())
+            (BTreeMap::new(), BTreeMap::new(), Default::default())
         };
         let pool = Pool {
             dir,
@@ -190,6 +199,7 @@ impl Pool {
             writer: opts.writer,
             in_use: opts.in_use,
             changes: std::sync::atomic::AtomicU64::new(0),
+            transfers: Mutex::new(transfers),
             _locks: locks,
         };
         if pool.writer {
@@ -301,6 +311,14 @@ impl Pool {
             .unwrap_or_else(|e| e.into_inner())
             .get(hex)
             .cloned()
+    }
+
+    /// Make a committed record visible (a transfer's commit).
+    pub(crate) fn insert_volume(&self, hex: &str, record: VolumeRecord) {
+        self.volumes
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(hex.to_string(), record);
     }
 
     pub(crate) fn require_writer(&self) -> Result<(), PoolError> {

@@ -66,11 +66,11 @@ pub(crate) fn transfer_quiesced(
                 offset = p.offset,
                 total_bytes = p.total_bytes,
                 elapsed_s = started.elapsed().as_secs(),
-                "copy between pools in progress"
+                "transfer between pools in progress"
             );
         }
     };
-    let copied = crate::transfer::copy(from, dst, &mut progress)
+    let copied = crate::transfer::local::copy(from, dst, &mut progress)
         .map_err(|e| space_error("copy the source from another pool", e));
     let released = guard.map_or(Ok(()), |g| g.release());
     let report = copied?;

@@ -22,7 +22,8 @@ impl Pool {
                 .values()
                 .map(|r| r.size_bytes)
                 .sum();
-            c.cap_left_bytes = Some(max.saturating_sub(provisioned));
+            let pending = self.transfer_reserved_bytes().1;
+            c.cap_left_bytes = Some(max.saturating_sub(provisioned + pending));
         }
         Ok(c)
     }
@@ -38,16 +39,18 @@ impl Pool {
             }
         }
         let vols = self.volumes.read().unwrap_or_else(|e| e.into_inner());
-        let total = vols
-            .iter()
-            .filter(|(_, r)| r.allocation == Allocation::Thin)
-            .map(|(hex, r)| {
-                let used = fs::metadata(self.image_path(hex))
-                    .map(|m| m.blocks() * 512)
-                    .unwrap_or(0);
-                r.size_bytes.saturating_sub(used)
-            })
-            .sum();
+        // A volume being filled by a transfer is promised in full (less what it holds).
+        let total = self.transfer_reserved_bytes().0
+            + vols
+                .iter()
+                .filter(|(_, r)| r.allocation == Allocation::Thin)
+                .map(|(hex, r)| {
+                    let used = fs::metadata(self.image_path(hex))
+                        .map(|m| m.blocks() * 512)
+                        .unwrap_or(0);
+                    r.size_bytes.saturating_sub(used)
+                })
+                .sum::<u64>();
         *cache = Some((Instant::now(), total));
         total
     }
@@ -64,7 +67,7 @@ impl Pool {
         }
     }
 
-    pub(super) fn invalidate_reserved(&self) {
+    pub(crate) fn invalidate_reserved(&self) {
         *self
             .reserved_cache
             .lock()
@@ -128,15 +131,5 @@ impl Pool {
         fs::metadata(self.image_path(hex))
             .ok()
             .map(|m| m.blocks() * 512)
-    }
-}
-
-/// Running out of space while writing is the pool's RESOURCE_EXHAUSTED, not an I/O failure.
-pub(crate) fn space_error(what: &str, e: std::io::Error) -> PoolError {
-    match e.raw_os_error() {
-        Some(libc::ENOSPC) | Some(libc::EDQUOT) => {
-            PoolError::ResourceExhausted(format!("not enough free space in the pool to {what}"))
-        }
-        _ => PoolError::io(what, e),
     }
 }

@@ -36,39 +36,35 @@ impl Pool {
         if let Some(existing) = self.get_hex(&id.hex) {
             return check_compatible(&existing, req);
         }
+        // A copy from another node is filling this name: never a second image beside it.
+        if let Some(filling) = self.pending_transfer(&id.hex) {
+            check_compatible(&filling.volume, req)?;
+            return Err(PoolError::Aborted(format!(
+                "volume {id} is being filled by a copy from {}; retry",
+                filling.endpoint
+            )));
+        }
         let source = req
             .source
             .as_ref()
             .map(|s| source_pool.resolve_source(s))
             .transpose()?;
-        let mut params = req.params;
-        let mut minimum = if req.needs_filesystem {
-            params.fs_type.min_size()
-        } else {
-            0
-        };
-        if let Some(src) = &source {
-            if params.fs_explicit && req.needs_filesystem && params.fs_type != src.fs_type {
-                return Err(PoolError::InvalidArgument(format!(
-                    "the source holds {}, not the requested {}",
-                    src.fs_type, params.fs_type
-                )));
+        let (size, fs_type) = match &source {
+            Some(src) => plan_copy(req, src.size_bytes, src.fs_type)?,
+            None => {
+                let minimum = if req.needs_filesystem {
+                    req.params.fs_type.min_size()
+                } else {
+                    0
+                };
+                let size = size::choose(req.required_bytes, req.limit_bytes, minimum)?;
+                (size, req.params.fs_type)
             }
-            params.fs_type = src.fs_type;
-            if req.required_bytes > 0 && (req.required_bytes as u64) < src.size_bytes {
-                return Err(PoolError::OutOfRange(format!(
-                    "required_bytes {} is smaller than the source ({} bytes)",
-                    req.required_bytes, src.size_bytes
-                )));
-            }
-            minimum = minimum.max(src.size_bytes);
-        }
-        // With no size named, a copy is as big as its source (not the 1 GiB default).
-        let required = match (&source, req.required_bytes) {
-            (Some(src), 0) => src.size_bytes as i64,
-            (_, r) => r,
         };
-        let size = size::choose(required, req.limit_bytes, minimum)?;
+        let params = crate::params::VolumeParams {
+            fs_type,
+            ..req.params
+        };
         let record = VolumeRecord {
             format: RECORD_FORMAT,
             id: id.to_string(),
@@ -225,7 +221,8 @@ impl Pool {
         };
         let _guard = self.lock_volume(&vid.hex);
         let Some(record) = self.get_hex(&vid.hex) else {
-            return Ok(false);
+            // A volume still being filled by a transfer: cancel it, leave nothing behind.
+            return self.cancel_transfer(&vid.hex);
         };
         let image = self.image_path(&vid.hex);
         if let Some(user) = self.in_use.user_of(&image) {
@@ -375,6 +372,39 @@ impl Pool {
     }
 }
 
+/// The size and filesystem of a copy of a source of `src_size` bytes holding `src_fs`: the
+/// source's filesystem (one named otherwise is refused), at least the source's size, and with
+/// no size named, as big as the source (not the 1 GiB default). Shared by local copies and
+/// transfers from other nodes.
+pub(crate) fn plan_copy(
+    req: &CreateRequest,
+    src_size: u64,
+    src_fs: crate::params::FsType,
+) -> Result<(u64, crate::params::FsType), PoolError> {
+    let params = &req.params;
+    if params.fs_explicit && req.needs_filesystem && params.fs_type != src_fs {
+        return Err(PoolError::InvalidArgument(format!(
+            "the source holds {src_fs}, not the requested {}",
+            params.fs_type
+        )));
+    }
+    if req.required_bytes > 0 && (req.required_bytes as u64) < src_size {
+        return Err(PoolError::OutOfRange(format!(
+            "required_bytes {} is smaller than the source ({src_size} bytes)",
+            req.required_bytes
+        )));
+    }
+    let mut minimum = src_size;
+    if req.needs_filesystem {
+        minimum = minimum.max(src_fs.min_size());
+    }
+    let required = match req.required_bytes {
+        0 => src_size as i64,
+        r => r,
+    };
+    Ok((size::choose(required, req.limit_bytes, minimum)?, src_fs))
+}
+
 /// What a new volume is copied from.
 pub(super) struct Source {
     image: PathBuf,
@@ -385,7 +415,7 @@ pub(super) struct Source {
     volume: Option<VolumeRecord>,
 }
 
-pub(super) fn check_compatible(
+pub(crate) fn check_compatible(
     existing: &VolumeRecord,
     req: &CreateRequest,
 ) -> Result<VolumeRecord, PoolError> {

@@ -133,15 +133,20 @@ pub fn issue(
     days: i64,
 ) -> anyhow::Result<(String, String)> {
     let (cn, sans, usage) = match role {
+        // A node's certificate is a client's too: nodes pull restore and clone data from
+        // each other's pool API.
         Role::Node => (
             NODE_SERVER_NAME,
             vec![NODE_SERVER_NAME.to_string()],
-            ExtendedKeyUsagePurpose::ServerAuth,
+            vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
         ),
         Role::Router => (
             "loopvol-router",
             vec![],
-            ExtendedKeyUsagePurpose::ClientAuth,
+            vec![ExtendedKeyUsagePurpose::ClientAuth],
         ),
     };
     let issuer = Issuer::from_ca_cert_pem(
@@ -151,7 +156,7 @@ pub fn issue(
     .context("the CA certificate does not parse")?;
     let mut p = CertificateParams::new(sans)?;
     p.distinguished_name.push(DnType::CommonName, cn);
-    p.extended_key_usages = vec![usage];
+    p.extended_key_usages = usage;
     p.key_usages = vec![
         KeyUsagePurpose::DigitalSignature,
         KeyUsagePurpose::KeyEncipherment,

@@ -204,3 +204,20 @@ fn dir_store_detects_conflicts_and_bad_names() {
     ));
     assert!(store.get("../x").is_err());
 }
+
+/// A node's bootstrapped certificate serves the pool API and calls other nodes' (restores and
+/// clones across nodes); the router's only calls.
+#[test]
+fn a_node_certificate_is_a_client_certificate_too() {
+    let now = OffsetDateTime::now_utc();
+    let (ca, key) = new_ca(now, 30).unwrap();
+    let usage = |role| {
+        let (crt, _) = issue(&ca, &key, role, now, 10).unwrap();
+        let (_, p) = x509_parser::pem::parse_x509_pem(crt.as_bytes()).unwrap();
+        let c = p.parse_x509().unwrap();
+        let eku = c.extended_key_usage().unwrap().unwrap().value.clone();
+        (eku.server_auth, eku.client_auth)
+    };
+    assert_eq!(usage(Role::Node), (true, true));
+    assert_eq!(usage(Role::Router), (false, true));
+}

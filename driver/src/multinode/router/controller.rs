@@ -9,6 +9,7 @@ use super::Router;
 use crate::csi::controller_server::Controller;
 use crate::csi::*;
 use crate::edge::controller::capabilities;
+use crate::edge::transfer::SOURCE_ENDPOINT_PARAM;
 use crate::error::Error;
 use crate::TOPOLOGY_KEY;
 use provisioner::ids::Kind;
@@ -57,11 +58,28 @@ router_service! {
         &self,
         req: Request<CreateVolumeRequest>,
     ) -> Result<Response<CreateVolumeResponse>, Status> {
-        let req = req.into_inner();
+        let mut req = req.into_inner();
         crate::error::required("name", &req.name)?;
-        let node = self.place(&req).await?;
-        tracing::info!(node = %node, "routing CreateVolume");
-        self.node(&node).await?.create_volume(req).await
+        // Only the router sets the transfer endpoint; a StorageClass never can.
+        if req.parameters.contains_key(SOURCE_ENDPOINT_PARAM) {
+            return Err(Error::InvalidArgument(format!(
+                "parameter {SOURCE_ENDPOINT_PARAM} is reserved for loopvol's router"
+            ))
+            .into());
+        }
+        let (node, source_node) = self.place(&req).await?;
+        let mut client = self.node(&node).await?;
+        match source_node.filter(|s| *s != node) {
+            Some(src) => {
+                // The target pulls the data from the source's node: tell it where that is.
+                let endpoint = self.source_endpoint(&src).await?;
+                tracing::info!(node = %node, source_node = %src, "routing CreateVolume: a copy across nodes");
+                req.parameters
+                    .insert(SOURCE_ENDPOINT_PARAM.to_string(), endpoint);
+            }
+            None => tracing::info!(node = %node, "routing CreateVolume"),
+        }
+        client.create_volume(req).await
     }
 
     #[tracing::instrument(skip_all, name = "DeleteVolume", fields(volume_id = %crate::shared::logsafe::text(&req.get_ref().volume_id)))]

@@ -138,7 +138,7 @@ impl NodeDirectory {
     }
 
     /// The pool URL of `node`'s plugin: UNAVAILABLE, with why, when there is no ready one.
-    fn url(&self, node: &str) -> Result<String> {
+    pub fn url(&self, node: &str) -> Result<String> {
         let cur = self.nodes.read().unwrap_or_else(|e| e.into_inner());
         if let Some(url) = cur.ready.get(node) {
             return Ok(url.clone());

@@ -42,6 +42,13 @@ impl Router {
         self.dir.client(node)
     }
 
+    /// The pool API URL of `node` (a content source's node, for the target to pull from):
+    /// UNAVAILABLE while it has no ready plugin.
+    async fn source_endpoint(&self, node: &str) -> Result<String> {
+        self.dir.wait_synced().await?;
+        self.dir.url(node)
+    }
+
     /// Every known node, once discovery has had its chance to name them.
     async fn names(&self) -> Result<Vec<String>> {
         self.dir.wait_synced().await?;
@@ -71,8 +78,16 @@ impl Router {
         }
     }
 
-    /// Choose the node for a new volume.
-    async fn place(&self, req: &CreateVolumeRequest) -> Result<String> {
+    /// Choose the node for a new volume, and name the node its content source lives on.
+    ///
+    /// With a content source: the node the CO asks for. csi-provisioner with
+    /// WaitForFirstConsumer sends preferred = [the scheduler's node, …] and (without
+    /// `--strict-topology`) requisite = every node, so a requisite that contains the source's
+    /// node does not mean the volume may go there: the pod runs on preferred[0]. So: the first
+    /// preferred node that the requisite allows (any, if it is empty), else the source's node
+    /// if the requisite allows it, else the first requisite node. Without topology, the
+    /// source's node (no copy). Another node than the source's is filled by a transfer.
+    async fn place(&self, req: &CreateVolumeRequest) -> Result<(String, Option<String>)> {
         let named = |ts: &[Topology]| -> Vec<String> {
             ts.iter()
                 .filter_map(|t| t.segments.get(TOPOLOGY_KEY).cloned())
@@ -96,12 +111,7 @@ impl Router {
                 None => None,
             });
         if let Some(src) = source_node {
-            if !requisite.is_empty() && !requisite.contains(&src) {
-                return Err(Error::ResourceExhausted(format!(
-                    "the content source lives on node {src}, which the requisite topologies exclude"
-                )));
-            }
-            return Ok(src);
+            return Ok((target_for_copy(&preferred, &requisite, &src), Some(src)));
         }
         let wanted: Vec<&String> = preferred.iter().chain(requisite.iter()).collect();
         if !wanted.is_empty() {
@@ -109,7 +119,7 @@ impl Router {
             return wanted
                 .into_iter()
                 .find(|n| known.contains(n))
-                .cloned()
+                .map(|n| (n.clone(), None))
                 .ok_or_else(|| {
                     Error::Unavailable(format!(
                         "none of the requested nodes {preferred:?} {requisite:?} has a reachable loopvol node plugin"
@@ -143,7 +153,7 @@ impl Router {
                 Err(e) => tracing::warn!(node = %node, error = %e, "node skipped for placement"),
             }
         }
-        best.map(|(_, n)| n)
+        best.map(|(_, n)| (n, None))
             .ok_or_else(|| Error::Unavailable("no loopvol node plugin is reachable".into()))
     }
 
@@ -207,6 +217,17 @@ impl Router {
         }
         Ok((out, String::new()))
     }
+}
+
+/// Where a restore or clone of a source on node `src` goes (see [`Router::place`]).
+fn target_for_copy(preferred: &[String], requisite: &[String], src: &String) -> String {
+    preferred
+        .iter()
+        .find(|p| requisite.is_empty() || requisite.contains(p))
+        .or_else(|| requisite.contains(src).then_some(src))
+        .or(requisite.first())
+        .unwrap_or(src)
+        .clone()
 }
 
 fn parse_token(token: &str) -> Result<(Option<String>, String)> {
@@ -341,6 +362,27 @@ mod tests {
         assert!(Status::from(dir.client("n1").unwrap_err())
             .message()
             .contains("no loopvol node plugin"));
+    }
+
+    /// csi-provisioner's two shapes: WaitForFirstConsumer without --strict-topology sends
+    /// preferred = [picked, …] and requisite = every node; with it, both = [picked].
+    #[test]
+    fn a_copy_goes_where_the_co_asks_not_where_its_source_is() {
+        let v = |xs: &[&str]| xs.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        let src = "n3".to_string();
+        let all = v(&["n1", "n2", "n3"]);
+        assert_eq!(target_for_copy(&v(&["n1", "n3", "n2"]), &all, &src), "n1");
+        assert_eq!(target_for_copy(&v(&["n2"]), &v(&["n2"]), &src), "n2");
+        // No preference: the source's node if allowed (no copy), else the first allowed.
+        assert_eq!(target_for_copy(&[], &all, &src), "n3");
+        assert_eq!(target_for_copy(&[], &v(&["n2", "n1"]), &src), "n2");
+        // A preference the requisite excludes is skipped.
+        assert_eq!(
+            target_for_copy(&v(&["n9", "n1"]), &v(&["n1", "n3"]), &src),
+            "n1"
+        );
+        assert_eq!(target_for_copy(&v(&["n1"]), &[], &src), "n1");
+        assert_eq!(target_for_copy(&[], &[], &src), "n3");
     }
 
     #[test]

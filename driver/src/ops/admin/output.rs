@@ -97,6 +97,7 @@ pub fn volume_list(pool: &PoolArgs, output: ListOutput) -> anyhow::Result<()> {
 
 fn volume_list_in(dir: &Path, output: ListOutput) -> anyhow::Result<()> {
     let listing = provisioner::listing::read_records(dir)?;
+    let filling = provisioner::pool::transfers::filling(dir);
     let items: Vec<ListedVolume> = listing
         .volumes
         .iter()
@@ -107,6 +108,14 @@ fn volume_list_in(dir: &Path, output: ListOutput) -> anyhow::Result<()> {
             allocated_bytes: v.allocated_bytes(),
             state: super::status::volume_state(&listing, &dir.join("node"), &v.hex),
         })
+        // Volumes a restore or clone from another node is still filling.
+        .chain(filling.iter().map(|f| ListedVolume {
+            record: &f.record.volume,
+            pool: pool_of(&f.record.volume.id),
+            created: rfc3339(f.record.volume.created_unix),
+            allocated_bytes: Some(f.allocated_bytes),
+            state: super::status::filling_state(f),
+        }))
         .collect();
     if print(&serde_json::json!({ "volumes": items }), output)? {
         return Ok(());

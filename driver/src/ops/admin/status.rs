@@ -50,6 +50,46 @@ pub struct Status {
     pub unreadable_records: Vec<PathBuf>,
     /// Volumes with IO limits, and the limits.
     pub io_limits: Vec<IoLimitView>,
+    /// Volumes still being filled by a restore or clone from another node.
+    pub filling: Vec<FillingView>,
+}
+
+/// A volume being filled by a transfer (its record is written only once the copy is verified).
+#[derive(Debug, Serialize)]
+pub struct FillingView {
+    pub volume_id: String,
+    pub name: String,
+    pub size_bytes: u64,
+    pub source: String,
+    /// The source node's pool API.
+    pub from: String,
+    pub received_bytes: u64,
+    pub data_bytes: u64,
+    pub state: String,
+}
+
+/// The state column of a volume being filled: `filling 45 % (460.0 MiB of 1.0 GiB)`.
+pub(crate) fn filling_state(f: &provisioner::pool::transfers::Filling) -> String {
+    format!(
+        "filling {} % ({} of {})",
+        f.percent(),
+        bytes(f.allocated_bytes),
+        bytes(f.record.data_bytes)
+    )
+}
+
+fn filling_view(f: &provisioner::pool::transfers::Filling) -> FillingView {
+    let v = &f.record.volume;
+    FillingView {
+        volume_id: v.id.clone(),
+        name: v.name.clone(),
+        size_bytes: v.size_bytes,
+        source: v.source.as_ref().map(|s| s.to_string()).unwrap_or_default(),
+        from: f.record.endpoint.clone(),
+        received_bytes: f.allocated_bytes,
+        data_bytes: f.record.data_bytes,
+        state: filling_state(f),
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -199,7 +239,10 @@ pub fn collect(pool_dir: &Path, overcommit_ratio: f64) -> anyhow::Result<Status>
     }
     let pool = mount::canonical(pool_dir);
     let l = listing::read_records(&pool)?;
-    let cap = Capacity::measure(&pool, l.reserved_bytes(), overcommit_ratio)?;
+    let filling = provisioner::pool::transfers::filling(&pool);
+    // A volume being filled is promised in full, as the driver counts it.
+    let reserved = l.reserved_bytes() + filling.iter().map(|f| f.reserved_bytes()).sum::<u64>();
+    let cap = Capacity::measure(&pool, reserved, overcommit_ratio)?;
     let loops = default_path().list_under(&pool);
     Ok(Status {
         name: provisioner::ids::DEFAULT_POOL.to_string(),
@@ -229,6 +272,7 @@ pub fn collect(pool_dir: &Path, overcommit_ratio: f64) -> anyhow::Result<Status>
                 .collect()
         },
         unreadable_records: l.unreadable.clone(),
+        filling: filling.iter().map(filling_view).collect(),
         io_limits: l
             .volumes
             .iter()
@@ -363,6 +407,16 @@ fn print_table(s: &Status) {
                     .map_or("-".into(), |d| d.display().to_string()),
                 v.summary(),
                 v.staging_path.display()
+            );
+        }
+    }
+    if !s.filling.is_empty() {
+        println!();
+        println!("{:<48} {:<40} FROM", "FILLING VOLUME", "STATE");
+        for f in &s.filling {
+            println!(
+                "{:<48} {:<40} {} ({})",
+                f.volume_id, f.state, f.from, f.source
             );
         }
     }

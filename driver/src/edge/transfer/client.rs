@@ -1,0 +1,139 @@
+//! The sink's end of the wire: open `Transfer/Read` on the source node's pool API (mTLS, this
+//! node's certificate as the client identity) and turn the stream into frames for the pool's
+//! writer. Anything that keeps the source out of reach is UNAVAILABLE (the CO retries), never
+//! NOT_FOUND; a source the source node itself says does not exist stays NOT_FOUND.
+
+use std::time::Duration;
+
+use provisioner::transfer::{Chunk, Frame, FrameSource, Header, Trailer, TransferError};
+use tonic::transport::{ClientTlsConfig, Endpoint};
+use tonic::{Code, Streaming};
+
+use crate::error::{Error, Result};
+use crate::transfer_api::read_response::Frame as Wire;
+use crate::transfer_api::transfer_client::TransferClient;
+use crate::transfer_api::{ReadRequest, ReadResponse};
+
+/// The longest the sink waits for the next message before it counts the source as gone.
+pub const STALL: Duration = Duration::from_secs(60);
+/// A chunk message is at most 4 MiB of data plus a few dozen bytes.
+const MAX_MESSAGE: usize = 8 << 20;
+
+/// An open stream, its header already read.
+pub struct Opened {
+    pub header: Header,
+    pub stream: Streaming<ReadResponse>,
+}
+
+/// Connect to `endpoint` and start streaming `source_id`.
+pub async fn open(
+    endpoint: &str,
+    tls: Option<&ClientTlsConfig>,
+    source_id: &str,
+    transfer_id: &str,
+) -> Result<Opened> {
+    let tls = tls.ok_or_else(|| {
+        Error::FailedPrecondition(
+            "this node has no pool API certificates (--tls-cert/--tls-key/--tls-ca): it cannot \
+             pull from another node"
+                .into(),
+        )
+    })?;
+    let unreachable = |e: String| {
+        Error::Unavailable(format!(
+            "the source node's pool API {endpoint} cannot be reached: {e}"
+        ))
+    };
+    let channel = Endpoint::from_shared(endpoint.to_string())
+        .map_err(|e| Error::InvalidArgument(format!("bad transfer endpoint {endpoint}: {e}")))?
+        .tls_config(tls.clone())
+        .map_err(|e| Error::Internal(format!("TLS setup for {endpoint}: {e}")))?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .map_err(|e| unreachable(format!("{e:?}")))?;
+    let mut client = TransferClient::new(channel).max_decoding_message_size(MAX_MESSAGE);
+    let resp = client
+        .read(ReadRequest {
+            source_id: source_id.to_string(),
+            transfer_id: transfer_id.to_string(),
+        })
+        .await
+        .map_err(|s| status_error(endpoint, s))?;
+    let mut stream = resp.into_inner();
+    let first = tokio::time::timeout(STALL, stream.message())
+        .await
+        .map_err(|_| unreachable("no header within a minute".into()))?
+        .map_err(|s| status_error(endpoint, s))?;
+    match first.and_then(|m| m.frame) {
+        Some(Wire::Header(h)) => Ok(Opened {
+            header: Header {
+                image_bytes: h.image_bytes,
+                size_bytes: h.size_bytes,
+                fs_type: h.fs_type.parse().map_err(|_| {
+                    Error::Internal(format!(
+                        "the source sent an unknown fs type {:?}",
+                        h.fs_type
+                    ))
+                })?,
+                data_bytes: h.data_bytes,
+            },
+            stream,
+        }),
+        _ => Err(unreachable("the stream did not start with a header".into())),
+    }
+}
+
+/// A source node's refusal, as the sink passes it on: its own word for what does not exist or
+/// is refused, UNAVAILABLE for everything that is about reaching it.
+fn status_error(endpoint: &str, s: tonic::Status) -> Error {
+    match s.code() {
+        Code::NotFound
+        | Code::InvalidArgument
+        | Code::FailedPrecondition
+        | Code::ResourceExhausted
+        | Code::Aborted => Error::Forwarded(s),
+        _ => Error::Unavailable(format!(
+            "the source node {endpoint} did not stream: {}",
+            s.message()
+        )),
+    }
+}
+
+/// The stream as a [`FrameSource`] for the pool's writer, read from a job's own thread.
+pub struct RemoteSource {
+    pub stream: Streaming<ReadResponse>,
+    pub runtime: tokio::runtime::Handle,
+}
+
+impl FrameSource for RemoteSource {
+    fn next_frame(&mut self) -> std::result::Result<Option<Frame>, TransferError> {
+        let next = self
+            .runtime
+            .block_on(async { tokio::time::timeout(STALL, self.stream.message()).await });
+        let msg = match next {
+            Err(_) => return Err(TransferError::SourceGone("no data for a minute".into())),
+            Ok(Err(s)) => return Err(TransferError::SourceGone(s.message().to_string())),
+            Ok(Ok(None)) => return Ok(None),
+            Ok(Ok(Some(m))) => m,
+        };
+        let digest = |b: Vec<u8>| -> std::result::Result<[u8; 32], TransferError> {
+            b.try_into()
+                .map_err(|_| TransferError::Corrupt("a digest is not 32 bytes".into()))
+        };
+        Ok(Some(match msg.frame {
+            Some(Wire::Chunk(c)) => Frame::Chunk(Chunk {
+                offset: c.offset,
+                data: c.data,
+                sha256: digest(c.sha256)?,
+            }),
+            Some(Wire::Trailer(t)) => Frame::Trailer(Trailer {
+                digest: digest(t.digest)?,
+                chunks: t.chunks,
+                data_bytes: t.data_bytes,
+            }),
+            Some(Wire::Header(_)) => return Err(TransferError::Corrupt("a second header".into())),
+            None => return Err(TransferError::Corrupt("an empty message".into())),
+        }))
+    }
+}
