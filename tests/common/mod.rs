@@ -4,8 +4,8 @@
 
 #![allow(dead_code)]
 
-pub mod netcluster;
 pub mod container;
+pub mod netcluster;
 pub mod netns;
 
 use std::path::{Path, PathBuf};
