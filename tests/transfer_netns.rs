@@ -327,7 +327,9 @@ async fn kill9_rounds_during_cross_node_copies_keep_the_invariants() {
     );
 }
 
-/// docs/kubernetes.md, "Evacuating a node": the CSI calls the procedure makes, in its order.
+/// docs/kubernetes.md, "Evacuate a node": the CSI calls its StatefulSet procedure makes, in
+/// its order — the old claim is deleted before the new one is restored, so the snapshot must
+/// outlive its source — and the data reads back on the new node.
 #[tokio::test(flavor = "multi_thread")]
 async fn evacuating_a_node_moves_the_data_to_another_node() {
     if !root_or_skip("transfer_netns evacuation") {
@@ -335,7 +337,7 @@ async fn evacuating_a_node_moves_the_data_to_another_node() {
     }
     let cl = NetCluster::start(2).await;
     let mut r = cl.router().await;
-    // The workload's volume on n1, the node to be drained.
+    // The workload's volume (claim data-web-0) on n1, the node to be drained.
     let old = create_volume_id(
         &mut r,
         on(
@@ -346,30 +348,33 @@ async fn evacuating_a_node_moves_the_data_to_another_node() {
     .await;
     let data = pattern(5 << 20, 42);
     through_stage(&cl, 1, &old, "ext4", &data, true).await;
-    // 1. VolumeSnapshot of the PVC (the workload stopped or quiesced).
+    // 2. VolumeSnapshot of data-web-0.
     let snap = snapshot(&cl, &old, "snapshot-data-web-0").await;
-    // 2. A PVC with the StatefulSet's claim name, from the snapshot; its pod is bound to n2
-    //    (the old node cordoned), so csi-provisioner asks for n2 only.
+    // 4. The pod and the old claim are deleted: kubelet unstages (done above), the PV's
+    //    reclaim policy deletes the volume. The snapshot stays, in n1's pool.
+    delete(&cl, &old).await;
+    assert!(!cl.node(1).image(&old).exists());
+    assert!(cl.node(1).snapshot_image(&snap).exists());
+    // 5. A claim of the same name from the snapshot, annotated with the new node: csi-provisioner
+    //    asks for n2 only, and n2 pulls the data from n1's pool.
     let new_req = on(
         from_snapshot(
-            create_req("pvc-data-web-0-n2", 128 * MIB, rw_mount("ext4")),
+            create_req("pvc-data-web-0-again", 128 * MIB, rw_mount("ext4")),
             &snap,
         ),
         "n2",
     );
     let (new, _) = create_until_ready(&mut r, &new_req, WAIT).await.unwrap();
     assert!(new.volume_id.ends_with("@n2"), "{}", new.volume_id);
-    // 3. The pod starts on n2: kubelet stages the new volume there, the data is in it.
+    // 6. The StatefulSet recreates web-0 on n2: kubelet stages the new volume, the data is in it.
     through_stage(&cl, 2, &new.volume_id, "ext4", &data, false).await;
-    // 4. The old PV and the snapshot are deleted: nothing of the workload stays on n1.
-    delete(&cl, &old).await;
+    // 7. The snapshot is deleted: nothing of the workload stays on n1.
     r.delete_snapshot(DeleteSnapshotRequest {
         snapshot_id: snap.clone(),
         ..Default::default()
     })
     .await
     .unwrap();
-    assert!(!cl.node(1).image(&old).exists());
     assert!(!cl.node(1).snapshot_image(&snap).exists());
     let left: Vec<_> = std::fs::read_dir(cl.node(1).pool.join("volumes"))
         .unwrap()
