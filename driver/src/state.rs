@@ -34,6 +34,18 @@ pub struct TransferSettings {
     /// Test-only fault injection (`--test-corrupt-transfer-chunk`): the chunk (0-based) whose
     /// first byte the source flips after digesting it.
     pub corrupt_chunk: Option<u64>,
+    /// Copies being started (their volume's hex): opening their source, not admitted yet.
+    pub starting: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+impl TransferSettings {
+    /// Whether the copy of volume `hex` is still wanted while it starts.
+    pub fn is_starting(&self, hex: &str) -> bool {
+        self.starting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(hex)
+    }
 }
 
 impl Default for TransferSettings {
@@ -44,6 +56,7 @@ impl Default for TransferSettings {
                 crate::shared::units::DEFAULT_TRANSFER_RATE,
             )),
             corrupt_chunk: None,
+            starting: Default::default(),
         }
     }
 }

@@ -102,7 +102,8 @@ impl Drop for Proc {
 }
 
 /// `loopvol serve --mode node` for node `name`: its socket, its pools under `dir` (the default
-/// one and `fast`), and the pool API on `listen` with the certificates in `certs`.
+/// one and `fast`), staging allowed under `dir/<name>/stage`, and the pool API on `listen` with
+/// the certificates in `certs`.
 pub fn node_args(name: &str, sock: &Path, dir: &Path, listen: &str, certs: &Path) -> Vec<String> {
     vec![
         "serve".into(),
@@ -112,6 +113,8 @@ pub fn node_args(name: &str, sock: &Path, dir: &Path, listen: &str, certs: &Path
         name.into(),
         "--endpoint".into(),
         format!("unix://{}", s(sock)),
+        "--allowed-root".into(),
+        s(&dir.join(format!("{name}/stage"))),
         "--pool-dir".into(),
         s(&dir.join(format!("{name}/pool"))),
         "--pool".into(),
@@ -165,6 +168,7 @@ impl Cluster {
                 .unwrap()
                 .port();
             let sock = dir.path().join(format!("n{i}.sock"));
+            std::fs::create_dir_all(dir.path().join(format!("n{i}/stage"))).unwrap();
             let mut args = node_args(
                 &format!("n{i}"),
                 &sock,
@@ -218,6 +222,24 @@ impl Cluster {
         ControllerClient::new(ch)
     }
 
+    /// Where node `node` may stage (its `--allowed-root`).
+    pub fn stage_dir(&self, node: u8) -> PathBuf {
+        self.dir.path().join(format!("n{node}/stage"))
+    }
+
+    /// A Node client on node `node`'s CSI socket.
+    pub async fn node_client(&self, node: u8) -> loopvol::csi::node_client::NodeClient<Channel> {
+        let ch = Endpoint::from_shared(format!(
+            "unix://{}",
+            s(&self.nodes[node as usize - 1].socket)
+        ))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+        loopvol::csi::node_client::NodeClient::new(ch)
+    }
+
     pub fn pool(&self, node: u8) -> PathBuf {
         self.dir.path().join(format!("n{node}/pool"))
     }
@@ -236,4 +258,35 @@ pub fn on_node(name: &str, node: u8) -> CreateVolumeRequest {
         preferred: vec![t],
     });
     r
+}
+
+/// Even after a failed assertion: the processes first, then whatever a test staged under the
+/// cluster's directory (deepest mounts first), then the loop devices over its pools.
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for n in &mut self.nodes {
+            n.kill9();
+        }
+        let Ok(root) = std::fs::canonicalize(self.dir.path()) else {
+            return;
+        };
+        let mut mounts: Vec<PathBuf> = loopvol::fs::mount::mounts()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|m| m.mount_point.starts_with(&root))
+            .map(|m| m.mount_point)
+            .collect();
+        mounts.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+        for m in mounts {
+            let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
+        }
+        for i in 1..=self.nodes.len() {
+            for pool in ["pool", "fast"] {
+                let dir = root.join(format!("n{i}/{pool}"));
+                for l in loopvol::datapath::loop_device::loops_under(&dir) {
+                    let _ = loopvol::datapath::loop_device::detach(&l.device);
+                }
+            }
+        }
+    }
 }

@@ -94,6 +94,30 @@ pub fn fill_ext4(image: &Path, seed: u64) {
     assert!(out.status.success(), "mkfs.ext4: {out:?}");
 }
 
+/// Make `image` a filesystem of type `fs` (`ext4`, `xfs`, `btrfs`): ext4 and btrfs with files
+/// of pattern data in it, xfs empty (its mkfs cannot populate from a directory here).
+pub fn make_fs(image: &Path, fs: &str, seed: u64) {
+    if fs == "ext4" {
+        return fill_ext4(image, seed);
+    }
+    let root = tempfile::tempdir().unwrap();
+    for i in 0..3u64 {
+        std::fs::write(
+            root.path().join(format!("f{i}")),
+            pattern(((i + 1) * 500_000) as usize, seed + i),
+        )
+        .unwrap();
+    }
+    let mut cmd = std::process::Command::new(format!("mkfs.{fs}"));
+    match fs {
+        "xfs" => cmd.args(["-f", "-q"]),
+        "btrfs" => cmd.args(["-f", "-q", "--rootdir"]).arg(root.path()),
+        other => panic!("no filesystem {other}"),
+    };
+    let out = cmd.arg(image).output().unwrap();
+    assert!(out.status.success(), "mkfs.{fs}: {out:?}");
+}
+
 /// Write `pieces` pieces of `piece` bytes of pattern data spread over `image`.
 pub fn write_spread(image: &Path, pieces: u64, piece: usize, seed: u64) -> u64 {
     use std::os::unix::fs::FileExt;

@@ -230,6 +230,7 @@ impl Controller for ControllerService {
         req: Request<DeleteVolumeRequest>,
     ) -> Result<Response<DeleteVolumeResponse>, Status> {
         let id = required("volume_id", &req.get_ref().volume_id)?.to_string();
+        transfer::sink::forget_start(&self.driver, &id);
         self.driver
             .blocking(move |d| Ok(d.pools.for_id(Kind::Volume, &id)?.delete_volume(&id)?))
             .await?;

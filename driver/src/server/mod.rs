@@ -236,6 +236,7 @@ async fn serve_pool(args: &ServeArgs, stop: &Stop) -> anyhow::Result<()> {
             args.transfer_rate_limit,
         )),
         corrupt_chunk: args.test_corrupt_transfer_chunk,
+        starting: Default::default(),
     };
     let driver = Arc::new(
         Driver::new(

@@ -89,9 +89,13 @@ fn a_transfer_reserves_commits_resumes_fails_and_cancels_cleanly() {
         b.transfer_state(&r).unwrap(),
         TransferState::Start
     ));
+    // Deleted while its stream was being opened: not admitted, nothing written.
+    let e = b.begin_transfer(&r, &header, "https://a:1", &transfer::new_id(), &|| false);
+    assert!(matches!(e, Err(PoolError::Aborted(_))), "{e:?}");
+    assert!(leftovers(&db).is_empty(), "{:?}", leftovers(&db));
     let before = b.capacity().unwrap().reserved_bytes;
     let job = b
-        .begin_transfer(&r, &header, "https://a:1", &transfer::new_id())
+        .begin_transfer(&r, &header, "https://a:1", &transfer::new_id(), &|| true)
         .unwrap();
     assert!(b.capacity().unwrap().reserved_bytes >= before + 60 * MIB);
     assert!(matches!(
@@ -126,7 +130,7 @@ fn a_transfer_reserves_commits_resumes_fails_and_cancels_cleanly() {
         "still promised"
     );
     let job = b
-        .begin_transfer(&r, &header, "https://a:1", &transfer::new_id())
+        .begin_transfer(&r, &header, "https://a:1", &transfer::new_id(), &|| true)
         .unwrap();
     let lim = RateLimit::unlimited();
     let changes = b.changes();
@@ -153,7 +157,7 @@ fn a_transfer_reserves_commits_resumes_fails_and_cancels_cleanly() {
     // A short stream (no trailer) fails: nothing kept, nothing promised, the error said once.
     let r2 = req("short", source.clone());
     let job = b
-        .begin_transfer(&r2, &header, "https://a:1", &transfer::new_id())
+        .begin_transfer(&r2, &header, "https://a:1", &transfer::new_id(), &|| true)
         .unwrap();
     let mut short = frames.clone();
     short.pop_back();
@@ -171,7 +175,7 @@ fn a_transfer_reserves_commits_resumes_fails_and_cancels_cleanly() {
 
     // DeleteVolume cancels: record and temp image gone, and the job never commits.
     let job = b
-        .begin_transfer(&r2, &header, "https://a:1", &transfer::new_id())
+        .begin_transfer(&r2, &header, "https://a:1", &transfer::new_id(), &|| true)
         .unwrap();
     assert!(b.delete_volume(&job.record.volume.id).unwrap());
     assert!(leftovers(&db).is_empty(), "{:?}", leftovers(&db));

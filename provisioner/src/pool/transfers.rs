@@ -228,16 +228,24 @@ impl Pool {
     /// Admit a transfer whose stream has started with `header`: size the volume, check and
     /// reserve capacity, write the transfer record, and register the job. A pending record of
     /// the same name (a restart) is taken over. A job that started meanwhile is returned as is.
+    /// `wanted` is asked under the volume's lock: false when a DeleteVolume came while the
+    /// stream was being opened (the copy is then not admitted).
     pub fn begin_transfer(
         &self,
         req: &CreateRequest,
         header: &Header,
         endpoint: &str,
         transfer_id: &str,
+        wanted: &dyn Fn() -> bool,
     ) -> Result<Arc<Job>, PoolError> {
         self.require_writer()?;
         let id = self.mint(Kind::Volume, &req.name);
         let _guard = self.lock_volume(&id.hex);
+        if !wanted() {
+            return Err(PoolError::Aborted(format!(
+                "volume {id} was deleted while its copy was starting"
+            )));
+        }
         if self.get_hex(&id.hex).is_some() {
             return Err(PoolError::Aborted(format!(
                 "volume {} was completed meanwhile; retry",
@@ -499,6 +507,17 @@ impl Pool {
             .filter(|(hex, _)| !t.jobs.contains_key(*hex))
             .map(|(_, r)| r.clone())
             .collect()
+    }
+
+    /// A copy of `req` that could not start (its source refused or could not be reached, no
+    /// room here): `error` is what the next CreateVolume of the name answers.
+    pub fn transfer_start_failed(&self, req: &CreateRequest, error: PoolError) {
+        let hex = self.mint(Kind::Volume, &req.name).hex;
+        let _guard = self.lock_volume(&hex);
+        let mut t = self.table();
+        if !t.jobs.contains_key(&hex) && !t.pending.contains_key(&hex) {
+            t.failed.insert(hex, error);
+        }
     }
 
     /// Drop a pending transfer that cannot be resumed (its source is gone), keeping `error`

@@ -60,16 +60,28 @@ impl<'a> Writer<'a> {
                 c.offset
             )));
         }
-        // Zero blocks are skipped at absolute block boundaries.
+        // Zero blocks (at absolute block boundaries) are skipped; each run of data blocks is
+        // one write.
+        let mut run: Option<usize> = None;
         let mut at = 0usize;
-        while at < c.data.len() {
-            let abs = c.offset + at as u64;
-            let n = (BLOCK - (abs % BLOCK as u64) as usize).min(c.data.len() - at);
-            let block = &c.data[at..at + n];
-            if block.iter().any(|&b| b != 0) {
-                self.file
-                    .write_all_at(block, abs)
-                    .map_err(|e| crate::error::space_error("write the transferred data", e))?;
+        loop {
+            let n = match c.data.len() - at {
+                0 => 0,
+                left => (BLOCK - ((c.offset + at as u64) % BLOCK as u64) as usize).min(left),
+            };
+            let data = n > 0 && c.data[at..at + n].iter().any(|&b| b != 0);
+            match (run, data) {
+                (None, true) => run = Some(at),
+                (Some(start), false) => {
+                    self.file
+                        .write_all_at(&c.data[start..at], c.offset + start as u64)
+                        .map_err(|e| crate::error::space_error("write the transferred data", e))?;
+                    run = None;
+                }
+                _ => {}
+            }
+            if n == 0 {
+                break;
             }
             at += n;
         }
@@ -95,5 +107,50 @@ impl<'a> Writer<'a> {
             .sync_all()
             .ctx(|| "fsync the transferred image".into())?;
         Ok(mine.data_bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::params::FsType;
+    use std::os::unix::fs::MetadataExt;
+
+    /// Runs of data are written, zero blocks are not, at any chunk alignment.
+    #[test]
+    fn data_runs_are_written_and_zero_blocks_skipped() {
+        let t = tempfile::tempdir().unwrap();
+        let f = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(t.path().join("img"))
+            .unwrap();
+        let len = 1 << 20;
+        f.set_len(len).unwrap();
+        let h = Header {
+            image_bytes: len,
+            size_bytes: len,
+            fs_type: FsType::Ext4,
+            data_bytes: 0,
+        };
+        // From offset 3000: 1096 bytes to the first boundary, then blocks of data, zeros,
+        // zeros, data, and a partial data tail.
+        let mut data = vec![0u8; 1096 + 4 * 4096 + 100];
+        data[..1096].fill(1);
+        data[1096..1096 + 4096].fill(2);
+        data[1096 + 3 * 4096..].fill(3);
+        let mut w = Writer::new(&f, len, &h).unwrap();
+        w.chunk(&Chunk::new(3000, data.clone())).unwrap();
+        let mut back = vec![0u8; data.len()];
+        f.read_exact_at(&mut back, 3000).unwrap();
+        assert_eq!(back, data);
+        f.sync_all().unwrap();
+        assert_eq!(
+            f.metadata().unwrap().blocks() * 512,
+            4 * 4096,
+            "two zero blocks skipped"
+        );
     }
 }

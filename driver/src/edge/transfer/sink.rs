@@ -1,7 +1,7 @@
 //! The receiving job of a restore or clone from another node. CreateVolume on the target
 //! node, with the source's pool API endpoint from the router, starts (or joins) a job that
 //! outlives the call: the pool's transfer record holds its state
-//! (provisioner/src/transfer/sink.rs), a thread of its own runs the writer, and every call of
+//! (provisioner/src/pool/transfers.rs), a thread of its own runs the writer, and every call of
 //! the same name waits a moment for it, then answers ABORTED with its progress until the
 //! volume is committed (csi-provisioner retries ABORTED with the same name).
 
@@ -33,68 +33,155 @@ fn source_id(s: &ContentSource) -> &str {
 
 /// CreateVolume of `req` into pool `pool`, its content source on the node whose pool API is
 /// `endpoint`: the volume once it is complete, else ABORTED with the copy's progress.
+///
+/// A new copy starts in the background: opening the source may take a while (a volume source
+/// is first copied into a temporary snapshot on its node), and the CO's deadline must not cut
+/// it short. Its refusals (no room here, a source that does not exist or cannot be reached)
+/// come back to the next CreateVolume of the name.
 pub async fn create(
     driver: &Arc<Driver>,
     pool: String,
     req: CreateRequest,
     endpoint: String,
 ) -> Result<VolumeRecord> {
-    let source = req.source.clone().ok_or_else(|| {
-        Error::InvalidArgument("a transfer endpoint was given without a content source".into())
-    })?;
+    if req.source.is_none() {
+        return Err(Error::InvalidArgument(
+            "a transfer endpoint was given without a content source".into(),
+        ));
+    }
     let r = req.clone();
     let (target, state) = driver
         .blocking(move |d| Ok(d.pools.transfer_state(&pool, &r)?))
         .await?;
-    let job = match state {
+    let key = starting_key(&target, &req);
+    match state {
         TransferState::Done(v) => return Ok(v),
         TransferState::Failed(e) => return Err(e.into()),
-        TransferState::Running(job) => job,
+        TransferState::Running(_) => {}
         TransferState::Start => {
-            let tid = transfer::new_id();
-            let tls = driver.transfer.client_tls.as_ref();
-            let opened = client::open(&endpoint, tls, source_id(&source), &tid).await?;
-            let header = opened.header.clone();
-            let (t, ep, id) = (target.clone(), endpoint.clone(), tid.clone());
-            let job = driver
-                .blocking(move |_| Ok(t.begin_transfer(&req, &header, &ep, &id)?))
-                .await?;
-            if job.record.transfer_id == tid {
-                spawn(
-                    driver,
-                    target.clone(),
-                    job.clone(),
-                    opened.header,
-                    opened.stream,
-                );
+            let fresh = driver
+                .transfer
+                .starting
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(key.clone());
+            if fresh {
+                let (d, t, r, key) = (driver.clone(), target.clone(), req.clone(), key.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = start(&d, &t, &r, &endpoint, Some(&key)).await {
+                        tracing::warn!(volume_name = %r.name, from = %endpoint, error = %e,
+                            "transfer not started");
+                        t.transfer_start_failed(&r, crate::error::to_pool_error(e));
+                    }
+                    d.transfer
+                        .starting
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&key);
+                });
             }
-            job
         }
-    };
-    join(driver, &target, job).await
+    }
+    join(driver, &target, &req, &key).await
 }
 
-/// Wait up to [`JOIN_WAIT`] for `job`, then say where it stands.
-async fn join(driver: &Arc<Driver>, target: &Arc<Pool>, job: Arc<Job>) -> Result<VolumeRecord> {
+/// Open the source's stream, admit the copy (capacity, record) and run it, unless another
+/// call of the same name got there first (then its job runs, not this one).
+async fn start(
+    driver: &Arc<Driver>,
+    target: &Arc<Pool>,
+    req: &CreateRequest,
+    endpoint: &str,
+    key: Option<&str>,
+) -> Result<()> {
+    let source = req.source.as_ref().map(source_id).unwrap_or_default();
+    let tid = transfer::new_id();
+    let tls = driver.transfer.client_tls.as_ref();
+    let opened = client::open(endpoint, tls, source, &tid).await?;
+    let header = opened.header.clone();
+    let (t, r, ep, id) = (
+        target.clone(),
+        req.clone(),
+        endpoint.to_string(),
+        tid.clone(),
+    );
+    let key = key.map(str::to_string);
+    let job = driver
+        .blocking(move |d| {
+            // A DeleteVolume while the stream was opened withdrew the key (`forget_start`).
+            let wanted = || key.as_ref().is_none_or(|k| d.transfer.is_starting(k));
+            Ok(t.begin_transfer(&r, &header, &ep, &id, &wanted)?)
+        })
+        .await?;
+    if job.record.transfer_id == tid {
+        spawn(driver, target.clone(), job, opened.header, opened.stream);
+    }
+    Ok(())
+}
+
+/// What names a copy being started (between the call that starts it and its admission): its
+/// volume's hex, which derives from the name alone.
+fn starting_key(target: &Pool, req: &CreateRequest) -> String {
+    provisioner::VolumeId::from_name(provisioner::ids::Kind::Volume, &req.name, target.node_id())
+        .hex
+}
+
+/// DeleteVolume of `volume_id`: a copy still opening its source is not admitted afterwards.
+/// Called before the pool's delete takes the volume's lock, so a copy admitted first is then
+/// found and cancelled by it.
+pub fn forget_start(driver: &Driver, volume_id: &str) {
+    if let Some(v) = provisioner::VolumeId::parse(provisioner::ids::Kind::Volume, volume_id) {
+        driver
+            .transfer
+            .starting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&v.hex);
+    }
+}
+
+/// Wait up to [`JOIN_WAIT`] for the copy of `req`, then say where it stands.
+async fn join(
+    driver: &Arc<Driver>,
+    target: &Arc<Pool>,
+    req: &CreateRequest,
+    key: &str,
+) -> Result<VolumeRecord> {
     let until = Instant::now() + JOIN_WAIT;
-    let req = request_of(&job.record);
     loop {
         tokio::time::sleep(Duration::from_millis(100)).await;
+        // Read before the state: a start that ends in between has left its outcome there.
+        let starting = driver
+            .transfer
+            .starting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(key);
         let (t, r) = (target.clone(), req.clone());
         let state = driver.blocking(move |_| Ok(t.transfer_state(&r)?)).await?;
+        let late = Instant::now() >= until;
         match state {
             TransferState::Done(v) => return Ok(v),
             TransferState::Failed(e) => return Err(e.into()),
-            TransferState::Start => {
+            TransferState::Running(job) if late => return Err(Error::Aborted(progress(&job))),
+            TransferState::Start if starting && late => {
                 return Err(Error::Aborted(format!(
-                    "the copy into {} ended without a volume (cancelled); retry to start again",
-                    job.record.volume.id
+                    "copying: 0 %, preparing (opening the source {} on its node); retry to \
+                     follow the copy",
+                    req.source
+                        .as_ref()
+                        .map(|s| s.to_string())
+                        .unwrap_or_default()
                 )))
             }
-            TransferState::Running(now) if Instant::now() >= until => {
-                return Err(Error::Aborted(progress(&now)))
+            TransferState::Start if !starting => {
+                return Err(Error::Aborted(format!(
+                    "the copy into {:?} ended without a volume (cancelled); retry to start \
+                     again",
+                    req.name
+                )))
             }
-            TransferState::Running(_) => {}
+            _ => {}
         }
     }
 }
@@ -172,25 +259,8 @@ pub fn resume_pending(driver: &Arc<Driver>) {
         for record in pool.pending_transfers() {
             let (driver, pool) = (driver.clone(), pool.clone());
             tokio::spawn(async move {
-                let r = record.clone();
-                let resumed = async {
-                    let source = r.volume.source.clone().ok_or_else(|| {
-                        Error::Internal("a transfer record without a source".into())
-                    })?;
-                    let tid = transfer::new_id();
-                    let tls = driver.transfer.client_tls.as_ref();
-                    let opened = client::open(&r.endpoint, tls, source_id(&source), &tid).await?;
-                    let header = opened.header.clone();
-                    let (p, ep, req) = (pool.clone(), r.endpoint.clone(), request_of(&r));
-                    let job = driver
-                        .blocking(move |_| Ok(p.begin_transfer(&req, &header, &ep, &tid)?))
-                        .await?;
-                    tracing::info!(volume_id = %r.volume.id, transfer_id = %job.record.transfer_id,
-                        "pending transfer resumed from scratch");
-                    spawn(&driver, pool.clone(), job, opened.header, opened.stream);
-                    Ok::<(), Error>(())
-                };
-                if let Err(e) = resumed.await {
+                let req = request_of(&record);
+                if let Err(e) = start(&driver, &pool, &req, &record.endpoint, None).await {
                     tracing::warn!(volume_id = %record.volume.id, error = %e,
                         "pending transfer dropped: its source cannot be resumed");
                     let code = e.code();
