@@ -69,7 +69,14 @@ pub async fn run(plan: &Plan, ws: &Workspace, launch: &Launch) -> anyhow::Result
         bytes: plan.crossnode_bytes,
         ..Default::default()
     };
-    out.floors.push(tls_floor(src, dst, &certs, &payload)?);
+    out.floors
+        .push(tls_floor(src, dst, &certs, &payload, None)?);
+    // The restore also writes what it receives: the same floor into a file on the disk the
+    // pools are on, synced at the end, says what that costs on this machine.
+    let sink = dir.join("received");
+    out.floors
+        .push(tls_floor(src, dst, &certs, &payload, Some(&sink))?);
+    std::fs::remove_file(&sink)?;
     if Command::new("socat").arg("-V").output().is_ok() {
         out.floors.push(socat_floor(src, dst, &payload)?);
     } else {
@@ -136,11 +143,14 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// The mTLS floor; with `sink`, the receiver writes what it gets into that file and fsyncs
+/// it before the clock stops (the disk's part of the path a restore takes).
 fn tls_floor(
     src: &netns::Member,
     dst: &netns::Member,
     certs: &Path,
     payload: &Path,
+    sink: Option<&Path>,
 ) -> anyhow::Result<Moved> {
     let pem_certs = |f: &str| -> anyhow::Result<Vec<CertificateDer<'static>>> {
         Ok(CertificateDer::pem_file_iter(certs.join(f))?.collect::<Result<_, _>>()?)
@@ -168,6 +178,12 @@ fn tls_floor(
     );
     let addr = (dst.ip, PORT);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let mut out = sink.map(std::fs::File::create).transpose()?;
+    let method = if sink.is_some() {
+        "mTLS (rustls, ring), 1 MiB writes, received into a file + fsync"
+    } else {
+        "mTLS (rustls, ring), 1 MiB writes"
+    };
     let receiver = dst.spawn_in(move || -> anyhow::Result<_> {
         let listener = TcpListener::bind(addr)?;
         let _ = ready_tx.send(());
@@ -179,9 +195,17 @@ fn tls_floor(
         loop {
             match tls.read(&mut buf) {
                 Ok(0) => break,
-                Ok(n) => got += n as u64,
+                Ok(n) => {
+                    if let Some(f) = out.as_mut() {
+                        f.write_all(&buf[..n])?;
+                    }
+                    got += n as u64
+                }
                 Err(e) => return Err(e.into()),
             }
+        }
+        if let Some(f) = out {
+            f.sync_all()?;
         }
         Ok((got, Instant::now()))
     });
@@ -223,11 +247,7 @@ fn tls_floor(
     if got != bytes {
         bail!("mTLS floor: {got} of {bytes} bytes arrived");
     }
-    Ok(moved(
-        "mTLS (rustls, ring), 1 MiB writes",
-        got,
-        done - started,
-    ))
+    Ok(moved(method, got, done - started))
 }
 
 fn socat_floor(src: &netns::Member, dst: &netns::Member, payload: &Path) -> anyhow::Result<Moved> {
@@ -340,7 +360,12 @@ fn render_restore(md: &mut String, c: &CrossNode, r: &crate::crossnode_restore::
          strict topology), CreateVolume retried on ABORTED every 50 ms as the sidecar does, \
          the node plugins and the router are the benchmarked loopvol binary, `--transfer-rate-limit 0`.\n\n",
     );
-    if let Some(tls) = c.floors.iter().find(|f| f.method.starts_with("mTLS")) {
+    let floor = |disk: bool| {
+        c.floors
+            .iter()
+            .find(|f| f.method.starts_with("mTLS") && f.method.contains("fsync") == disk)
+    };
+    if let Some(tls) = floor(false) {
         let _ = writeln!(
             md,
             "- throughput: {:.2}× the mTLS floor (issue 24's target: at least 0.7×); the \
@@ -349,6 +374,20 @@ fn render_restore(md: &mut String, c: &CrossNode, r: &crate::crossnode_restore::
             r.log_rate_mib_s
         );
     }
+    if let Some(disk) = floor(true) {
+        let _ = writeln!(
+            md,
+            "- {:.2}× the mTLS floor that also writes and syncs what it receives (a restore \
+             must: the target's image is on disk before the volume exists)",
+            r.moved.mib_per_s / disk.mib_per_s
+        );
+    }
+    let _ = writeln!(
+        md,
+        "- CPU: the source node plugin spent {:.2} s (user + system), the target {:.2} s, in \
+         {:.2} s of wall time",
+        r.cpu_s[0], r.cpu_s[1], r.moved.seconds
+    );
     let _ = writeln!(
         md,
         "- bytes: {:.1} MiB allocated in the source, {:.1} MiB of chunk data received, {:.1} MiB \

@@ -57,6 +57,24 @@ pub struct Restore {
     pub wire_bytes: u64,
     pub cap: String,
     pub pod_io: Vec<PodIo>,
+    /// CPU seconds (user + system) the source and the target node plugins spent on the
+    /// restore: where the time goes when the disk is not the limit.
+    #[serde(default)]
+    pub cpu_s: [f64; 2],
+}
+
+/// user + system CPU seconds of `pid` so far (/proc/PID/stat, clock ticks of 1/100 s).
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The fields after the command's closing parenthesis; utime and stime are 14 and 15.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    f.iter().sum::<f64>() / 100.0
 }
 
 struct NodeProc {
@@ -94,6 +112,10 @@ impl NodeProc {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
     }
 
     fn stop(&mut self) {
@@ -330,10 +352,15 @@ pub async fn measure(
 
     // The restore, uncapped, timed from the first CreateVolume to the OK.
     let rx = lan.member("dst").rx_bytes();
+    let cpu = [cpu_seconds(src.pid()), cpu_seconds(dst.pid())];
     let started = Instant::now();
     let restored = create_until_ready(&mut r, &restore_req("restore", bytes, &snap, "dst")).await?;
     let took = started.elapsed();
     let wire_bytes = lan.member("dst").rx_bytes() - rx;
+    let cpu_s = [
+        cpu_seconds(src.pid()) - cpu[0],
+        cpu_seconds(dst.pid()) - cpu[1],
+    ];
     let log_rate_mib_s = log_field(&dst.log, &restored, "rate_mib_s").unwrap_or(0.0);
     let bytes_received = log_field(&dst.log, &restored, "bytes_received").unwrap_or(0.0) as u64;
     if std::fs::read(payload)? != std::fs::read(image(&dst_pool, &restored)?)?[..bytes as usize] {
@@ -387,6 +414,7 @@ pub async fn measure(
         wire_bytes,
         cap: CAP.into(),
         pod_io,
+        cpu_s,
     })
 }
 
