@@ -37,6 +37,7 @@ use crate::record::{ContentSource, SnapshotRecord, VolumeRecord, RECORD_FORMAT};
 use crate::size;
 use crate::PoolError;
 
+mod filling;
 pub mod group_snapshot;
 pub mod identity;
 #[cfg(test)]
