@@ -202,7 +202,8 @@ async fn kill9_during_creates_leaves_every_pool_settled() {
 }
 
 /// The settled check itself: it sees a crash's leftovers in `tmp/` (which the next start
-/// clears), a transfer record, and a node whose capacity disagrees with its records.
+/// clears), a transfer record (garbage or in h3's format), a volume being filled that is
+/// listed, and a node whose capacity disagrees with its records.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_settled_check_sees_what_a_crash_could_leave() {
     if !root_or_skip("multinode_netns settled check") {
@@ -223,6 +224,42 @@ async fn the_settled_check_sees_what_a_crash_could_leave() {
         v.iter().any(|m| m.starts_with("tmp/")) && v.iter().any(|m| m.starts_with("transfers/")),
         "{v:?}"
     );
+    std::fs::remove_dir_all(pool.join("transfers")).unwrap();
+
+    // A transfer record in h3's format, as a job would leave it had it outlived itself: the
+    // settled check names the transfer. And mid-flight, a volume being filled that ListVolumes
+    // shows (here: its volume record gone from disk while the node still lists it) is caught.
+    let hex = hex_of(&id);
+    let record = pool.join(format!("volumes/{hex}.json"));
+    let text = std::fs::read_to_string(&record).unwrap();
+    let transfer = serde_json::json!({
+        "format": 1,
+        "transfer_id": "0123456789abcdef",
+        "volume": serde_json::from_str::<serde_json::Value>(&text).unwrap(),
+        "endpoint": "https://10.1.2.3:7443",
+        "started_unix": 1,
+        "data_bytes": 0,
+    });
+    std::fs::create_dir_all(pool.join("transfers")).unwrap();
+    std::fs::write(
+        pool.join(format!("transfers/{hex}.json")),
+        transfer.to_string(),
+    )
+    .unwrap();
+    let v = cl.violations(1, patience).await;
+    assert!(
+        v.iter()
+            .any(|m| m.contains("transfer 0123456789abcdef into") && m.contains("outlived")),
+        "{v:?}"
+    );
+    assert!(cl.in_flight_violations(1).await.is_empty());
+    std::fs::remove_file(&record).unwrap();
+    let v = cl.in_flight_violations(1).await;
+    assert!(
+        v.iter().any(|m| m.contains("is listed by ListVolumes")),
+        "{v:?}"
+    );
+    std::fs::write(&record, &text).unwrap();
     std::fs::remove_dir_all(pool.join("transfers")).unwrap();
     cl.kill9_node(1);
     cl.restart_node(1).await;

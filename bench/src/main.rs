@@ -5,6 +5,7 @@
 
 mod attach;
 mod crossnode;
+mod crossnode_restore;
 mod csi_ops;
 mod datapath;
 mod driver;
@@ -306,7 +307,7 @@ async fn run(args: &Args, launch: &Launch, ws: &Workspace) -> anyhow::Result<Res
     }
     if wants("crossnode") {
         eprintln!("cross-node: the same bytes between two network namespaces");
-        match crossnode::run(&plan, ws, launch) {
+        match crossnode::run(&plan, ws, launch).await {
             Ok(c) => results.cross_node = Some(c),
             Err(e) => section_failed(&mut results, ws, "cross-node", e),
         }

@@ -830,7 +830,7 @@ fn footprint_section(md: &mut String, f: &Footprint, scale: Option<&Scale>) {
 const HOW_TO: &str = "## How to reproduce
 
 As root, on a machine with loop devices, `mkfs.ext4`, `mkfs.xfs`, `losetup`, `blkid` and `fio`
-(and `ip`, `nsenter` and `socat` for the cross-node floor):
+(and `ip`, `nsenter` and `socat` for the cross-node section):
 
 ```sh
 cargo build --release -p loopvol-driver -p bench

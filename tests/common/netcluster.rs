@@ -141,6 +141,15 @@ pub enum Victim {
     Router,
 }
 
+/// How [`NetCluster::start_with`] departs from the defaults.
+#[derive(Default)]
+pub struct Options<'a> {
+    /// The size of each node's pool filesystem (default 1 GiB).
+    pub pool_bytes: Option<u64>,
+    /// Extra `serve` flags for node `n<i>` (1-based), e.g. `--transfer-rate-limit`.
+    pub node_args: Option<&'a dyn Fn(usize) -> Vec<String>>,
+}
+
 /// One node: its network identity, its directories as the host sees them, its plugin.
 pub struct ClusterNode {
     pub member: Member,
@@ -163,6 +172,16 @@ impl ClusterNode {
         self.pool
             .join("volumes")
             .join(format!("{}.img", super::hex_of(volume_id)))
+    }
+
+    /// A snapshot's image in this node's pool.
+    pub fn snapshot_image(&self, snapshot_id: &str) -> PathBuf {
+        self.pool.join("snapshots").join(format!(
+            "{}.img",
+            provisioner::VolumeId::parse(provisioner::ids::Kind::Snapshot, snapshot_id)
+                .expect("a loopvol snapshot id")
+                .hex
+        ))
     }
 
     pub async fn node(&self) -> NodeClient<Channel> {
@@ -188,6 +207,11 @@ impl NetCluster {
     /// `nodes` node plugins `n1`…`nN` and a router `r`, each in its own network namespace on
     /// one private /24, started and answering.
     pub async fn start(nodes: usize) -> NetCluster {
+        NetCluster::start_with(nodes, &Options::default()).await
+    }
+
+    /// [`NetCluster::start`] with pools of another size and extra `serve` flags per node.
+    pub async fn start_with(nodes: usize, opts: &Options<'_>) -> NetCluster {
         let names: Vec<String> = (1..=nodes).map(|i| format!("n{i}")).collect();
         let mut members: Vec<&str> = names.iter().map(String::as_str).collect();
         members.push("r");
@@ -216,7 +240,7 @@ impl NetCluster {
         let mut started = Vec::new();
         for (name, host_kubelet) in names.iter().zip(kubelets) {
             let member = lan.member(name).clone();
-            let fs = SmallFs::new(POOL_FS_BYTES);
+            let fs = SmallFs::new(opts.pool_bytes.unwrap_or(POOL_FS_BYTES));
             let pool = fs.mount_point.join("pool");
             std::fs::create_dir(&pool).unwrap();
             pools.push(fs);
@@ -258,6 +282,9 @@ impl NetCluster {
                 os("--tls-ca"),
                 cert("ca.crt"),
             ]);
+            if let Some(extra) = opts.node_args {
+                argv.extend(extra(started.len() + 1).into_iter().map(os));
+            }
             let log = root.join(format!("{name}.log"));
             let plugin = NsProc::start(name, argv, socket, log).await;
             started.push(ClusterNode {
@@ -393,10 +420,18 @@ impl NetCluster {
                 .unwrap_or_default()
         };
         let mut bad = Vec::new();
-        for d in ["tmp", "transfers"] {
-            for f in entries(d) {
-                bad.push(format!("{d}/{f} left over"));
-            }
+        for f in entries("tmp") {
+            bad.push(format!("tmp/{f} left over"));
+        }
+        // A transfer record exists only while its job runs, and nothing runs now.
+        for (f, record) in transfer_records(&n.pool) {
+            bad.push(match record {
+                Some(r) => format!(
+                    "transfers/{f} left over: transfer {} into {} from {} outlived its job",
+                    r.transfer_id, r.volume.id, r.endpoint
+                ),
+                None => format!("transfers/{f} left over (unreadable)"),
+            });
         }
         let listing = provisioner::listing::read_records(&n.pool).unwrap();
         for u in &listing.unreadable {
@@ -436,6 +471,52 @@ impl NetCluster {
         bad
     }
 
+    /// What must hold of node `i` at any moment, mid-copy included (a kill -9 round checks it
+    /// while a process is down): every transfer record reads as one, and the volume it fills
+    /// is visible nowhere — no volume record in the pool, not in ListVolumes through the
+    /// router — unless the job has committed it (the record then goes next, design §2's order:
+    /// image, volume record, transfer record), so a half-copied image is never a volume.
+    pub async fn in_flight_violations(&self, i: usize) -> Vec<String> {
+        let n = self.node(i);
+        let mut bad = Vec::new();
+        let listing = match unix_channel(&self.router.socket).await {
+            Ok(ch) => ControllerClient::new(ch)
+                .list_volumes(ListVolumesRequest::default())
+                .await
+                .ok(),
+            Err(_) => None,
+        };
+        let listed: Vec<String> = match listing {
+            Some(r) => r
+                .into_inner()
+                .entries
+                .into_iter()
+                .filter_map(|e| e.volume.map(|v| v.volume_id))
+                .collect(),
+            // The router or the node is down: ListVolumes shows nothing of it then.
+            None => Vec::new(),
+        };
+        for (f, record) in transfer_records(&n.pool) {
+            let Some(r) = record else {
+                // Written atomically, so never torn; but it may vanish between the listing
+                // and the read (the job ended).
+                if n.pool.join("transfers").join(&f).exists() {
+                    bad.push(format!("transfers/{f} is not a transfer record"));
+                }
+                continue;
+            };
+            let hex = super::hex_of(&r.volume.id);
+            let committed = n.pool.join(format!("volumes/{hex}.json")).exists();
+            if !committed && listed.contains(&r.volume.id) {
+                bad.push(format!(
+                    "{} is listed by ListVolumes while transfer {} still fills it",
+                    r.volume.id, r.transfer_id
+                ));
+            }
+        }
+        bad
+    }
+
     /// GetCapacity for thin volumes on `node`, through the router.
     async fn offered(&self, node: &str) -> i64 {
         self.router()
@@ -450,6 +531,24 @@ impl NetCluster {
             .into_inner()
             .available_capacity
     }
+}
+
+/// `transfers/*.json` of a pool: each file's name and its record, `None` if it does not read
+/// as one (h3's format, `provisioner::pool::transfers::TransferRecord`).
+fn transfer_records(
+    pool: &Path,
+) -> Vec<(String, Option<provisioner::pool::transfers::TransferRecord>)> {
+    std::fs::read_dir(pool.join("transfers"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| {
+            let record = std::fs::read(e.path())
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok());
+            (e.file_name().to_string_lossy().into_owned(), record)
+        })
+        .collect()
 }
 
 /// `loopvol status --pool-dir` (records and statvfs only, no driver asked): the headroom.

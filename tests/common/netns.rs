@@ -69,6 +69,20 @@ impl Member {
         })
     }
 
+    /// Bytes received on this member's interface since it was made (the kernel's counter,
+    /// what came over the wire: payload and every header of every layer).
+    pub fn rx_bytes(&self) -> u64 {
+        let json = ip_in(&self.ns, &["-j", "-s", "link", "show", "dev", "eth0"]);
+        let key = "\"rx\":{\"bytes\":";
+        let at = json.find(key).expect("rx counter in ip's output") + key.len();
+        json[at..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect::<String>()
+            .parse()
+            .expect("a byte count")
+    }
+
     /// A TCP connection to `to` made from inside this member's namespace.
     pub fn connect(&self, to: std::net::SocketAddr) -> std::io::Result<std::net::TcpStream> {
         self.spawn_in(move || {

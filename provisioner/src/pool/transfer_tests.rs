@@ -133,6 +133,7 @@ fn a_transfer_reserves_commits_resumes_fails_and_cancels_cleanly() {
         .begin_transfer(&r, &header, "https://a:1", &transfer::new_id(), &|| true)
         .unwrap();
     let lim = RateLimit::unlimited();
+    let changes = b.changes();
     let v = b
         .run_transfer(
             &job,
@@ -142,6 +143,8 @@ fn a_transfer_reserves_commits_resumes_fails_and_cancels_cleanly() {
             &mut |_| {},
         )
         .unwrap();
+    // The LoopPool publisher sees the committed volume.
+    assert!(b.changes() > changes, "a commit counts as a change");
     assert_eq!(v.size_bytes, 64 * MIB);
     assert!(leftovers(&db).is_empty(), "{:?}", leftovers(&db));
     let got = fs::read(b.image_path(&VolumeId::parse(Kind::Volume, &v.id).unwrap().hex)).unwrap();

@@ -443,6 +443,7 @@ impl Pool {
             return Err(PoolError::io("write volume record", e).into());
         }
         self.insert_volume(hex, vol.clone());
+        self.changed();
         let path = transfers_dir(&self.dir).join(format!("{hex}.json"));
         atomic::remove_file(&path).ctx(|| format!("remove {}", path.display()))?;
         self.table().pending.remove(hex);
