@@ -18,6 +18,16 @@ use crate::transfer_api::{ReadRequest, ReadResponse};
 pub const STALL: Duration = Duration::from_secs(60);
 /// A chunk message is at most 4 MiB of data plus a few dozen bytes.
 const MAX_MESSAGE: usize = 8 << 20;
+/// HTTP/2 flow control for the stream: room for a few whole chunk messages in flight. hyper's
+/// default stream window (2 MiB) is smaller than one chunk, so the source stalled on window
+/// updates while the writer digested and wrote the previous chunk.
+const STREAM_WINDOW: u32 = 16 << 20;
+const CONNECTION_WINDOW: u32 = 32 << 20;
+/// Frames the source may send: fewer, bigger DATA frames per 4 MiB chunk than the 16 KiB default.
+const MAX_FRAME: u32 = 1 << 20;
+/// Decoded frames queued between the network task and the writer's thread, so receiving and
+/// decoding the next chunk overlaps with digesting and writing this one.
+const QUEUED_FRAMES: usize = 4;
 
 /// An open stream, its header already read.
 pub struct Opened {
@@ -49,6 +59,9 @@ pub async fn open(
         .tls_config(tls.clone())
         .map_err(|e| Error::Internal(format!("TLS setup for {endpoint}: {e}")))?
         .connect_timeout(Duration::from_secs(5))
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
         .connect()
         .await
         .map_err(|e| unreachable(format!("{e:?}")))?;
@@ -101,41 +114,66 @@ fn status_error(endpoint: &str, s: tonic::Status) -> Error {
     }
 }
 
-/// The stream as a [`FrameSource`] for the pool's writer, read from a job's own thread.
+/// The stream as a [`FrameSource`] for the pool's writer, read from a job's own thread. A task
+/// on the runtime receives and decodes ahead into a small queue, so the network keeps moving
+/// while the writer works; the queue's bound keeps memory at a few chunks.
 pub struct RemoteSource {
-    pub stream: Streaming<ReadResponse>,
-    pub runtime: tokio::runtime::Handle,
+    frames: tokio::sync::mpsc::Receiver<std::result::Result<Frame, TransferError>>,
+}
+
+impl RemoteSource {
+    /// Start receiving `stream` on `runtime`. The task ends with the stream, at the first
+    /// error, or when the writer drops this source (its queue closes).
+    pub fn start(stream: Streaming<ReadResponse>, runtime: &tokio::runtime::Handle) -> Self {
+        let (tx, frames) = tokio::sync::mpsc::channel(QUEUED_FRAMES);
+        runtime.spawn(receive(stream, tx));
+        RemoteSource { frames }
+    }
+}
+
+async fn receive(
+    mut stream: Streaming<ReadResponse>,
+    tx: tokio::sync::mpsc::Sender<std::result::Result<Frame, TransferError>>,
+) {
+    loop {
+        let next = match tokio::time::timeout(STALL, stream.message()).await {
+            Err(_) => Err(TransferError::SourceGone("no data for a minute".into())),
+            Ok(Err(s)) => Err(TransferError::SourceGone(s.message().to_string())),
+            Ok(Ok(None)) => return,
+            Ok(Ok(Some(m))) => frame_of(m),
+        };
+        let last = next.is_err() || matches!(next, Ok(Frame::Trailer(_)));
+        if tx.send(next).await.is_err() || last {
+            return;
+        }
+    }
+}
+
+fn frame_of(msg: ReadResponse) -> std::result::Result<Frame, TransferError> {
+    let digest = |b: Vec<u8>| -> std::result::Result<[u8; 32], TransferError> {
+        b.try_into()
+            .map_err(|_| TransferError::Corrupt("a digest is not 32 bytes".into()))
+    };
+    Ok(match msg.frame {
+        Some(Wire::Chunk(c)) => Frame::Chunk(Chunk {
+            offset: c.offset,
+            data: c.data,
+            sha256: digest(c.sha256)?,
+        }),
+        Some(Wire::Trailer(t)) => Frame::Trailer(Trailer {
+            digest: digest(t.digest)?,
+            chunks: t.chunks,
+            data_bytes: t.data_bytes,
+        }),
+        Some(Wire::Header(_)) => return Err(TransferError::Corrupt("a second header".into())),
+        None => return Err(TransferError::Corrupt("an empty message".into())),
+    })
 }
 
 impl FrameSource for RemoteSource {
     fn next_frame(&mut self) -> std::result::Result<Option<Frame>, TransferError> {
-        let next = self
-            .runtime
-            .block_on(async { tokio::time::timeout(STALL, self.stream.message()).await });
-        let msg = match next {
-            Err(_) => return Err(TransferError::SourceGone("no data for a minute".into())),
-            Ok(Err(s)) => return Err(TransferError::SourceGone(s.message().to_string())),
-            Ok(Ok(None)) => return Ok(None),
-            Ok(Ok(Some(m))) => m,
-        };
-        let digest = |b: Vec<u8>| -> std::result::Result<[u8; 32], TransferError> {
-            b.try_into()
-                .map_err(|_| TransferError::Corrupt("a digest is not 32 bytes".into()))
-        };
-        Ok(Some(match msg.frame {
-            Some(Wire::Chunk(c)) => Frame::Chunk(Chunk {
-                offset: c.offset,
-                data: c.data,
-                sha256: digest(c.sha256)?,
-            }),
-            Some(Wire::Trailer(t)) => Frame::Trailer(Trailer {
-                digest: digest(t.digest)?,
-                chunks: t.chunks,
-                data_bytes: t.data_bytes,
-            }),
-            Some(Wire::Header(_)) => return Err(TransferError::Corrupt("a second header".into())),
-            None => return Err(TransferError::Corrupt("an empty message".into())),
-        }))
+        // The task applies the stall timeout; a closed queue is the stream's end.
+        self.frames.blocking_recv().transpose()
     }
 }
 

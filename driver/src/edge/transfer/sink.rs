@@ -230,7 +230,7 @@ fn spawn(
         let _span = span.enter();
         let started = Instant::now();
         crate::metrics::transfer_started();
-        let mut source = RemoteSource { stream, runtime };
+        let mut source = RemoteSource::start(stream, &runtime);
         let result = target.run_transfer(&job, &header, &mut source, &limit, &mut |n| {
             crate::metrics::count_transfer_bytes(n)
         });
