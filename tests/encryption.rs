@@ -281,18 +281,7 @@ async fn restores_and_clones_open_with_the_same_secret_only() {
         .sync_all()
         .unwrap();
     // Snapshotted while staged and published (frozen as any mounted volume is).
-    let snap =
-        t.c.create_snapshot(CreateSnapshotRequest {
-            source_volume_id: src.clone(),
-            name: "snap".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .snapshot
-        .unwrap()
-        .snapshot_id;
+    let snap = create_snapshot_id(&mut t.c, &src, "snap").await;
     t.down(&src, "src").await;
 
     // Restored into a StorageClass that does not ask for encryption: the data is ciphertext,
@@ -570,18 +559,7 @@ async fn group_snapshots_and_changed_blocks_work_on_encrypted_volumes() {
         .unwrap()
         .sync_all()
         .unwrap();
-    let after =
-        t.c.create_snapshot(CreateSnapshotRequest {
-            source_volume_id: a.clone(),
-            name: "after".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .snapshot
-        .unwrap()
-        .snapshot_id;
+    let after = create_snapshot_id(&mut t.c, &a, "after").await;
     let delta = m
         .get_metadata_delta(GetMetadataDeltaRequest {
             base_snapshot_id: member(&a),

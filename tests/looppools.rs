@@ -257,18 +257,7 @@ async fn looppools_are_created_updated_and_marked_missing() {
     )
     .await;
     // And a snapshot of it: physical figures count snapshot images too, everywhere.
-    let snap = c
-        .create_snapshot(CreateSnapshotRequest {
-            source_volume_id: vol.clone(),
-            name: "in-xfs-snap".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .snapshot
-        .unwrap()
-        .snapshot_id;
+    let snap = create_snapshot_id(&mut c, &vol, "in-xfs-snap").await;
     let xfs = t
         .wait_status("xfs", Duration::from_secs(5), |s| {
             u(&s["volumes"]) == 1 && u(&s["snapshots"]) == 1

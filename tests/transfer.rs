@@ -66,29 +66,13 @@ async fn restore_and_clone_across_nodes_are_byte_identical_and_thin() {
     .await;
     fill_ext4(&cl.image(3, &src), 7);
     let want = sha256_file(&cl.image(3, &src));
-    let snap = r
-        .create_snapshot(CreateSnapshotRequest {
-            source_volume_id: src.clone(),
-            name: "snap-ext4".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .snapshot
-        .unwrap();
-    assert_eq!(
-        sha256_file(&snapshot_image(&cl, 3, &snap.snapshot_id)),
-        want
-    );
+    let snap = create_snapshot_id(&mut r, &src, "snap-ext4").await;
+    assert_eq!(sha256_file(&snapshot_image(&cl, 3, &snap)), want);
 
     // Restore as csi-provisioner asks without --strict-topology: preferred = [the scheduler's
     // node, …], requisite = every node (which contains n3, and still means n1).
     let restore = with_topology(
-        from_snapshot(
-            create_req("restore-n1", 16 * MIB, rw_mount("")),
-            &snap.snapshot_id,
-        ),
+        from_snapshot(create_req("restore-n1", 16 * MIB, rw_mount("")), &snap),
         &["n1", "n2", "n3"],
         ALL,
     );
@@ -122,18 +106,11 @@ async fn restore_and_clone_across_nodes_are_byte_identical_and_thin() {
     );
     // The temporary snapshot of the volume source is gone, and nothing is left anywhere.
     for n in 1..=3 {
-        assert!(
-            leftovers(&cl.pool(n)).is_empty(),
-            "n{n}: {:?}",
-            leftovers(&cl.pool(n))
-        );
+        assert_no_leftovers(&cl.pool(n));
     }
 
     // Without topology the restore stays on the snapshot's node (no copy).
-    let here = from_snapshot(
-        create_req("restore-here", 16 * MIB, rw_mount("")),
-        &snap.snapshot_id,
-    );
+    let here = from_snapshot(create_req("restore-here", 16 * MIB, rw_mount("")), &snap);
     let (h, _) = create_until_ready(&mut r, &here, WAIT).await.unwrap();
     assert!(h.volume_id.ends_with("@n3"), "{}", h.volume_id);
 
@@ -196,7 +173,7 @@ async fn restore_and_clone_across_nodes_are_byte_identical_and_thin() {
         .unwrap();
     let read = loopvol::transfer_api::transfer_client::TransferClient::new(ch)
         .read(loopvol::transfer_api::ReadRequest {
-            source_id: snap.snapshot_id.clone(),
+            source_id: snap.clone(),
             transfer_id: "0123456789abcdef".into(),
         })
         .await;
@@ -237,17 +214,7 @@ async fn long_copies_are_joined_cancelled_and_refused_cleanly() {
     .await;
     write_spread(&cl.image(3, &blk), 48, 4 << 20, 5);
     let want = sha256_file(&cl.image(3, &blk));
-    let snap = r
-        .create_snapshot(CreateSnapshotRequest {
-            source_volume_id: blk.clone(),
-            name: "big-snap".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .snapshot
-        .unwrap();
+    let snap = create_snapshot_id(&mut r, &blk, "big-snap").await;
 
     // ABORTED with progress while it runs; the same name with another source is refused;
     // the retries end in the volume.
@@ -265,7 +232,7 @@ async fn long_copies_are_joined_cancelled_and_refused_cleanly() {
     );
     assert!(first.message().contains(" %, "), "{}", first.message());
     let other = with_topology(
-        from_snapshot(block_req("slow", 1024 * MIB), &snap.snapshot_id),
+        from_snapshot(block_req("slow", 1024 * MIB), &snap),
         &["n1"],
         ALL,
     );
@@ -282,15 +249,11 @@ async fn long_copies_are_joined_cancelled_and_refused_cleanly() {
     let (v, aborted) = create_until_ready(&mut r, &req, WAIT).await.unwrap();
     assert!(!aborted.is_empty() || v.volume_id.ends_with("@n1"));
     assert_eq!(sha256_file(&cl.image(1, &v.volume_id)), want);
-    assert!(
-        leftovers(&cl.pool(1)).is_empty(),
-        "{:?}",
-        leftovers(&cl.pool(1))
-    );
+    assert_no_leftovers(&cl.pool(1));
 
     // DeleteVolume of a volume still being filled cancels the copy and leaves nothing.
     let victim = with_topology(
-        from_snapshot(block_req("victim", 1024 * MIB), &snap.snapshot_id),
+        from_snapshot(block_req("victim", 1024 * MIB), &snap),
         &["n1"],
         ALL,
     );
@@ -303,26 +266,18 @@ async fn long_copies_are_joined_cancelled_and_refused_cleanly() {
     })
     .await
     .unwrap();
-    assert!(
-        leftovers(&cl.pool(1)).is_empty(),
-        "{:?}",
-        leftovers(&cl.pool(1))
-    );
+    assert_no_leftovers(&cl.pool(1));
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(
         !cl.image(1, &id).exists(),
         "a cancelled copy became a volume"
     );
-    assert!(
-        leftovers(&cl.pool(1)).is_empty(),
-        "{:?}",
-        leftovers(&cl.pool(1))
-    );
+    assert_no_leftovers(&cl.pool(1));
 
     // kill -9 of the target mid-copy: at its next start the copy resumes from scratch, and
     // the CO's retry gets the complete volume; nothing is left behind.
     let resumed = with_topology(
-        from_snapshot(block_req("resumed", 1024 * MIB), &snap.snapshot_id),
+        from_snapshot(block_req("resumed", 1024 * MIB), &snap),
         &["n1"],
         ALL,
     );
@@ -334,11 +289,7 @@ async fn long_copies_are_joined_cancelled_and_refused_cleanly() {
     cl.nodes[0].spawn();
     let (v, _) = create_until_ready(&mut r, &resumed, WAIT).await.unwrap();
     assert_eq!(sha256_file(&cl.image(1, &v.volume_id)), want);
-    assert!(
-        leftovers(&cl.pool(1)).is_empty(),
-        "{:?}",
-        leftovers(&cl.pool(1))
-    );
+    assert_no_leftovers(&cl.pool(1));
 
     // kill -9 of the source mid-stream: the copy fails as UNAVAILABLE (never NOT_FOUND) and
     // keeps nothing; the source's temporary snapshot is gone after its restart, and the CO's
@@ -360,42 +311,22 @@ async fn long_copies_are_joined_cancelled_and_refused_cleanly() {
         }
     }
     assert_eq!(codes.last(), Some(&Code::Unavailable), "{codes:?}");
-    assert!(
-        leftovers(&cl.pool(1)).is_empty(),
-        "{:?}",
-        leftovers(&cl.pool(1))
-    );
+    assert_no_leftovers(&cl.pool(1));
     cl.nodes[2].spawn();
-    assert!(
-        leftovers(&cl.pool(3)).is_empty(),
-        "{:?}",
-        leftovers(&cl.pool(3))
-    );
+    assert_no_leftovers(&cl.pool(3));
     let (v, _) = create_until_ready(&mut r, &from_vol, WAIT).await.unwrap();
     assert_eq!(sha256_file(&cl.image(1, &v.volume_id)), want);
-    assert!(
-        leftovers(&cl.pool(1)).is_empty(),
-        "{:?}",
-        leftovers(&cl.pool(1))
-    );
-    assert!(
-        leftovers(&cl.pool(3)).is_empty(),
-        "{:?}",
-        leftovers(&cl.pool(3))
-    );
+    assert_no_leftovers(&cl.pool(1));
+    assert_no_leftovers(&cl.pool(3));
 
     // A target that cannot hold it: RESOURCE_EXHAUSTED before any byte moves.
     let big = with_topology(
-        from_snapshot(block_req("too-big", 1024 * MIB), &snap.snapshot_id),
+        from_snapshot(block_req("too-big", 1024 * MIB), &snap),
         &["n2"],
         &["n2"],
     );
     assert_eq!(code_of(r.create_volume(big).await), Code::ResourceExhausted);
-    assert!(
-        leftovers(&cl.pool(2)).is_empty(),
-        "{:?}",
-        leftovers(&cl.pool(2))
-    );
+    assert_no_leftovers(&cl.pool(2));
     assert_eq!(
         std::fs::read_dir(cl.pool(2).join("volumes"))
             .unwrap()
@@ -426,11 +357,7 @@ async fn long_copies_are_joined_cancelled_and_refused_cleanly() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(refused.contains("SHA-256"), "{refused}");
-    assert!(
-        leftovers(&cl.pool(1)).is_empty(),
-        "{:?}",
-        leftovers(&cl.pool(1))
-    );
+    assert_no_leftovers(&cl.pool(1));
     let vols: Vec<_> = std::fs::read_dir(cl.pool(1).join("volumes"))
         .unwrap()
         .flatten()
@@ -446,11 +373,7 @@ async fn long_copies_are_joined_cancelled_and_refused_cleanly() {
         ALL,
     );
     assert_eq!(code_of(r.create_volume(gone).await), Code::Unavailable);
-    assert!(
-        leftovers(&cl.pool(1)).is_empty(),
-        "{:?}",
-        leftovers(&cl.pool(1))
-    );
+    assert_no_leftovers(&cl.pool(1));
 }
 
 /// A clone of a volume that is mounted on its node is copied from a frozen, consistent point
@@ -522,11 +445,7 @@ async fn a_mounted_source_is_cloned_across_nodes_from_a_frozen_point() {
     n3.node_unstage_volume(unstage_req(&src, &staging))
         .await
         .unwrap();
-    assert!(
-        leftovers(&cl.pool(3)).is_empty(),
-        "{:?}",
-        leftovers(&cl.pool(3))
-    );
+    assert_no_leftovers(&cl.pool(3));
 }
 
 /// xfs and btrfs restore and clone across nodes as ext4 does (the engine copies images, so
@@ -550,21 +469,11 @@ async fn xfs_and_btrfs_restore_and_clone_across_nodes() {
         .await;
         make_fs(&cl.image(2, &src), fs, 21);
         let want = sha256_file(&cl.image(2, &src));
-        let snap = r
-            .create_snapshot(CreateSnapshotRequest {
-                source_volume_id: src.clone(),
-                name: format!("snap-{fs}"),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .snapshot
-            .unwrap();
+        let snap = create_snapshot_id(&mut r, &src, &format!("snap-{fs}")).await;
         let restore = with_topology(
             from_snapshot(
                 create_req(&format!("restore-{fs}"), size, rw_mount("")),
-                &snap.snapshot_id,
+                &snap,
             ),
             &["n1"],
             ALL,
@@ -587,11 +496,7 @@ async fn xfs_and_btrfs_restore_and_clone_across_nodes() {
         assert_eq!(sha256_file(&cl.image(3, &c.volume_id)), want, "{fs} clone");
     }
     for n in 1..=3 {
-        assert!(
-            leftovers(&cl.pool(n)).is_empty(),
-            "n{n}: {:?}",
-            leftovers(&cl.pool(n))
-        );
+        assert_no_leftovers(&cl.pool(n));
     }
 }
 
@@ -671,24 +576,11 @@ async fn an_encrypted_volume_restored_on_another_node_opens_with_its_secret_only
     n3.node_unstage_volume(unstage_req(&src, &staging3))
         .await
         .unwrap();
-    let snap = r
-        .create_snapshot(CreateSnapshotRequest {
-            source_volume_id: src.clone(),
-            name: "sealed-snap".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .snapshot
-        .unwrap();
+    let snap = create_snapshot_id(&mut r, &src, "sealed-snap").await;
 
     // Restored on n1 from a class that does not name encryption: it stays encrypted.
     let restore = with_topology(
-        from_snapshot(
-            create_req("sealed-on-n1", 64 * MIB, rw_mount("")),
-            &snap.snapshot_id,
-        ),
+        from_snapshot(create_req("sealed-on-n1", 64 * MIB, rw_mount("")), &snap),
         &["n1"],
         &["n1"],
     );

@@ -36,19 +36,7 @@ fn on(req: CreateVolumeRequest, node: &str) -> CreateVolumeRequest {
 }
 
 async fn snapshot(cl: &NetCluster, source: &str, name: &str) -> String {
-    cl.router()
-        .await
-        .create_snapshot(CreateSnapshotRequest {
-            source_volume_id: source.into(),
-            name: name.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .snapshot
-        .unwrap()
-        .snapshot_id
+    create_snapshot_id(&mut cl.router().await, source, name).await
 }
 
 async fn delete(cl: &NetCluster, id: &str) {

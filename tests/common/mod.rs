@@ -456,6 +456,25 @@ pub async fn create_volume_id(
         .volume_id
 }
 
+/// CreateSnapshot of `source` named `name` (it must succeed): the new snapshot's ID.
+pub async fn create_snapshot_id(
+    c: &mut ControllerClient<Channel>,
+    source: &str,
+    name: &str,
+) -> String {
+    c.create_snapshot(CreateSnapshotRequest {
+        source_volume_id: source.into(),
+        name: name.into(),
+        ..Default::default()
+    })
+    .await
+    .expect("CreateSnapshot")
+    .into_inner()
+    .snapshot
+    .expect("CreateSnapshot returned a snapshot")
+    .snapshot_id
+}
+
 fn path_string(p: &Path) -> String {
     p.to_string_lossy().into_owned()
 }

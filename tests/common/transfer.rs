@@ -152,6 +152,13 @@ pub fn leftovers(pool: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
+/// Fail, naming them, if `pool` holds any temp image or transfer record.
+#[track_caller]
+pub fn assert_no_leftovers(pool: &Path) {
+    let left = leftovers(pool);
+    assert!(left.is_empty(), "{}: {left:?}", pool.display());
+}
+
 /// The `bytes_received` of the "transfer finished" log line for `volume_id` in `log`.
 pub fn bytes_received_in_log(log: &Path, volume_id: &str) -> Option<u64> {
     let text = std::fs::read_to_string(log).ok()?;
