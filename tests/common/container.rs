@@ -26,29 +26,29 @@ exec "$@"
 "#;
 
 /// A shell function for a container script, defined ahead of it: `drop_foreign_loop_mounts
-/// KEEP...` lazily unmounts, in the container's own mount namespace only, every filesystem on a
-/// loop device that is not under one of the KEEP paths. `unshare --mount` copies every mount
-/// the host has at that moment, and this machine's `/` is a private mount, so a parallel
-/// test's staged volume copied in here would stay mounted in this namespace after that test
-/// unmounts it on the host, and that test's node plugin then rightly refuses to unstage a
-/// volume "mounted somewhere it cannot see". A real container sees none of those mounts; this
-/// makes the emulation match.
+/// KEEP...` lazily unmounts, in the container's own mount namespace only, every private
+/// filesystem on a loop device that is not under one of the KEEP paths. `unshare --mount`
+/// copies every mount the host has at that moment, and this machine's `/` is a private mount,
+/// so a parallel test's staged volume copied in here would stay mounted in this namespace after
+/// that test unmounts it on the host, and that test's node plugin then rightly refuses to
+/// unstage a volume "mounted somewhere it cannot see". A real container sees none of those
+/// mounts; this makes the emulation match.
 ///
-/// Every mount outside KEEP is first made private here, one at a time (never recursively, so
-/// KEEP's own propagation is untouched): a copied mount of another test's kubelet directory
-/// is in that test's shared peer group, and unmounting below it would otherwise propagate out
-/// and unmount the other test's volumes on the host.
+/// Only mounts that are private and sit on a private parent are dropped. A shared copy (one
+/// under another test's kubelet directory) leaves with the host's unmount by propagation, so
+/// it is left alone; unmounting it here would propagate out and unmount the other test's
+/// volume on the host, and making it private first would open a moment in which the host's
+/// unmount no longer reaches it.
 pub const DROP_FOREIGN_LOOP_MOUNTS: &str = r#"drop_foreign_loop_mounts() {
-  outside() {
-    awk -v keep="$1" -v loops="$2" 'BEGIN { n = split(keep, k, " ") }
-      { for (i = 7; $i != "-"; i++) ; if (loops && $(i + 2) !~ /^\/dev\/loop/) next
-        for (j = 1; j <= n; j++) if (index($5 "/", k[j] "/") == 1) next
-        print $5 }' /proc/self/mountinfo
-  }
-  outside "$*" 0 | while read -r m; do
-    mount --make-private "$(printf '%b' "$m")" 2>/dev/null || true
-  done
-  outside "$*" 1 | while read -r m; do umount -l "$(printf '%b' "$m")" 2>/dev/null || true; done
+  awk -v keep="$*" '
+    function shared(from,   i) { for (i = 7; $i != "-"; i++) if ($i ~ /^shared:/) return 1; return 0 }
+    NR == FNR { is_shared[$1] = shared(); next }
+    FNR == 1 { n = split(keep, k, " ") }
+    { for (i = 7; $i != "-"; i++) ; if ($(i + 2) !~ /^\/dev\/loop/) next
+      if (is_shared[$1] || is_shared[$2]) next
+      for (j = 1; j <= n; j++) if (index($5 "/", k[j] "/") == 1) next
+      print $5 }' /proc/self/mountinfo /proc/self/mountinfo |
+  while read -r m; do umount -l "$(printf '%b' "$m")" 2>/dev/null || true; done
 }
 "#;
 
