@@ -33,6 +33,8 @@ use crate::workspace::Workspace;
 
 const PORT: u16 = 7444;
 const PIECE: usize = 1 << 20;
+/// The O_DIRECT floor's write size: loopvol's transfer chunk.
+const DIRECT_BLOCK: usize = 4 << 20;
 
 /// One way of moving the bytes, measured.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -70,13 +72,15 @@ pub async fn run(plan: &Plan, ws: &Workspace, launch: &Launch) -> anyhow::Result
         ..Default::default()
     };
     out.floors
-        .push(tls_floor(src, dst, &certs, &payload, None)?);
+        .push(tls_floor(src, dst, &certs, &payload, Sink::Drop)?);
     // The restore also writes what it receives: the same floor into a file on the disk the
-    // pools are on, synced at the end, says what that costs on this machine.
+    // pools are on, synced at the end, says what that costs on this machine, both through the
+    // page cache and past it as loopvol's sink writes.
     let sink = dir.join("received");
-    out.floors
-        .push(tls_floor(src, dst, &certs, &payload, Some(&sink))?);
-    std::fs::remove_file(&sink)?;
+    for s in [Sink::Buffered(&sink), Sink::Direct(&sink)] {
+        out.floors.push(tls_floor(src, dst, &certs, &payload, s)?);
+        std::fs::remove_file(&sink)?;
+    }
     if Command::new("socat").arg("-V").output().is_ok() {
         out.floors.push(socat_floor(src, dst, &payload)?);
     } else {
@@ -143,14 +147,27 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// The mTLS floor; with `sink`, the receiver writes what it gets into that file and fsyncs
-/// it before the clock stops (the disk's part of the path a restore takes).
+/// What the mTLS floor's receiver does with the bytes.
+#[derive(Clone, Copy)]
+enum Sink<'a> {
+    /// Counts and drops them: the network path alone.
+    Drop,
+    /// Writes them into the file through the page cache and fsyncs it before the clock stops
+    /// (what `socat … > file; sync` does).
+    Buffered(&'a Path),
+    /// Writes them into the file with `O_DIRECT` from an aligned 4 MiB buffer, as loopvol's
+    /// sink does (what `dd oflag=direct` does), and fsyncs it.
+    Direct(&'a Path),
+}
+
+/// The mTLS floor; with a file sink, the receiver writes what it gets into it (the disk's
+/// part of the path a restore takes).
 fn tls_floor(
     src: &netns::Member,
     dst: &netns::Member,
     certs: &Path,
     payload: &Path,
-    sink: Option<&Path>,
+    sink: Sink,
 ) -> anyhow::Result<Moved> {
     let pem_certs = |f: &str| -> anyhow::Result<Vec<CertificateDer<'static>>> {
         Ok(CertificateDer::pem_file_iter(certs.join(f))?.collect::<Result<_, _>>()?)
@@ -178,11 +195,26 @@ fn tls_floor(
     );
     let addr = (dst.ip, PORT);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let mut out = sink.map(std::fs::File::create).transpose()?;
-    let method = if sink.is_some() {
-        "mTLS (rustls, ring), 1 MiB writes, received into a file + fsync"
-    } else {
-        "mTLS (rustls, ring), 1 MiB writes"
+    let (mut out, direct) = match sink {
+        Sink::Drop => (None, false),
+        Sink::Buffered(p) => (Some(std::fs::File::create(p)?), false),
+        Sink::Direct(p) => {
+            use std::os::unix::fs::OpenOptionsExt;
+            let f = std::fs::File::options()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .custom_flags(libc::O_DIRECT)
+                .open(p)?;
+            (Some(f), true)
+        }
+    };
+    let method = match sink {
+        Sink::Drop => "mTLS (rustls, ring), 1 MiB writes",
+        Sink::Buffered(_) => "mTLS (rustls, ring), 1 MiB writes, received into a file + fsync",
+        Sink::Direct(_) => {
+            "mTLS (rustls, ring), 1 MiB writes, received into a file with O_DIRECT + fsync"
+        }
     };
     let receiver = dst.spawn_in(move || -> anyhow::Result<_> {
         let listener = TcpListener::bind(addr)?;
@@ -192,9 +224,27 @@ fn tls_floor(
         let mut tls = rustls::StreamOwned::new(conn, tcp);
         let mut buf = vec![0u8; PIECE];
         let mut got = 0u64;
+        // O_DIRECT: whole aligned 4 MiB blocks out of an aligned window of `staged`.
+        let mut staged = vec![0u8; DIRECT_BLOCK + 4096];
+        let at = staged.as_ptr().align_offset(4096);
+        let mut fill = 0usize;
         loop {
             match tls.read(&mut buf) {
                 Ok(0) => break,
+                Ok(n) if direct => {
+                    let mut left = &buf[..n];
+                    while !left.is_empty() {
+                        let take = left.len().min(DIRECT_BLOCK - fill);
+                        staged[at + fill..at + fill + take].copy_from_slice(&left[..take]);
+                        (fill, left) = (fill + take, &left[take..]);
+                        if fill == DIRECT_BLOCK {
+                            let f = out.as_mut().expect("a direct sink has a file");
+                            f.write_all(&staged[at..at + fill])?;
+                            fill = 0;
+                        }
+                    }
+                    got += n as u64
+                }
                 Ok(n) => {
                     if let Some(f) = out.as_mut() {
                         f.write_all(&buf[..n])?;
@@ -203,6 +253,9 @@ fn tls_floor(
                 }
                 Err(e) => return Err(e.into()),
             }
+        }
+        if fill > 0 {
+            anyhow::bail!("the O_DIRECT floor needs a payload of whole 4 MiB blocks");
         }
         if let Some(f) = out {
             f.sync_all()?;
