@@ -34,6 +34,7 @@ fn run() -> anyhow::Result<()> {
     let cli = Cli::parse_checked();
     match cli.command {
         Command::Serve(args) => {
+            loopvol::shared::allocator::keep_freed_buffers();
             init_logging(args.log_format, &args.log_level);
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
