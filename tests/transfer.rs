@@ -175,9 +175,30 @@ async fn restore_and_clone_across_nodes_are_byte_identical_and_thin() {
         .read(loopvol::transfer_api::ReadRequest {
             source_id: snap.clone(),
             transfer_id: "0123456789abcdef".into(),
+            ..Default::default()
         })
         .await;
     assert_eq!(code_of(read), Code::Unimplemented);
+
+    // Over the pool API a sink names the chunk digests it checks: XXH3-128 for this version, and
+    // SHA-256 for a sink from before the field (which names none), so copies keep working
+    // while a cluster's nodes are upgraded one by one. Each digest is checked here with the
+    // digest crates directly, and the chunks are the snapshot image's bytes.
+    let image = std::fs::read(snapshot_image(&cl, 3, &snap)).unwrap();
+    for (asked, want_digest) in [(&[][..], "sha256"), (&["xxh128", "sha256"][..], "xxh128")] {
+        let (h, chunks) = pool_api_read(&cl, 3, &snap, asked).await;
+        assert_eq!(h.digest, want_digest, "asked for {asked:?}");
+        assert!(!chunks.is_empty());
+        for c in &chunks {
+            let d: Vec<u8> = match want_digest {
+                "sha256" => <sha2::Sha256 as sha2::Digest>::digest(&c.data).to_vec(),
+                _ => xxhash_rust::xxh3::xxh3_128(&c.data).to_be_bytes().to_vec(),
+            };
+            assert_eq!(c.digest, d, "{want_digest} of the chunk at {}", c.offset);
+            let at = c.offset as usize;
+            assert_eq!(&image[at..at + c.data.len()], &c.data[..]);
+        }
+    }
 
     // A StorageClass cannot set the router's reserved parameter.
     let mut forged = create_req("forged", 16 * MIB, rw_mount(""));
@@ -356,7 +377,7 @@ async fn long_copies_are_joined_cancelled_and_refused_cleanly() {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert!(refused.contains("SHA-256"), "{refused}");
+    assert!(refused.contains("xxh128 digest"), "{refused}");
     assert_no_leftovers(&cl.pool(1));
     let vols: Vec<_> = std::fs::read_dir(cl.pool(1).join("volumes"))
         .unwrap()

@@ -201,3 +201,61 @@ pub fn volume_in_message(msg: &str) -> Option<String> {
     let at = msg.find("volume vol-")? + "volume ".len();
     Some(msg[at..].split([' ', ')']).next()?.to_string())
 }
+
+/// What a peer of the pool API reads from `Transfer/Read` of `source_id` on `cl`'s node `node`
+/// (1..=3), asking for the chunk digests `digests` (none: a sink from before digests were
+/// negotiated): the header, then each chunk's offset, data and digest, checked to end in a
+/// trailer.
+pub async fn pool_api_read(
+    cl: &super::cluster::Cluster,
+    node: u8,
+    source_id: &str,
+    digests: &[&str],
+) -> (
+    loopvol::transfer_api::Header,
+    Vec<loopvol::transfer_api::Chunk>,
+) {
+    use loopvol::transfer_api::read_response::Frame;
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    let certs = cl.dir.path().join("certs");
+    let read = |f: &str| std::fs::read(certs.join(f)).unwrap();
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read("ca.crt")))
+        .identity(Identity::from_pem(read("client.crt"), read("client.key")))
+        .domain_name("loopvol-node");
+    let url = format!(
+        "https://127.0.0.{}:{}",
+        node + 1,
+        cl.ports[node as usize - 1]
+    );
+    let ch = Endpoint::from_shared(url)
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut stream = loopvol::transfer_api::transfer_client::TransferClient::new(ch)
+        .max_decoding_message_size(8 << 20)
+        .read(loopvol::transfer_api::ReadRequest {
+            source_id: source_id.to_string(),
+            transfer_id: "00000000000000aa".into(),
+            digests: digests.iter().map(|d| d.to_string()).collect(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut header = None;
+    let mut chunks = Vec::new();
+    while let Some(m) = stream.message().await.unwrap() {
+        match m.frame.unwrap() {
+            Frame::Header(h) => header = Some(h),
+            Frame::Chunk(c) => chunks.push(c),
+            Frame::Trailer(t) => {
+                assert_eq!(t.chunks as usize, chunks.len());
+                return (header.expect("a header first"), chunks);
+            }
+        }
+    }
+    panic!("the stream ended without a trailer");
+}

@@ -118,6 +118,8 @@ impl Pool {
                 fs_type,
                 data_bytes,
                 encryption,
+                // The driver sets what its peer asked for before the first chunk.
+                digest: Default::default(),
             },
             ranges,
             temp,

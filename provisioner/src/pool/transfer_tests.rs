@@ -43,10 +43,16 @@ fn stream(a: &Pool, source: &ContentSource) -> (transfer::Header, VecDeque<Frame
         .transfer_source(source, &transfer::new_id(), &no_quiesce)
         .unwrap();
     let mut frames = VecDeque::new();
-    let t = transfer::read_image(&img.file, img.header.image_bytes, &img.ranges, &mut |c| {
-        frames.push_back(Frame::Chunk(c));
-        Ok(())
-    })
+    let t = transfer::read_image(
+        &img.file,
+        img.header.image_bytes,
+        &img.ranges,
+        img.header.digest,
+        &mut |c| {
+            frames.push_back(Frame::Chunk(c));
+            Ok(())
+        },
+    )
     .unwrap();
     frames.push_back(Frame::Trailer(t));
     (img.header.clone(), frames)

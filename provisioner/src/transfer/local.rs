@@ -8,7 +8,7 @@ use std::fs::File;
 use std::io;
 use std::sync::mpsc;
 
-use super::{reader, Chunk, Header, TransferError, Writer};
+use super::{reader, Chunk, ChunkDigest, Header, TransferError, Writer};
 use crate::copy::Progress;
 use crate::extents::Range;
 use crate::params::FsType;
@@ -59,13 +59,14 @@ pub fn copy(source: &File, sink: &File, progress: &mut dyn FnMut(Progress)) -> i
         fs_type: FsType::Ext4,
         data_bytes,
         encryption: None,
+        digest: ChunkDigest::default(),
     };
     let mut writer = Writer::new(sink, total, &header).map_err(to_io)?;
     let (tx, rx) = mpsc::sync_channel::<Chunk>(IN_FLIGHT);
     let trailer = std::thread::scope(|s| {
         let read = s.spawn(|| {
             let tx = tx;
-            reader::read_image(source, total, &ranges, &mut |c| {
+            reader::read_image(source, total, &ranges, header.digest, &mut |c| {
                 tx.send(c)
                     .map_err(|_| io::Error::other("the transfer's writer stopped"))
             })
@@ -190,6 +191,7 @@ mod tests {
             fs_type: FsType::Ext4,
             data_bytes: 0,
             encryption: None,
+            digest: ChunkDigest::Xxh128,
         };
         let other = File::options()
             .read(true)
@@ -200,16 +202,22 @@ mod tests {
             .unwrap();
         other.set_len(total).unwrap();
         let mut w = Writer::new(&other, total, &header).unwrap();
-        let mut c = Chunk::new(1 << 20, vec![0xab; 8192]);
-        c.data[7] ^= 1;
+        let mut c = Chunk::new(ChunkDigest::Xxh128, 1 << 20, vec![0xab; 8192]);
+        let mut flipped = c.data.to_vec();
+        flipped[7] ^= 1;
+        c.data = flipped.into();
         assert!(matches!(w.chunk(&c), Err(TransferError::Corrupt(_))));
         assert_eq!(other.metadata().unwrap().blocks(), 0, "nothing written");
         // Out of order, past the end, or a trailer that does not match: refused as well.
-        let good = Chunk::new(1 << 20, vec![0xab; 8192]);
+        let good = Chunk::new(ChunkDigest::Xxh128, 1 << 20, vec![0xab; 8192]);
         w.chunk(&good).unwrap();
-        assert!(w.chunk(&Chunk::new(0, vec![1; 10])).is_err());
-        assert!(w.chunk(&Chunk::new(total, vec![1; 10])).is_err());
-        let wrong = crate::transfer::ImageDigest::new(total).finish();
+        assert!(w
+            .chunk(&Chunk::new(ChunkDigest::Xxh128, 0, vec![1; 10]))
+            .is_err());
+        assert!(w
+            .chunk(&Chunk::new(ChunkDigest::Xxh128, total, vec![1; 10]))
+            .is_err());
+        let wrong = crate::transfer::ImageDigest::new(ChunkDigest::Xxh128, total).finish();
         assert!(matches!(w.finish(&wrong), Err(TransferError::Corrupt(_))));
     }
 }

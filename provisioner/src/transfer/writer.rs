@@ -4,16 +4,16 @@
 //! what was written must equal the trailer's before the caller may commit anything.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 
-use sha2::{Digest, Sha256};
-
-use super::{Chunk, Header, ImageDigest, Trailer, TransferError, BLOCK, CHUNK};
+use super::direct::DataWriter;
+use super::{Chunk, ChunkDigest, Header, ImageDigest, Trailer, TransferError, BLOCK, CHUNK};
 use crate::error::IoContext;
 
 pub struct Writer<'a> {
     file: &'a File,
+    data: DataWriter<'a>,
     image_bytes: u64,
+    kind: ChunkDigest,
     digest: Option<ImageDigest>,
     /// The end of the last chunk written: the next one starts at or after it.
     next: u64,
@@ -32,8 +32,10 @@ impl<'a> Writer<'a> {
         }
         Ok(Writer {
             file,
+            data: DataWriter::new(file),
             image_bytes: header.image_bytes,
-            digest: Some(ImageDigest::new(header.image_bytes)),
+            kind: header.digest,
+            digest: Some(ImageDigest::new(header.digest, header.image_bytes)),
             next: 0,
             received: 0,
         })
@@ -53,11 +55,12 @@ impl<'a> Writer<'a> {
                 c.offset, self.image_bytes
             )));
         }
-        let sha: [u8; 32] = Sha256::digest(&c.data).into();
-        if sha != c.sha256 {
+        let digest = self.kind.of(&c.data);
+        if digest != c.digest {
             return Err(TransferError::Corrupt(format!(
-                "the chunk at offset {} does not match its SHA-256",
-                c.offset
+                "the chunk at offset {} does not match its {} digest",
+                c.offset,
+                self.kind.as_str()
             )));
         }
         // Zero blocks (at absolute block boundaries) are skipped; each run of data blocks is
@@ -73,8 +76,8 @@ impl<'a> Writer<'a> {
             match (run, data) {
                 (None, true) => run = Some(at),
                 (Some(start), false) => {
-                    self.file
-                        .write_all_at(&c.data[start..at], c.offset + start as u64)
+                    self.data
+                        .write_at(&c.data[start..at], c.offset + start as u64)
                         .map_err(|e| crate::error::space_error("write the transferred data", e))?;
                     run = None;
                 }
@@ -86,7 +89,7 @@ impl<'a> Writer<'a> {
             at += n;
         }
         if let Some(d) = self.digest.as_mut() {
-            d.add(c.offset, len, &sha);
+            d.add(c.offset, len, &digest);
         }
         self.next = c.offset + len;
         self.received += len;
@@ -114,7 +117,7 @@ impl<'a> Writer<'a> {
 mod tests {
     use super::*;
     use crate::params::FsType;
-    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::fs::{FileExt, MetadataExt};
 
     /// Runs of data are written, zero blocks are not, at any chunk alignment.
     #[test]
@@ -135,6 +138,7 @@ mod tests {
             fs_type: FsType::Ext4,
             data_bytes: 0,
             encryption: None,
+            digest: ChunkDigest::Xxh128,
         };
         // From offset 3000: 1096 bytes to the first boundary, then blocks of data, zeros,
         // zeros, data, and a partial data tail.
@@ -143,7 +147,8 @@ mod tests {
         data[1096..1096 + 4096].fill(2);
         data[1096 + 3 * 4096..].fill(3);
         let mut w = Writer::new(&f, len, &h).unwrap();
-        w.chunk(&Chunk::new(3000, data.clone())).unwrap();
+        w.chunk(&Chunk::new(ChunkDigest::Xxh128, 3000, data.clone()))
+            .unwrap();
         let mut back = vec![0u8; data.len()];
         f.read_exact_at(&mut back, 3000).unwrap();
         assert_eq!(back, data);

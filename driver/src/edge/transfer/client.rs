@@ -5,7 +5,9 @@
 
 use std::time::Duration;
 
-use provisioner::transfer::{Chunk, Frame, FrameSource, Header, Trailer, TransferError};
+use provisioner::transfer::{
+    Chunk, ChunkDigest, Digest, Frame, FrameSource, Header, Trailer, TransferError,
+};
 use tonic::transport::{ClientTlsConfig, Endpoint};
 use tonic::{Code, Streaming};
 
@@ -70,6 +72,10 @@ pub async fn open(
         .read(ReadRequest {
             source_id: source_id.to_string(),
             transfer_id: transfer_id.to_string(),
+            digests: ChunkDigest::PREFERENCE
+                .iter()
+                .map(|d| d.as_str().to_string())
+                .collect(),
         })
         .await
         .map_err(|s| status_error(endpoint, s))?;
@@ -91,6 +97,12 @@ pub async fn open(
                 })?,
                 data_bytes: h.data_bytes,
                 encryption: wire_encryption(&h.encryption, &h.key_salt)?,
+                digest: ChunkDigest::parse(&h.digest).ok_or_else(|| {
+                    Error::Internal(format!(
+                        "the source sent an unknown chunk digest {:?}",
+                        h.digest
+                    ))
+                })?,
             },
             stream,
         }),
@@ -150,18 +162,20 @@ async fn receive(
 }
 
 fn frame_of(msg: ReadResponse) -> std::result::Result<Frame, TransferError> {
-    let digest = |b: Vec<u8>| -> std::result::Result<[u8; 32], TransferError> {
+    let sha256 = |b: Vec<u8>| -> std::result::Result<[u8; 32], TransferError> {
         b.try_into()
-            .map_err(|_| TransferError::Corrupt("a digest is not 32 bytes".into()))
+            .map_err(|_| TransferError::Corrupt("the image digest is not 32 bytes".into()))
     };
     Ok(match msg.frame {
         Some(Wire::Chunk(c)) => Frame::Chunk(Chunk {
             offset: c.offset,
             data: c.data,
-            sha256: digest(c.sha256)?,
+            digest: Digest::from_wire(&c.digest).ok_or_else(|| {
+                TransferError::Corrupt("a chunk digest of no or 33+ bytes".into())
+            })?,
         }),
         Some(Wire::Trailer(t)) => Frame::Trailer(Trailer {
-            digest: digest(t.digest)?,
+            digest: sha256(t.digest)?,
             chunks: t.chunks,
             data_bytes: t.data_bytes,
         }),

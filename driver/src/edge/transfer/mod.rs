@@ -11,7 +11,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use provisioner::record::ContentSource;
-use provisioner::transfer::{self, Chunk, Header, Trailer};
+use provisioner::transfer::{self, Chunk, ChunkDigest, Header, Trailer};
 use tonic::{Request, Response, Status};
 
 use crate::error::{Error, Result};
@@ -91,6 +91,7 @@ pub fn header_msg(h: &Header) -> api::ReadResponse {
             key_salt: (h.encryption.as_ref())
                 .map(|e| e.key_salt.clone())
                 .unwrap_or_default(),
+            digest: h.digest.as_str().to_string(),
         })),
     }
 }
@@ -100,7 +101,7 @@ fn chunk_msg(c: Chunk) -> api::ReadResponse {
         frame: Some(Frame::Chunk(api::Chunk {
             offset: c.offset,
             data: c.data,
-            sha256: c.sha256.to_vec(),
+            digest: c.digest.as_bytes().to_vec(),
         })),
     }
 }
@@ -127,7 +128,8 @@ impl Transfer for TransferService {
         let req = req.into_inner();
         let source = source_of_id(crate::error::required("source_id", &req.source_id)?)?;
         let transfer_id = req.transfer_id;
-        let image = self
+        let digest = ChunkDigest::choose(req.digests.iter().map(String::as_str));
+        let mut image = self
             .driver
             .blocking(move |d| {
                 let quiesce =
@@ -135,6 +137,7 @@ impl Transfer for TransferService {
                 Ok(d.pools.transfer_source(&source, &transfer_id, &quiesce)?)
             })
             .await?;
+        image.header.digest = digest;
         let corrupt = self.driver.transfer.corrupt_chunk;
         let (tx, rx) = tokio::sync::mpsc::channel(IN_FLIGHT);
         tx.send(Ok(header_msg(&image.header)))
@@ -146,11 +149,14 @@ impl Transfer for TransferService {
                 &image.file,
                 image.header.image_bytes,
                 &image.ranges,
+                image.header.digest,
                 &mut |mut c| {
                     // Test-only fault injection (`--test-corrupt-transfer-chunk`): a byte
                     // flipped after the chunk was digested, as a bad link would.
                     if corrupt == Some(n) {
-                        c.data[0] ^= 0xff;
+                        let mut data = c.data.to_vec();
+                        data[0] ^= 0xff;
+                        c.data = data.into();
                     }
                     n += 1;
                     tx.blocking_send(Ok(chunk_msg(c)))
