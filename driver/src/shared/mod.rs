@@ -1,6 +1,6 @@
 //! Small helpers every layer may import, and that import nothing of loopvol's above
-//! `error`: how this process runs (`Mode`), what it advertises, its allocator's thresholds, sizes, log-safe text, the
-//! external programs it runs and the kernel version.
+//! `error`: how this process runs (`Mode`), what it advertises, its allocator's thresholds,
+//! sizes, log-safe text, the external programs it runs and the kernel version.
 
 pub mod advertise;
 pub mod allocator;
