@@ -100,16 +100,8 @@ mod tests {
     /// belong, through both descriptors.
     #[test]
     fn every_alignment_is_written_exactly() {
-        let t = tempfile::tempdir().unwrap();
-        let f = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(t.path().join("img"))
-            .unwrap();
         let len = 3 * CHUNK;
-        f.set_len(len).unwrap();
+        let (_t, f) = crate::transfer::test_image(len);
         let mut w = DataWriter::new(&f);
         assert!(w.is_direct(), "the test filesystem refused O_DIRECT");
         let mut want = vec![0u8; len as usize];

@@ -269,6 +269,21 @@ pub fn valid_id(id: &str) -> bool {
             .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
 }
 
+/// A scratch image of `len` bytes (sparse) in a temp dir of its own, for the engine's tests.
+#[cfg(test)]
+pub(crate) fn test_image(len: u64) -> (tempfile::TempDir, std::fs::File) {
+    let t = tempfile::tempdir().unwrap();
+    let f = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(t.path().join("img"))
+        .unwrap();
+    f.set_len(len).unwrap();
+    (t, f)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

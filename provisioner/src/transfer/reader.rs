@@ -111,15 +111,7 @@ mod tests {
 
     #[test]
     fn chunks_cover_the_data_only_and_are_aligned() {
-        let t = tempfile::tempdir().unwrap();
-        let f = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(t.path().join("img"))
-            .unwrap();
-        f.set_len(64 << 20).unwrap();
+        let (_t, f) = crate::transfer::test_image(64 << 20);
         f.write_all_at(&vec![7u8; 6 << 20], 2 << 20).unwrap();
         f.sync_all().unwrap();
         let (ranges, bytes) = data_of(&f, 64 << 20).unwrap();

@@ -122,16 +122,8 @@ mod tests {
     /// Runs of data are written, zero blocks are not, at any chunk alignment.
     #[test]
     fn data_runs_are_written_and_zero_blocks_skipped() {
-        let t = tempfile::tempdir().unwrap();
-        let f = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(t.path().join("img"))
-            .unwrap();
         let len = 1 << 20;
-        f.set_len(len).unwrap();
+        let (_t, f) = crate::transfer::test_image(len);
         let h = Header {
             image_bytes: len,
             size_bytes: len,
