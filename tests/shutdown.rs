@@ -13,7 +13,7 @@ use loopvol::csi::controller_client::ControllerClient;
 use loopvol::csi::node_client::NodeClient;
 use loopvol::csi::volume_capability;
 use loopvol::csi::*;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::{Channel, Endpoint};
 
 fn s(p: &Path) -> String {
     p.to_string_lossy().into_owned()
@@ -93,19 +93,8 @@ impl NodePlugin {
 
     /// A new HTTP/2 connection to the pool API with the router's certificate.
     async fn pool_api(&self) -> ControllerClient<Channel> {
-        let read = |f: &str| std::fs::read(self.dir.path().join("certs").join(f)).unwrap();
-        let tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(read("ca.crt")))
-            .identity(Identity::from_pem(read("client.crt"), read("client.key")))
-            .domain_name("loopvol-node");
-        let ch = Endpoint::from_shared(self.pool_url.clone())
-            .unwrap()
-            .tls_config(tls)
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        ControllerClient::new(ch)
+        let certs = self.dir.path().join("certs");
+        ControllerClient::new(pool_api_channel(&certs, self.pool_url.clone()).await)
     }
 
     async fn node(&self) -> NodeClient<Channel> {

@@ -653,3 +653,21 @@ pub fn write_certs(dir: &Path) {
         .unwrap();
     assert!(st.success(), "loopvol certs --out {}", dir.display());
 }
+
+/// A channel to the pool API at `url` (`https://…`), as the router connects: with the client
+/// certificate [`write_certs`] put in `certs`.
+pub async fn pool_api_channel(certs: &Path, url: String) -> tonic::transport::Channel {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    let read = |f: &str| std::fs::read(certs.join(f)).unwrap();
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read("ca.crt")))
+        .identity(Identity::from_pem(read("client.crt"), read("client.key")))
+        .domain_name("loopvol-node");
+    Endpoint::from_shared(url)
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}

@@ -216,25 +216,12 @@ pub async fn pool_api_read(
     Vec<loopvol::transfer_api::Chunk>,
 ) {
     use loopvol::transfer_api::read_response::Frame;
-    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
-    let certs = cl.dir.path().join("certs");
-    let read = |f: &str| std::fs::read(certs.join(f)).unwrap();
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(read("ca.crt")))
-        .identity(Identity::from_pem(read("client.crt"), read("client.key")))
-        .domain_name("loopvol-node");
     let url = format!(
         "https://127.0.0.{}:{}",
         node + 1,
         cl.ports[node as usize - 1]
     );
-    let ch = Endpoint::from_shared(url)
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let ch = pool_api_channel(&cl.dir.path().join("certs"), url).await;
     let mut stream = loopvol::transfer_api::transfer_client::TransferClient::new(ch)
         .max_decoding_message_size(8 << 20)
         .read(loopvol::transfer_api::ReadRequest {
