@@ -54,11 +54,17 @@ pub struct Moved {
 
 /// The median of `rounds` of the same method (an odd count, so a measured round).
 pub(crate) fn median(rounds: Vec<Moved>) -> Moved {
-    let samples: Vec<f64> = rounds.iter().map(|m| m.mib_per_s).collect();
-    let mut sorted = rounds;
-    sorted.sort_by(|a, b| a.mib_per_s.total_cmp(&b.mib_per_s));
-    let mut m = sorted.swap_remove(sorted.len() / 2);
-    m.samples = samples;
+    median_by(rounds, |m| m)
+}
+
+/// The round whose [`Moved`] (`moved` of it) has the median rate, that `Moved` given every
+/// round's rate as its samples.
+pub(crate) fn median_by<T>(mut rounds: Vec<T>, moved: impl Fn(&mut T) -> &mut Moved) -> T {
+    let samples: Vec<f64> = rounds.iter_mut().map(|r| moved(r).mib_per_s).collect();
+    let mut order: Vec<usize> = (0..samples.len()).collect();
+    order.sort_by(|&a, &b| samples[a].total_cmp(&samples[b]));
+    let mut m = rounds.swap_remove(order[order.len() / 2]);
+    moved(&mut m).samples = samples;
     m
 }
 
@@ -526,6 +532,16 @@ fn render_restore(md: &mut String, c: &CrossNode, r: &crate::crossnode_restore::
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The median round is kept whole, with every round's rate in run order.
+    #[test]
+    fn the_median_round_keeps_its_figures_and_all_samples() {
+        let round = |s: u64| (s, moved("m", MIB, Duration::from_secs(s)));
+        let (secs, m) = median_by(vec![round(1), round(4), round(2)], |r| &mut r.1);
+        assert_eq!(secs, 2);
+        assert_eq!(m.samples, vec![1.0, 0.25, 0.5]);
+        assert_eq!(median(vec![m.clone()]).mib_per_s, 0.5);
+    }
 
     #[test]
     fn the_restore_row_says_not_measured_until_there_is_a_figure() {

@@ -366,17 +366,13 @@ pub async fn measure(
         );
         rounds.push(t.await?);
     }
-    let samples: Vec<f64> = rounds.iter().map(|t| t.moved.mib_per_s).collect();
-    rounds.sort_by(|a, b| a.moved.mib_per_s.total_cmp(&b.moved.mib_per_s));
-    let mut median = rounds.swap_remove(rounds.len() / 2);
-    median.moved.samples = samples;
     let Timed {
         moved: restore_moved,
         cpu_s,
         wire_bytes,
         log_rate_mib_s,
         bytes_received,
-    } = median;
+    } = crate::crossnode::median_by(rounds, |t| &mut t.moved);
     // Pod IO on src: an ext4 volume staged there, fio 4k random reads.
     let src_csi = Csi::connect(&src.socket).await?;
     let mut pod = block("pod", 512 * MIB);
